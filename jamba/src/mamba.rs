@@ -1,0 +1,202 @@
+//! The Mamba-1 mixer with Jamba's extra norms on Δ, B and C (`JambaMambaMixer`).
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::module::linear;
+use burn::tensor::{DType, Distribution, Tensor, activation::silu, backend::Backend};
+
+use crate::cache::MambaState;
+use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::scan::{ScanInput, selective_scan};
+
+/// Configuration of [`MambaMixer`].
+#[derive(Config, Debug)]
+pub struct MambaMixerConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// Inner width (`mamba_expand · hidden_size`).
+    pub intermediate_size: usize,
+    /// SSM state size N.
+    pub d_state: usize,
+    /// Convolution width.
+    pub d_conv: usize,
+    /// Rank of the Δ projection.
+    pub dt_rank: usize,
+    /// Whether the convolution has a bias.
+    #[config(default = true)]
+    pub conv_bias: bool,
+    /// Whether `in_proj`/`out_proj` have biases.
+    #[config(default = false)]
+    pub proj_bias: bool,
+    /// Epsilon of the Δ/B/C norms.
+    #[config(default = 1e-6)]
+    pub eps: f64,
+}
+
+/// in_proj → (x, z); depthwise causal conv1d + SiLU on x; x_proj → (Δ, B, C), each RMS-normed;
+/// dt_proj; selective scan with `A = −exp(A_log)` and skip `D`; gate by SiLU(z); out_proj.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use jamba::mamba::MambaMixerConfig;
+/// let device = Default::default();
+/// let mixer = MambaMixerConfig::new(16, 32, 4, 4, 1).init::<NdArray>(&device);
+/// let y = mixer.forward(Tensor::<NdArray, 3>::ones([2, 5, 16], &device), None, None);
+/// assert_eq!(y.dims(), [2, 5, 16]);
+/// ```
+#[derive(Module, Debug)]
+pub struct MambaMixer<B: Backend> {
+    /// `in_proj`, hidden → 2 · inner.
+    pub in_proj: Linear<B>,
+    /// Depthwise convolution weight, `[inner, d_conv]` (the checkpoint's `[inner, 1, d_conv]`).
+    pub conv_weight: Param<Tensor<B, 2>>,
+    /// Convolution bias, `[inner]`.
+    pub conv_bias: Option<Param<Tensor<B, 1>>>,
+    /// `x_proj`, inner → dt_rank + 2 · d_state, no bias.
+    pub x_proj: Linear<B>,
+    /// `dt_proj`, dt_rank → inner, with bias (added inside the scan, in f32).
+    pub dt_proj: Linear<B>,
+    /// `A_log`, `[inner, d_state]`.
+    pub a_log: Param<Tensor<B, 2>>,
+    /// The skip `D`, `[inner]`.
+    pub d: Param<Tensor<B, 1>>,
+    /// `out_proj`, inner → hidden.
+    pub out_proj: Linear<B>,
+    /// Norm of Δ before dt_proj.
+    pub dt_layernorm: RmsNorm<B>,
+    /// Norm of B.
+    pub b_layernorm: RmsNorm<B>,
+    /// Norm of C.
+    pub c_layernorm: RmsNorm<B>,
+    /// SSM state size.
+    pub d_state: usize,
+    /// Rank of Δ.
+    pub dt_rank: usize,
+}
+
+impl MambaMixerConfig {
+    /// Random weights with Mamba's structured parts: `A_log = log(1..=N)`, `D = 1`, and a Δ bias
+    /// that puts softplus(bias) in `[0.001, 0.1]`.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> MambaMixer<B> {
+        let (h, i, n, r, k) = (self.hidden_size, self.intermediate_size, self.d_state, self.dt_rank, self.d_conv);
+        let a_log = Tensor::<B, 1, burn::tensor::Int>::arange(1..n as i64 + 1, device)
+            .float()
+            .log()
+            .unsqueeze::<2>()
+            .repeat_dim(0, i);
+        let dt = Tensor::<B, 1>::random([i], Distribution::Uniform(0.001f64.ln(), 0.1f64.ln()), device).exp();
+        let dt_bias = dt.clone() + (dt.neg().exp().neg() + 1.0).log().neg(); // softplus⁻¹
+        let bound = 1.0 / (k as f64).sqrt();
+        MambaMixer {
+            in_proj: LinearConfig::new(h, 2 * i).with_bias(self.proj_bias).init(device),
+            conv_weight: Param::from_tensor(Tensor::random([i, k], Distribution::Uniform(-bound, bound), device)),
+            conv_bias: self
+                .conv_bias
+                .then(|| Param::from_tensor(Tensor::random([i], Distribution::Uniform(-bound, bound), device))),
+            x_proj: LinearConfig::new(i, r + 2 * n).with_bias(false).init(device),
+            dt_proj: Linear {
+                weight: LinearConfig::new(r, i).with_bias(false).init(device).weight,
+                bias: Some(Param::from_tensor(dt_bias)),
+            },
+            a_log: Param::from_tensor(a_log),
+            d: Param::from_tensor(Tensor::ones([i], device)),
+            out_proj: LinearConfig::new(i, h).with_bias(self.proj_bias).init(device),
+            dt_layernorm: RmsNormConfig::new(r).with_eps(self.eps).init(device),
+            b_layernorm: RmsNormConfig::new(n).with_eps(self.eps).init(device),
+            c_layernorm: RmsNormConfig::new(n).with_eps(self.eps).init(device),
+            d_state: n,
+            dt_rank: r,
+        }
+    }
+}
+
+impl<B: Backend> MambaMixer<B> {
+    /// Inner width.
+    pub fn intermediate_size(&self) -> usize {
+        self.d.dims()[0]
+    }
+
+    /// Convolution width.
+    pub fn d_conv(&self) -> usize {
+        self.conv_weight.dims()[1]
+    }
+
+    /// Mixes `x` `[batch, seq, hidden]`.
+    ///
+    /// `keep` is `[batch, seq, 1]`, 1 for real tokens and 0 for padding: as in the reference, the
+    /// mixer's input and the convolution's output are zeroed at padded positions so that padding
+    /// never reaches the state. With a `cache`, the convolution continues from its state and the
+    /// scan from its SSM state, and both are updated.
+    pub fn forward(&self, x: Tensor<B, 3>, keep: Option<&Tensor<B, 3>>, cache: Option<&mut MambaState<B>>) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let inner = self.intermediate_size();
+        let dtype = x.dtype();
+        let masked = |t: Tensor<B, 3>| match keep {
+            Some(k) => t * k.clone(),
+            None => t,
+        };
+        let projected = self.in_proj.forward(masked(x));
+        let xs = projected.clone().slice([0..batch, 0..seq, 0..inner]);
+        let z = projected.slice([0..batch, 0..seq, inner..2 * inner]);
+
+        let (prefix, ssm_state) = match &cache {
+            Some(state) => (Some(state.conv.clone()), Some(state.ssm.clone())),
+            None => (None, None),
+        };
+        let (conv_out, conv_state) = self.causal_conv(xs, prefix);
+        let u = masked(silu(conv_out));
+
+        let (r, n) = (self.dt_rank, self.d_state);
+        let dbc = self.x_proj.forward(u.clone());
+        let dt = self.dt_layernorm.forward(dbc.clone().slice([0..batch, 0..seq, 0..r]));
+        let b = self.b_layernorm.forward(dbc.clone().slice([0..batch, 0..seq, r..r + n]));
+        let c = self.c_layernorm.forward(dbc.slice([0..batch, 0..seq, r + n..r + 2 * n]));
+        let delta = linear(dt, self.dt_proj.weight.val(), None);
+        let a = self.a_log.val().cast(DType::F32).exp().neg();
+
+        let out = selective_scan(ScanInput {
+            u,
+            delta,
+            a,
+            b,
+            c,
+            d: Some(self.d.val()),
+            z: Some(z),
+            delta_bias: self.dt_proj.bias.as_ref().map(|p| p.val()),
+            delta_softplus: true,
+            initial_state: ssm_state,
+        });
+        if let Some(state) = cache {
+            state.conv = conv_state;
+            state.ssm = out.state;
+        }
+        self.out_proj.forward(out.y.cast(dtype))
+    }
+
+    /// Depthwise causal convolution over time (plus bias), continuing from `prefix`, the last
+    /// `d_conv − 1` inputs before `x` (zeros when absent). Returns the output and the new prefix.
+    pub fn causal_conv(&self, x: Tensor<B, 3>, prefix: Option<Tensor<B, 3>>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        let [batch, seq, inner] = x.dims();
+        let k = self.d_conv();
+        let prefix = prefix.unwrap_or_else(|| Tensor::zeros([batch, k - 1, inner], (&x.device(), x.dtype())));
+        let padded = Tensor::cat(vec![prefix, x], 1);
+        let weight = self.conv_weight.val(); // [inner, k]
+        let mut out: Option<Tensor<B, 3>> = None;
+        for j in 0..k {
+            let tap = weight.clone().slice([0..inner, j..j + 1]).reshape([1, 1, inner]);
+            let term = padded.clone().slice([0..batch, j..j + seq]) * tap;
+            out = Some(match out {
+                Some(acc) => acc + term,
+                None => term,
+            });
+        }
+        let mut out = out.expect("d_conv ≥ 1");
+        if let Some(bias) = &self.conv_bias {
+            out = out + bias.val().reshape([1, 1, inner]);
+        }
+        let state = padded.slice([0..batch, seq..seq + k - 1]);
+        (out, state)
+    }
+}

@@ -1,0 +1,56 @@
+//! The SwiGLU feed-forward block (`JambaMLP`): `down(silu(gate(x)) * up(x))`.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{Tensor, activation::silu, backend::Backend};
+
+/// Configuration of [`Mlp`].
+#[derive(Config, Debug)]
+pub struct MlpConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// Inner width.
+    pub intermediate_size: usize,
+}
+
+/// A SwiGLU MLP; also one expert of a mixture of experts.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use jamba::mlp::MlpConfig;
+/// let device = Default::default();
+/// let mlp = MlpConfig::new(8, 16).init::<NdArray>(&device);
+/// let y = mlp.forward(Tensor::<NdArray, 3>::ones([1, 5, 8], &device));
+/// assert_eq!(y.dims(), [1, 5, 8]);
+/// ```
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `gate_proj`, hidden → intermediate.
+    pub gate_proj: Linear<B>,
+    /// `up_proj`, hidden → intermediate.
+    pub up_proj: Linear<B>,
+    /// `down_proj`, intermediate → hidden.
+    pub down_proj: Linear<B>,
+}
+
+impl MlpConfig {
+    /// Randomly initialised weights (Burn's default Kaiming-uniform).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
+        let (h, f) = (self.hidden_size, self.intermediate_size);
+        Mlp {
+            gate_proj: LinearConfig::new(h, f).with_bias(false).init(device),
+            up_proj: LinearConfig::new(h, f).with_bias(false).init(device),
+            down_proj: LinearConfig::new(f, h).with_bias(false).init(device),
+        }
+    }
+}
+
+impl<B: Backend> Mlp<B> {
+    /// Applies the MLP to the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+    }
+}

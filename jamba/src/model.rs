@@ -1,0 +1,261 @@
+//! The Jamba causal language model (`JambaForCausalLM`): embedding, decoder layers, final norm
+//! and language-model head.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::tensor::module::linear;
+use burn::tensor::{DType, ElementConversion, Int, Tensor, backend::Backend};
+
+use crate::attention::AttentionMask;
+use crate::cache::{JambaCache, LayerCache};
+use crate::config::{JambaConfig, MixerKind};
+use crate::error::{JambaError, Result};
+use crate::layer::{DecoderLayer, LayerMasks, Mixer};
+use crate::moe::load_balancing_loss;
+use crate::norm::{RmsNorm, RmsNormConfig};
+
+/// What a forward pass returns besides the logits.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// Return every layer's hidden state (see [`JambaOutput::hidden_states`]).
+    pub output_hidden_states: bool,
+    /// Return the router logits of every MoE layer and the load-balancing loss.
+    pub output_router_logits: bool,
+    /// Compute logits only for the last `n` positions (`None`: all). Generation keeps 1, so a
+    /// vocabulary × prompt-length matrix is never built.
+    pub logits_to_keep: Option<usize>,
+}
+
+/// The result of [`Jamba::forward`].
+#[derive(Debug, Clone)]
+pub struct JambaOutput<B: Backend> {
+    /// `[batch, kept positions, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// With `output_hidden_states`: the embedding output, then the output of each layer but the
+    /// last, then the last layer's output after the final norm (`num_layers + 1` tensors, as
+    /// transformers returns them).
+    pub hidden_states: Vec<Tensor<B, 3>>,
+    /// With `output_router_logits`: `(layer index, [batch · seq, num_experts])` per MoE layer.
+    pub router_logits: Vec<(usize, Tensor<B, 2>)>,
+    /// With `output_router_logits` and at least one MoE layer: the load-balancing loss, before
+    /// `router_aux_loss_coef`, `[1]`.
+    pub aux_loss: Option<Tensor<B, 1>>,
+}
+
+/// The Jamba language model.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::{Int, Tensor};
+/// use jamba::{ForwardOptions, Jamba, JambaConfig};
+/// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 2,
+///     "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64,
+///     "attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 4}"#).unwrap();
+/// let device = Default::default();
+/// let model = Jamba::<NdArray>::init(&config, &device);
+/// let ids = Tensor::<NdArray, 2, Int>::from_ints([[5, 6, 7]], &device);
+/// let out = model.forward(ids, None, None, &ForwardOptions::default()).unwrap();
+/// assert_eq!(out.logits.dims(), [1, 3, 64]);
+/// ```
+#[derive(Module, Debug)]
+pub struct Jamba<B: Backend> {
+    /// `model.embed_tokens`.
+    pub embed_tokens: Embedding<B>,
+    /// `model.layers`.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// `model.final_layernorm`.
+    pub final_layernorm: RmsNorm<B>,
+    /// `lm_head`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    /// The configuration the model was built from.
+    #[module(skip)]
+    pub config: JambaConfig,
+}
+
+impl<B: Backend> Jamba<B> {
+    /// A model with random weights (for tests, benchmarks and the embedded demo), in f32.
+    pub fn init(config: &JambaConfig, device: &B::Device) -> Self {
+        let h = config.hidden_size;
+        Self {
+            embed_tokens: EmbeddingConfig::new(config.vocab_size, h).init(device),
+            layers: config
+                .layer_plan()
+                .into_iter()
+                .map(|spec| DecoderLayer::init(config, spec, device))
+                .collect(),
+            final_layernorm: RmsNormConfig::new(h).with_eps(config.rms_norm_eps).init(device),
+            lm_head: (!config.tie_word_embeddings)
+                .then(|| LinearConfig::new(h, config.vocab_size).with_bias(false).init(device)),
+            config: config.clone(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &JambaConfig {
+        &self.config
+    }
+
+    /// The dtype of the weights (and of the activations).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.weight.val().dtype()
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.weight.val().device()
+    }
+
+    /// The same model with every weight cast to `dtype` (e.g. `DType::BF16` on a GPU).
+    pub fn cast(self, dtype: DType) -> Self {
+        struct Cast(DType);
+        impl<B: Backend> ModuleMapper<B> for Cast {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+                let (id, tensor, mapper) = param.consume();
+                Param::from_mapped_value(id, tensor.cast(self.0), mapper)
+            }
+        }
+        self.map(&mut Cast(dtype))
+    }
+
+    /// An empty cache for `batch` sequences, matching this model's layers and dtype.
+    pub fn new_cache(&self, batch: usize) -> JambaCache<B> {
+        JambaCache::new(self.config(), batch, self.dtype(), &self.device())
+    }
+
+    /// Runs the model over `input_ids` `[batch, seq]`.
+    ///
+    /// `attention_mask` `[batch, seq]` marks real tokens with 1 and padding with 0 (left padding
+    /// for generation); with a `cache`, it covers the new tokens only and the cache remembers the
+    /// padding of earlier ones. With a `cache`, the new tokens continue the cached sequences and
+    /// the cache is updated: prefill, decode steps and chunked prefill are all this call.
+    ///
+    /// Errors on an empty input, a token id outside the vocabulary, a mask of the wrong shape,
+    /// or a cache built for another model or batch size.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        mut cache: Option<&mut JambaCache<B>>,
+        options: &ForwardOptions,
+    ) -> Result<JambaOutput<B>> {
+        let [batch, seq] = input_ids.dims();
+        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref())?;
+        let device = input_ids.device();
+        let dtype = self.dtype();
+
+        let padding = attention_mask.map(|m| m.equal_elem(0));
+        let any_padding = padding.as_ref().is_some_and(|p| p.clone().any().into_scalar().elem::<bool>());
+        let padding = padding.filter(|_| any_padding);
+        let keep = padding
+            .as_ref()
+            .map(|p| p.clone().bool_not().float().cast(dtype).reshape([batch, seq, 1]));
+        let key_padding = match cache.as_deref_mut() {
+            Some(c) => c.push_padding(seq, padding.clone(), &device),
+            None => padding.clone(),
+        };
+        let attention = key_padding.map(|key_padding| AttentionMask {
+            key_padding,
+            query_padding: padding.clone().unwrap_or_else(|| {
+                Tensor::<B, 2, Int>::zeros([batch, seq], &device).equal_elem(1)
+            }),
+        });
+        let masks = LayerMasks { attention, keep };
+
+        let mut x = self.embed_tokens.forward(input_ids);
+        let mut hidden_states = Vec::new();
+        let mut router_logits = Vec::new();
+        let layers = self.layers.len();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if options.output_hidden_states {
+                hidden_states.push(x.clone());
+            }
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (y, logits) = layer.forward(x, &masks, layer_cache);
+            x = y;
+            if let (true, Some(logits)) = (options.output_router_logits, logits) {
+                router_logits.push((i, logits));
+            }
+        }
+        let x = self.final_layernorm.forward(x);
+        if options.output_hidden_states {
+            // transformers reports the last layer's output after the final norm.
+            if layers > 0 {
+                hidden_states.push(x.clone());
+            }
+        }
+        let x = match options.logits_to_keep {
+            Some(n) if n > 0 && n < seq => x.slice([0..batch, seq - n..seq]),
+            _ => x,
+        };
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => linear(x, self.embed_tokens.weight.val().transpose(), None),
+        };
+        let aux_loss = if options.output_router_logits {
+            let logits: Vec<_> = router_logits.iter().map(|(_, l)| l.clone()).collect();
+            load_balancing_loss(&logits, self.config().num_experts_per_tok)
+        } else {
+            None
+        };
+        Ok(JambaOutput { logits, hidden_states, router_logits, aux_loss })
+    }
+
+    fn check_inputs(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        attention_mask: Option<&Tensor<B, 2, Int>>,
+        cache: Option<&JambaCache<B>>,
+    ) -> Result<()> {
+        let [batch, seq] = input_ids.dims();
+        if batch == 0 || seq == 0 {
+            return Err(JambaError::Input(format!("empty input of shape [{batch}, {seq}]")));
+        }
+        let vocab = self.config().vocab_size as i64;
+        let (min, max) = (
+            input_ids.clone().min().into_scalar().elem::<i64>(),
+            input_ids.clone().max().into_scalar().elem::<i64>(),
+        );
+        if min < 0 || max >= vocab {
+            let bad = if min < 0 { min } else { max };
+            return Err(JambaError::Input(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        if let Some(mask) = attention_mask
+            && mask.dims() != [batch, seq]
+        {
+            return Err(JambaError::Input(format!(
+                "attention mask has shape {:?} but the input ids have [{batch}, {seq}]",
+                mask.dims()
+            )));
+        }
+        if let Some(cache) = cache {
+            if cache.batch_size() != batch {
+                return Err(JambaError::Input(format!(
+                    "the cache holds {} sequences but the input has {batch}",
+                    cache.batch_size()
+                )));
+            }
+            let matches = cache.layers.len() == self.layers.len()
+                && cache.layers.iter().zip(&self.layers).all(|(c, l)| {
+                    matches!(
+                        (c, &l.mixer),
+                        (LayerCache::Attention(_), Mixer::Attention(_)) | (LayerCache::Mamba(_), Mixer::Mamba(_))
+                    )
+                });
+            if !matches {
+                return Err(JambaError::Input("the cache was built for a different layer plan".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kinds of this model's mixers, in order.
+    pub fn mixer_kinds(&self) -> Vec<MixerKind> {
+        self.layers
+            .iter()
+            .map(|l| match l.mixer {
+                Mixer::Attention(_) => MixerKind::Attention,
+                Mixer::Mamba(_) => MixerKind::Mamba,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,141 @@
+//! The sparse mixture-of-experts block (`JambaSparseMoeBlock`) and its load-balancing loss.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, activation::softmax, backend::Backend};
+
+use crate::mlp::{Mlp, MlpConfig};
+
+/// Configuration of [`SparseMoe`].
+#[derive(Config, Debug)]
+pub struct SparseMoeConfig {
+    /// Model width.
+    pub hidden_size: usize,
+    /// Width of each expert.
+    pub intermediate_size: usize,
+    /// Number of experts.
+    pub num_experts: usize,
+    /// Experts per token.
+    pub top_k: usize,
+}
+
+/// A bias-free softmax router over SwiGLU experts, top-k per token, with the selected weights
+/// **not** renormalised (they are the softmax probabilities themselves).
+///
+/// Each expert runs only on the tokens routed to it (gather, compute, scatter-add). The routing is
+/// read back to the host once per call to build those token lists.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use jamba::moe::SparseMoeConfig;
+/// let device = Default::default();
+/// let moe = SparseMoeConfig::new(8, 16, 4, 2).init::<NdArray>(&device);
+/// let (y, router_logits) = moe.forward(Tensor::<NdArray, 3>::ones([2, 3, 8], &device));
+/// assert_eq!((y.dims(), router_logits.dims()), ([2, 3, 8], [6, 4]));
+/// ```
+#[derive(Module, Debug)]
+pub struct SparseMoe<B: Backend> {
+    /// `router`, hidden → num_experts, no bias.
+    pub router: Linear<B>,
+    /// The experts.
+    pub experts: Vec<Mlp<B>>,
+    /// Experts per token.
+    pub top_k: usize,
+}
+
+impl SparseMoeConfig {
+    /// Randomly initialised weights.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> SparseMoe<B> {
+        SparseMoe {
+            router: LinearConfig::new(self.hidden_size, self.num_experts).with_bias(false).init(device),
+            experts: (0..self.num_experts)
+                .map(|_| MlpConfig::new(self.hidden_size, self.intermediate_size).init(device))
+                .collect(),
+            top_k: self.top_k,
+        }
+    }
+}
+
+impl<B: Backend> SparseMoe<B> {
+    /// Number of experts.
+    pub fn num_experts(&self) -> usize {
+        self.experts.len()
+    }
+
+    /// Routes `x` `[batch, seq, hidden]`; returns the output and the router logits
+    /// `[batch * seq, num_experts]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let [batch, seq, hidden] = x.dims();
+        let tokens = batch * seq;
+        let flat = x.reshape([tokens, hidden]);
+        let router_logits = self.router.forward(flat.clone());
+        let probs = softmax(router_logits.clone().cast(DType::F32), 1);
+        let (weights, selected) = probs.topk_with_indices(self.top_k, 1);
+        let weights = weights.cast(flat.dtype()).reshape([tokens * self.top_k]);
+
+        let selected: Vec<i64> = selected
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("top-k indices are integers");
+        let mut routed: Vec<(Vec<i64>, Vec<i64>)> = vec![(Vec::new(), Vec::new()); self.num_experts()];
+        for (slot, &expert) in selected.iter().enumerate() {
+            let (token_ids, slots) = &mut routed[expert as usize];
+            token_ids.push((slot / self.top_k) as i64);
+            slots.push(slot as i64);
+        }
+
+        let device = flat.device();
+        let index = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
+        };
+        let mut out = flat.zeros_like();
+        for (expert, (token_ids, slots)) in self.experts.iter().zip(routed) {
+            if token_ids.is_empty() {
+                continue;
+            }
+            let token_ids = index(token_ids);
+            let gate = weights.clone().select(0, index(slots)).unsqueeze_dim(1);
+            let y = expert.forward(flat.clone().select(0, token_ids.clone())).mul(gate);
+            out = out.select_assign(0, token_ids, y, IndexingUpdateOp::Add);
+        }
+        (out.reshape([batch, seq, hidden]), router_logits)
+    }
+}
+
+/// The Switch-Transformer load-balancing loss over the router logits of every MoE layer
+/// (`load_balancing_loss_func` without an attention mask), before `router_aux_loss_coef`:
+/// `E · Σₑ f̄ₑ · P̄ₑ`, where `f̄ₑ` is the fraction of (token, slot) assignments to expert `e` and
+/// `P̄ₑ` its mean router probability, both averaged over every layer's rows.
+///
+/// Returns `None` when `router_logits` is empty.
+pub fn load_balancing_loss<B: Backend>(router_logits: &[Tensor<B, 2>], top_k: usize) -> Option<Tensor<B, 1>> {
+    let first = router_logits.first()?;
+    let num_experts = first.dims()[1];
+    let mut counts: Option<Tensor<B, 1>> = None;
+    let mut probs_sum: Option<Tensor<B, 1>> = None;
+    let mut rows = 0usize;
+    for logits in router_logits {
+        let probs = softmax(logits.clone().cast(DType::F32), 1);
+        let (_, selected) = probs.clone().topk_with_indices(top_k, 1);
+        let one_hot: Tensor<B, 3> = selected.one_hot::<3>(num_experts).float().cast(DType::F32);
+        let c = one_hot.sum_dim(1).sum_dim(0).reshape([num_experts]);
+        let p = probs.clone().sum_dim(0).reshape([num_experts]);
+        rows += probs.dims()[0];
+        counts = Some(match counts {
+            Some(acc) => acc + c,
+            None => c,
+        });
+        probs_sum = Some(match probs_sum {
+            Some(acc) => acc + p,
+            None => p,
+        });
+    }
+    let rows = rows as f64;
+    let tokens_per_expert = counts?.div_scalar(rows);
+    let prob_per_expert = probs_sum?.div_scalar(rows);
+    Some((tokens_per_expert * prob_per_expert).sum().mul_scalar(num_experts as f64))
+}

@@ -1,0 +1,60 @@
+//! Root-mean-square layer normalisation, computed in f32 whatever the model's dtype.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Tensor, backend::Backend};
+
+/// Configuration of [`RmsNorm`].
+#[derive(Config, Debug)]
+pub struct RmsNormConfig {
+    /// Width of the normalised (last) dimension.
+    pub size: usize,
+    /// Added to the mean square before the square root.
+    #[config(default = 1e-6)]
+    pub eps: f64,
+}
+
+/// `weight * x / sqrt(mean(x²) + eps)` over the last dimension (`JambaRMSNorm`).
+///
+/// The statistics are computed in f32 and the normalised value is cast back to the input's dtype
+/// before the weight is applied, exactly as the reference does; with bf16 activations this matters.
+///
+/// ```
+/// use burn::backend::NdArray;
+/// use burn::tensor::Tensor;
+/// use jamba::norm::RmsNormConfig;
+/// let device = Default::default();
+/// let norm = RmsNormConfig::new(4).init::<NdArray>(&device);
+/// let y = norm.forward(Tensor::<NdArray, 2>::from_floats([[1.0, -1.0, 1.0, -1.0]], &device));
+/// assert!((y.into_data().to_vec::<f32>().unwrap()[0] - 1.0).abs() < 1e-5);
+/// ```
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-channel scale, `[size]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Epsilon.
+    pub eps: f64,
+}
+
+impl RmsNormConfig {
+    /// A norm with unit weight.
+    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+        RmsNorm { weight: Param::from_tensor(Tensor::ones([self.size], device)), eps: self.eps }
+    }
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// A norm with the given weight.
+    pub fn from_weight(weight: Tensor<B, 1>, eps: f64) -> Self {
+        Self { weight: Param::from_tensor(weight), eps }
+    }
+
+    /// Normalises over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x32 = x.cast(DType::F32);
+        let variance = x32.clone().square().mean_dim(D - 1);
+        let normed = x32.mul(variance.add_scalar(self.eps).sqrt().recip()).cast(dtype);
+        normed.mul(self.weight.val().unsqueeze())
+    }
+}

@@ -1,0 +1,221 @@
+//! The selective scan: Mamba's linear recurrence over time.
+//!
+//! For every batch row `b`, channel `d` and state index `n`:
+//!
+//! ```text
+//! Δₜ = softplus(δₜ + δ_bias)                   (when requested)
+//! hₜ = exp(Δₜ·A[d,n]) · hₜ₋₁ + Δₜ · B[t,n] · uₜ
+//! yₜ = Σₙ C[t,n] · hₜ + D[d] · uₜ
+//! yₜ ← yₜ · silu(zₜ)                           (when a gate is given)
+//! ```
+//!
+//! Two tensor-op implementations share one signature, [`ScanInput`] → [`ScanOutput`], so a fused
+//! kernel can replace either: [`selective_scan_reference`] walks time step by step (the
+//! definition, used by tests) and [`selective_scan_chunked`] is the parallel form whose work is
+//! linear in the sequence length. Both take an initial state and return the final one, which is
+//! what the inference cache and chunked prefill need. Everything is computed in f32.
+
+use burn::tensor::{DType, Tensor, activation::silu, backend::Backend};
+
+/// Inputs of a selective scan, in the time-major-within-batch layout the model produces.
+#[derive(Debug, Clone)]
+pub struct ScanInput<B: Backend> {
+    /// `u`, the conv output, `[batch, seq, channels]`.
+    pub u: Tensor<B, 3>,
+    /// `δ`, the time step before bias and softplus, `[batch, seq, channels]`.
+    pub delta: Tensor<B, 3>,
+    /// `A = −exp(A_log)`, `[channels, state]`.
+    pub a: Tensor<B, 2>,
+    /// `B`, `[batch, seq, state]`.
+    pub b: Tensor<B, 3>,
+    /// `C`, `[batch, seq, state]`.
+    pub c: Tensor<B, 3>,
+    /// The skip `D`, `[channels]`.
+    pub d: Option<Tensor<B, 1>>,
+    /// The gate `z`, `[batch, seq, channels]`; the output is multiplied by `silu(z)`.
+    pub z: Option<Tensor<B, 3>>,
+    /// Added to `δ` before the softplus, `[channels]`.
+    pub delta_bias: Option<Tensor<B, 1>>,
+    /// Whether `Δ = softplus(δ + bias)` (Jamba: always) or `Δ = δ + bias`.
+    pub delta_softplus: bool,
+    /// The state before the first step, `[batch, channels, state]`; zeros when absent.
+    pub initial_state: Option<Tensor<B, 3>>,
+}
+
+/// Result of a selective scan.
+#[derive(Debug, Clone)]
+pub struct ScanOutput<B: Backend> {
+    /// `y`, `[batch, seq, channels]`, f32.
+    pub y: Tensor<B, 3>,
+    /// The state after the last step, `[batch, channels, state]`, f32.
+    pub state: Tensor<B, 3>,
+}
+
+/// `softplus` with PyTorch's threshold: `x` itself above 20, where `log1p(exp(x))` is `x` to
+/// within f32 rounding and `exp` would overflow for large `x`.
+pub fn softplus<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let large = x.clone().greater_elem(20.0);
+    let soft = x.clone().clamp_max(20.0).exp().log1p();
+    soft.mask_where(large, x)
+}
+
+/// The inputs in f32 with `Δ` resolved.
+struct Prepared<B: Backend> {
+    u: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 3>,
+    c: Tensor<B, 3>,
+    state: Tensor<B, 3>,
+}
+
+fn prepare<B: Backend>(input: &ScanInput<B>) -> Prepared<B> {
+    let f32 = |t: Tensor<B, 3>| t.cast(DType::F32);
+    let [batch, _, channels] = input.u.dims();
+    let state_size = input.a.dims()[1];
+    let mut delta = f32(input.delta.clone());
+    if let Some(bias) = &input.delta_bias {
+        delta = delta + bias.clone().cast(DType::F32).unsqueeze::<3>();
+    }
+    if input.delta_softplus {
+        delta = softplus(delta);
+    }
+    let state = match &input.initial_state {
+        Some(s) => s.clone().cast(DType::F32),
+        None => Tensor::zeros([batch, channels, state_size], (&input.u.device(), DType::F32)),
+    };
+    Prepared {
+        u: f32(input.u.clone()),
+        delta,
+        a: input.a.clone().cast(DType::F32),
+        b: f32(input.b.clone()),
+        c: f32(input.c.clone()),
+        state,
+    }
+}
+
+/// `y + D·u`, then the gate.
+fn finish<B: Backend>(input: &ScanInput<B>, u: Tensor<B, 3>, y: Tensor<B, 3>) -> Tensor<B, 3> {
+    let mut y = y;
+    if let Some(d) = &input.d {
+        y = y + u * d.clone().cast(DType::F32).unsqueeze::<3>();
+    }
+    if let Some(z) = &input.z {
+        y = y * silu(z.clone().cast(DType::F32));
+    }
+    y
+}
+
+/// The recurrence one time step at a time: the definition, used as the reference in tests and
+/// for single-token decoding. Its cost is `seq` small steps.
+pub fn selective_scan_reference<B: Backend>(input: ScanInput<B>) -> ScanOutput<B> {
+    let p = prepare(&input);
+    let [batch, seq, channels] = p.u.dims();
+    let state_size = p.a.dims()[1];
+    let a = p.a.clone().unsqueeze::<3>(); // [1, D, N]
+    let mut h = p.state;
+    let mut ys = Vec::with_capacity(seq);
+    for t in 0..seq {
+        let step = |x: &Tensor<B, 3>, w: usize| x.clone().slice([0..batch, t..t + 1, 0..w]);
+        let delta = step(&p.delta, channels).reshape([batch, channels, 1]);
+        let u = step(&p.u, channels).reshape([batch, channels, 1]);
+        let b = step(&p.b, state_size).reshape([batch, 1, state_size]);
+        let c = step(&p.c, state_size).reshape([batch, 1, state_size]);
+        let decay = (delta.clone() * a.clone()).exp();
+        h = decay * h + (delta * u) * b;
+        ys.push((h.clone() * c).sum_dim(2).reshape([batch, 1, channels]));
+    }
+    let y = Tensor::cat(ys, 1);
+    ScanOutput { y: finish(&input, p.u, y), state: h }
+}
+
+/// A chunk length that balances the two sequential loops of the chunked scan (`T` steps inside
+/// the chunks, `seq / T` across them): about √seq.
+pub fn default_chunk_len(seq: usize) -> usize {
+    ((seq as f64).sqrt().ceil() as usize).clamp(1, 256)
+}
+
+/// The parallel scan in chunks of `chunk_len` steps (`None`: [`default_chunk_len`]).
+///
+/// All chunks are scanned at once from a zero state (`chunk_len` steps over the whole sequence),
+/// then the chunk boundary states are carried across chunks (`seq / chunk_len` small steps), then
+/// each position adds its carried-in state times its cumulative decay. Work is linear in `seq`;
+/// every factor that multiplies a state is a product of `exp(Δ·A) ≤ 1`, so nothing overflows
+/// however long the chunk (unlike a cumulative sum of `exp(−ΣΔA)`). Memory holds a few
+/// `[seq, batch, channels, state]` tensors; feed long prompts in pieces to bound it.
+pub fn selective_scan_chunked<B: Backend>(input: ScanInput<B>, chunk_len: Option<usize>) -> ScanOutput<B> {
+    let p = prepare(&input);
+    let [batch, seq, channels] = p.u.dims();
+    let state_size = p.a.dims()[1];
+    let chunk = chunk_len.unwrap_or_else(|| default_chunk_len(seq)).clamp(1, seq.max(1));
+    let chunks = seq.div_ceil(chunk);
+    let padded = chunks * chunk;
+    let device = p.u.device();
+
+    // Time-major: slicing one step of every chunk then reads contiguous [batch, D, N] blocks.
+    // Padding steps have Δ = 0, so exp(Δ·A) = 1 and Δ·B·u = 0: they leave the state unchanged.
+    let time_major = |x: Tensor<B, 3>| {
+        let x = x.swap_dims(0, 1);
+        if padded == seq {
+            return x;
+        }
+        let [_, b, w] = x.dims();
+        Tensor::cat(vec![x, Tensor::zeros([padded - seq, b, w], (&device, DType::F32))], 0)
+    };
+    let delta = time_major(p.delta).unsqueeze_dim::<4>(3); // [T', b, D, 1]
+    let u_tm = time_major(p.u.clone()).unsqueeze_dim::<4>(3);
+    let b_tm = time_major(p.b).unsqueeze_dim::<4>(2); // [T', b, 1, N]
+    let a = p.a.reshape([1, 1, channels, state_size]);
+    let shape5 = [chunks, chunk, batch, channels, state_size];
+    let decay = (delta.clone() * a).exp().reshape(shape5);
+    let drive = (delta * u_tm * b_tm).reshape(shape5);
+
+    // 1. Every chunk from a zero state; `cumulative` is the product of decays since chunk start.
+    let at = |x: &Tensor<B, 5>, t: usize| x.clone().slice([0..chunks, t..t + 1]);
+    let mut h = at(&drive, 0);
+    let mut cumulative = at(&decay, 0);
+    let mut hs = Vec::with_capacity(chunk);
+    let mut cs = Vec::with_capacity(chunk);
+    hs.push(h.clone());
+    cs.push(cumulative.clone());
+    for t in 1..chunk {
+        let a_t = at(&decay, t);
+        h = a_t.clone() * h + at(&drive, t);
+        cumulative = cumulative * a_t;
+        hs.push(h.clone());
+        cs.push(cumulative.clone());
+    }
+    drop((decay, drive));
+    let local = Tensor::cat(hs, 1);
+    let cumulative = Tensor::cat(cs, 1);
+
+    // 2. Carry the boundary states across chunks.
+    let last = |x: &Tensor<B, 5>| x.clone().slice([0..chunks, chunk - 1..chunk]);
+    let (local_end, decay_end) = (last(&local), last(&cumulative));
+    let mut carry = p.state.unsqueeze::<5>(); // [1, 1, b, D, N]
+    let mut carried = Vec::with_capacity(chunks);
+    for c in 0..chunks {
+        carried.push(carry.clone());
+        let pick = |x: &Tensor<B, 5>| x.clone().slice([c..c + 1]);
+        carry = pick(&decay_end) * carry + pick(&local_end);
+    }
+    let carried = Tensor::cat(carried, 0); // [chunks, 1, b, D, N]
+
+    // 3. Every position adds its carried-in state, decayed to it.
+    let states = (local + cumulative * carried)
+        .reshape([padded, batch, channels, state_size])
+        .slice([0..seq]);
+    let c_tm = p.c.swap_dims(0, 1).unsqueeze_dim::<4>(2); // [T, b, 1, N]
+    let y = (states * c_tm).sum_dim(3).reshape([seq, batch, channels]).swap_dims(0, 1);
+    let state = carry.reshape([batch, channels, state_size]);
+    ScanOutput { y: finish(&input, p.u, y), state }
+}
+
+/// The scan the model uses: step by step for a few tokens (decoding), chunked otherwise.
+pub fn selective_scan<B: Backend>(input: ScanInput<B>) -> ScanOutput<B> {
+    if input.u.dims()[1] <= 4 {
+        selective_scan_reference(input)
+    } else {
+        selective_scan_chunked(input, None)
+    }
+}
