@@ -237,10 +237,7 @@ impl CacheSize {
 impl JambaConfig {
     /// Parses and validates a `config.json` text.
     pub fn from_json_str(json: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json).map_err(|source| JambaError::Json {
-            path: "<config string>".into(),
-            source,
-        })?;
+        let config: Self = JambaError::parse_json("<config string>", json)?;
         config.validate()?;
         Ok(config)
     }
@@ -249,10 +246,7 @@ impl JambaConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| JambaError::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|source| JambaError::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let config: Self = JambaError::parse_json(path, &text)?;
         config.validate().map_err(|e| match e {
             JambaError::Config(msg) => JambaError::Config(format!("{}: {msg}", path.display())),
             other => other,

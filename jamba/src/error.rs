@@ -18,13 +18,12 @@ pub enum JambaError {
         source: std::io::Error,
     },
     /// A JSON file (config, shard index) is malformed or has a field of the wrong type.
-    #[error("{path}: malformed JSON: {source}")]
+    #[error("{path}: malformed JSON: {message}")]
     Json {
         /// The file.
         path: PathBuf,
-        /// The parser's error, with line and column.
-        #[source]
-        source: serde_json::Error,
+        /// The parser's error, with the field, line and column.
+        message: String,
     },
     /// The configuration is well-formed JSON but describes an impossible model.
     #[error("invalid Jamba configuration: {0}")]
@@ -94,6 +93,17 @@ pub enum JambaError {
 }
 
 impl JambaError {
+    /// Parses `text` (read from `path`) as JSON into `T`, naming the offending field on error.
+    pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(path: impl Into<PathBuf>, text: &str) -> Result<T> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let message = if field.is_empty() || field == "." { inner.to_string() } else { format!("field `{field}`: {inner}") };
+            JambaError::Json { path: path.into(), message }
+        })
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
     }

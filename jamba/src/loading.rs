@@ -93,8 +93,7 @@ impl WeightStore {
                 weight_map: BTreeMap<String, String>,
             }
             let text = std::fs::read_to_string(&index_path).map_err(|e| JambaError::io(&index_path, e))?;
-            let index: Index =
-                serde_json::from_str(&text).map_err(|source| JambaError::Json { path: index_path.clone(), source })?;
+            let index: Index = JambaError::parse_json(&index_path, &text)?;
             let mut shard_ids: HashMap<String, usize> = HashMap::new();
             for (key, shard) in &index.weight_map {
                 let id = match shard_ids.get(shard) {
@@ -256,6 +255,11 @@ impl<B: Backend> Jamba<B> {
     /// ```
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device, options: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
+        if let Some(dtype) = options.dtype
+            && !B::supports_dtype(device, dtype)
+        {
+            return Err(JambaError::Input(format!("this backend does not support {dtype:?} tensors")));
+        }
         let config = JambaConfig::from_file(dir.join("config.json"))?;
         let store = WeightStore::open(dir, options.clone())?;
         Self::from_weights(&config, store, device)

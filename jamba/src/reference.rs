@@ -108,7 +108,7 @@ impl Fixture {
         let meta_path = dir.join("fixture.json");
         let meta = if meta_path.exists() {
             let text = std::fs::read_to_string(&meta_path).map_err(|e| JambaError::io(&meta_path, e))?;
-            Some(serde_json::from_str(&text).map_err(|source| JambaError::Json { path: meta_path, source })?)
+            Some(JambaError::parse_json(meta_path, &text)?)
         } else {
             None
         };
