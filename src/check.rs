@@ -14,7 +14,7 @@ pub struct CheckArgs {
     /// A checkpoint folder (`config.json`, safetensors weights, optionally `expected.safetensors`).
     pub dir: PathBuf,
     /// The backend to run on.
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, default_value = "cpu")]
     pub backend: BackendKind,
     /// The dtype to compute in.
     #[arg(long, value_enum, default_value = "f32")]
@@ -22,7 +22,7 @@ pub struct CheckArgs {
 }
 
 pub fn run(args: CheckArgs) -> jamba::Result<ExitCode> {
-    crate::with_backend!(args.backend, |B, device| check::<B>(&args, &device))
+    jamba::with_backend!(args.backend, |B, device| check::<B>(&args, &device))
 }
 
 fn check<B: burn::tensor::backend::Backend>(args: &CheckArgs, device: &B::Device) -> jamba::Result<ExitCode> {

@@ -2,6 +2,7 @@
 
 mod backends;
 mod check;
+mod generate;
 mod info;
 
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ enum Command {
     /// Load a checkpoint folder and, where it holds an `expected.safetensors` in the fixture
     /// format, compare every output with it; exits non-zero on any failure.
     Check(check::CheckArgs),
+    /// Generate text (streams it, then prints throughput and cache size).
+    Generate(generate::GenerateArgs),
     /// Print a configuration's layer plan, parameter counts and cache sizes.
     Info(info::InfoArgs),
 }
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check(args) => check::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Info(args) => info::run(args),
     };
     match result {

@@ -3,13 +3,13 @@
 
 mod common;
 
-use burn::backend::NdArray;
+
 use burn::tensor::{Tensor, TensorData};
 use jamba::generation::SplitMix64;
 use jamba::reference::{rel_err, to_vec};
 use jamba::scan::{ScanInput, ScanOutput, selective_scan_chunked, selective_scan_reference};
 
-type B = NdArray<f32>;
+type B = jamba::backends::Cpu;
 
 struct Rng(SplitMix64);
 impl Rng {

@@ -36,12 +36,12 @@ pub struct AttentionMask<B: Backend> {
 /// Mamba layers before them supply the order.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use burn::tensor::Tensor;
 /// use jamba::attention::AttentionConfig;
 /// let device = Default::default();
-/// let attn = AttentionConfig::new(16, 4, 2).init::<NdArray>(&device);
-/// let y = attn.forward(Tensor::<NdArray, 3>::ones([1, 3, 16], &device), None, None);
+/// let attn = AttentionConfig::new(16, 4, 2).init::<Cpu>(&device);
+/// let y = attn.forward(Tensor::<Cpu, 3>::ones([1, 3, 16], &device), None, None);
 /// assert_eq!(y.dims(), [1, 3, 16]);
 /// ```
 #[derive(Module, Debug)]

@@ -99,11 +99,11 @@ pub enum LayerCache<B: Backend> {
 /// The inference cache of a whole model, for a batch of sequences that advance together.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use jamba::{JambaCache, JambaConfig};
 /// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 8,
 ///     "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 64}"#).unwrap();
-/// let cache = JambaCache::<NdArray>::new(&config, 2, burn::tensor::DType::F32, &Default::default());
+/// let cache = JambaCache::<Cpu>::new(&config, 2, burn::tensor::DType::F32, &Default::default());
 /// assert_eq!(cache.seq_len(), 0);
 /// ```
 #[derive(Debug, Clone)]

@@ -424,7 +424,7 @@ impl JambaConfig {
     /// Total and active parameter counts.
     ///
     /// ```
-    /// let v01 = jamba::JambaConfig::from_json_str(r#"{"mamba_dt_rank": 256}"#).unwrap();
+    /// let v01 = jamba::JambaConfig::from_json_str(r#"{"mamba_dt_rank": 256, "num_key_value_heads": 8}"#).unwrap();
     /// let p = v01.param_count();
     /// assert_eq!((p.total as f64 / 1e9 * 10.0).round() / 10.0, 51.6);
     /// assert_eq!((p.active as f64 / 1e9 * 10.0).round() / 10.0, 12.1);
@@ -459,7 +459,7 @@ impl JambaConfig {
     /// convolution state stored in `dtype_bytes` bytes per element and the SSM state in f32.
     ///
     /// ```
-    /// let v01 = jamba::JambaConfig::from_json_str(r#"{"mamba_dt_rank": 256}"#).unwrap();
+    /// let v01 = jamba::JambaConfig::from_json_str(r#"{"mamba_dt_rank": 256, "num_key_value_heads": 8}"#).unwrap();
     /// let c = v01.cache_size(1, 256 * 1024, 2);
     /// assert_eq!(c.kv_bytes, 4 * 1024 * 1024 * 1024); // Table 1: 4 GB
     /// ```

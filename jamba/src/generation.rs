@@ -220,15 +220,15 @@ pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<i64>, Vec<i64>, usize) {
 /// the maximum context.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use jamba::generation::{GenerationConfig, generate};
 /// use jamba::{Jamba, JambaConfig};
 /// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 2,
 ///     "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64,
 ///     "attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 4}"#).unwrap();
-/// let model = Jamba::<NdArray>::init(&config, &Default::default());
-/// let gen = GenerationConfig { max_new_tokens: 4, ..Default::default() };
-/// let out = generate(&model, &[vec![5, 6, 7], vec![8]], &gen, |_, _| {}).unwrap();
+/// let model = Jamba::<Cpu>::init(&config, &Default::default());
+/// let config = GenerationConfig { max_new_tokens: 4, ..Default::default() };
+/// let out = generate(&model, &[vec![5, 6, 7], vec![8]], &config, |_, _| {}).unwrap();
 /// assert_eq!(out.tokens[1].len(), 4);
 /// ```
 pub fn generate<B: Backend>(

@@ -6,13 +6,13 @@
 //! checkpoints and reproduce transformers' `JambaForCausalLM`.
 //!
 //! ```no_run
-//! use burn::backend::NdArray;
+//! use jamba::backends::Cpu;
 //! use burn::tensor::{Int, Tensor};
 //! use jamba::{ForwardOptions, Jamba, LoadOptions};
 //!
 //! let device = Default::default();
-//! let model = Jamba::<NdArray>::from_pretrained("path/to/checkpoint", &device, &LoadOptions::default())?;
-//! let ids = Tensor::<NdArray, 2, Int>::from_ints([[1, 2, 3]], &device);
+//! let model = Jamba::<Cpu>::from_pretrained("path/to/checkpoint", &device, &LoadOptions::default())?;
+//! let ids = Tensor::<Cpu, 2, Int>::from_ints([[1, 2, 3]], &device);
 //! let out = model.forward(ids, None, None, &ForwardOptions::default())?;
 //! println!("{:?}", out.logits.dims());
 //! # Ok::<(), jamba::JambaError>(())
@@ -23,6 +23,7 @@
 //! [`reference`] (the fixture format used for parity checks).
 
 pub mod attention;
+pub mod backends;
 pub mod cache;
 pub mod config;
 pub mod error;
@@ -36,6 +37,8 @@ pub mod moe;
 pub mod norm;
 pub mod reference;
 pub mod scan;
+#[cfg(feature = "tokenizer")]
+pub mod tokenizer;
 
 pub use cache::JambaCache;
 pub use config::JambaConfig;

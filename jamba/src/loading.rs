@@ -249,8 +249,8 @@ impl<B: Backend> Jamba<B> {
     /// Loads a Hugging Face checkpoint folder (`config.json` and safetensors weights).
     ///
     /// ```no_run
-    /// use burn::backend::NdArray;
-    /// let model = jamba::Jamba::<NdArray>::from_pretrained("tiny-jamba", &Default::default(), &Default::default())?;
+    /// use jamba::backends::Cpu;
+    /// let model = jamba::Jamba::<Cpu>::from_pretrained("tiny-jamba", &Default::default(), &Default::default())?;
     /// # Ok::<(), jamba::JambaError>(())
     /// ```
     pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device, options: &LoadOptions) -> Result<Self> {

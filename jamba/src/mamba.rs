@@ -38,12 +38,12 @@ pub struct MambaMixerConfig {
 /// dt_proj; selective scan with `A = −exp(A_log)` and skip `D`; gate by SiLU(z); out_proj.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use burn::tensor::Tensor;
 /// use jamba::mamba::MambaMixerConfig;
 /// let device = Default::default();
-/// let mixer = MambaMixerConfig::new(16, 32, 4, 4, 1).init::<NdArray>(&device);
-/// let y = mixer.forward(Tensor::<NdArray, 3>::ones([2, 5, 16], &device), None, None);
+/// let mixer = MambaMixerConfig::new(16, 32, 4, 4, 1).init::<Cpu>(&device);
+/// let y = mixer.forward(Tensor::<Cpu, 3>::ones([2, 5, 16], &device), None, None);
 /// assert_eq!(y.dims(), [2, 5, 16]);
 /// ```
 #[derive(Module, Debug)]

@@ -17,12 +17,12 @@ pub struct MlpConfig {
 /// A SwiGLU MLP; also one expert of a mixture of experts.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use burn::tensor::Tensor;
 /// use jamba::mlp::MlpConfig;
 /// let device = Default::default();
-/// let mlp = MlpConfig::new(8, 16).init::<NdArray>(&device);
-/// let y = mlp.forward(Tensor::<NdArray, 3>::ones([1, 5, 8], &device));
+/// let mlp = MlpConfig::new(8, 16).init::<Cpu>(&device);
+/// let y = mlp.forward(Tensor::<Cpu, 3>::ones([1, 5, 8], &device));
 /// assert_eq!(y.dims(), [1, 5, 8]);
 /// ```
 #[derive(Module, Debug)]

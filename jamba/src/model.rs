@@ -45,15 +45,15 @@ pub struct JambaOutput<B: Backend> {
 /// The Jamba language model.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use burn::tensor::{Int, Tensor};
 /// use jamba::{ForwardOptions, Jamba, JambaConfig};
 /// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 2,
 ///     "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64,
 ///     "attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 4}"#).unwrap();
 /// let device = Default::default();
-/// let model = Jamba::<NdArray>::init(&config, &device);
-/// let ids = Tensor::<NdArray, 2, Int>::from_ints([[5, 6, 7]], &device);
+/// let model = Jamba::<Cpu>::init(&config, &device);
+/// let ids = Tensor::<Cpu, 2, Int>::from_ints([[5, 6, 7]], &device);
 /// let out = model.forward(ids, None, None, &ForwardOptions::default()).unwrap();
 /// assert_eq!(out.logits.dims(), [1, 3, 64]);
 /// ```

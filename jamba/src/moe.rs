@@ -27,12 +27,12 @@ pub struct SparseMoeConfig {
 /// read back to the host once per call to build those token lists.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use burn::tensor::Tensor;
 /// use jamba::moe::SparseMoeConfig;
 /// let device = Default::default();
-/// let moe = SparseMoeConfig::new(8, 16, 4, 2).init::<NdArray>(&device);
-/// let (y, router_logits) = moe.forward(Tensor::<NdArray, 3>::ones([2, 3, 8], &device));
+/// let moe = SparseMoeConfig::new(8, 16, 4, 2).init::<Cpu>(&device);
+/// let (y, router_logits) = moe.forward(Tensor::<Cpu, 3>::ones([2, 3, 8], &device));
 /// assert_eq!((y.dims(), router_logits.dims()), ([2, 3, 8], [6, 4]));
 /// ```
 #[derive(Module, Debug)]

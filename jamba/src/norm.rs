@@ -20,12 +20,12 @@ pub struct RmsNormConfig {
 /// before the weight is applied, exactly as the reference does; with bf16 activations this matters.
 ///
 /// ```
-/// use burn::backend::NdArray;
+/// use jamba::backends::Cpu;
 /// use burn::tensor::Tensor;
 /// use jamba::norm::RmsNormConfig;
 /// let device = Default::default();
-/// let norm = RmsNormConfig::new(4).init::<NdArray>(&device);
-/// let y = norm.forward(Tensor::<NdArray, 2>::from_floats([[1.0, -1.0, 1.0, -1.0]], &device));
+/// let norm = RmsNormConfig::new(4).init::<Cpu>(&device);
+/// let y = norm.forward(Tensor::<Cpu, 2>::from_floats([[1.0, -1.0, 1.0, -1.0]], &device));
 /// assert!((y.into_data().to_vec::<f32>().unwrap()[0] - 1.0).abs() < 1e-5);
 /// ```
 #[derive(Module, Debug)]

@@ -1,0 +1,309 @@
+//! `jamba-bench`: throughput and memory of a configuration with random weights on any compiled
+//! backend and dtype, and the analytic tables of the published models.
+//!
+//! ```text
+//! jamba-bench throughput --config ../shared/configs/bench-jamba-1b.config.json --backend cuda \
+//!     --dtype bf16 --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --out results.json
+//! jamba-bench tables
+//! ```
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use clap::{Args, Parser, Subcommand};
+use indicatif::ProgressBar;
+use jamba::backends::{BackendKind, parse_dtype};
+use jamba::generation::SplitMix64;
+use jamba::{ForwardOptions, Jamba, JambaConfig, JambaError};
+use serde::Serialize;
+
+#[derive(Parser)]
+#[command(name = "jamba-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prefill and decode throughput of one configuration with random weights.
+    Throughput(ThroughputArgs),
+    /// Parameters and cache sizes of the published configurations, next to the paper's Table 1.
+    Tables(TablesArgs),
+}
+
+#[derive(Args, Clone)]
+struct ThroughputArgs {
+    /// A config.json.
+    #[arg(long)]
+    config: PathBuf,
+    /// cpu, wgpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: BackendKind,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: DType,
+    /// Prompt lengths for prefill.
+    #[arg(long, value_delimiter = ',', default_values_t = [512usize])]
+    prefill: Vec<usize>,
+    /// Batch size of the prefill runs.
+    #[arg(long, default_value_t = 1)]
+    prefill_batch: usize,
+    /// Feed prefill prompts in chunks of this many tokens (bounds memory for long prompts).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
+    /// Batch sizes for decode.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize])]
+    decode_batch: Vec<usize>,
+    /// Context (prompt tokens in the cache) before the timed decode steps.
+    #[arg(long, value_delimiter = ',', default_values_t = [512usize])]
+    decode_context: Vec<usize>,
+    /// Timed decode steps per measurement.
+    #[arg(long, default_value_t = 32)]
+    decode_steps: usize,
+    /// Timed repetitions (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Untimed repetitions first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Write the results here as JSON (and as CSV beside it).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct TablesArgs {
+    /// Folder of the published configs.
+    #[arg(long, default_value = "../shared/configs")]
+    configs: PathBuf,
+}
+
+/// One measurement.
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    config: String,
+    backend: String,
+    dtype: String,
+    phase: &'static str,
+    batch: usize,
+    context: usize,
+    tokens: usize,
+    median_secs: f64,
+    tokens_per_sec: f64,
+    cache_bytes: u64,
+    error: Option<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Throughput(args) => {
+            let a = args.clone();
+            jamba::with_backend!(a.backend, |B, device| throughput::<B>(&args, &device))
+        }
+        Command::Tables(args) => tables(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn random_ids<B: Backend>(rng: &mut SplitMix64, batch: usize, len: usize, vocab: usize, device: &B::Device) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = (0..batch * len).map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as i64).collect();
+    Tensor::from_data(TensorData::new(ids, [batch, len]), device)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Feeds `len` random tokens per row through `cache` (in chunks), returning the last logits.
+fn prefill<B: Backend>(
+    model: &Jamba<B>,
+    cache: &mut jamba::JambaCache<B>,
+    rng: &mut SplitMix64,
+    batch: usize,
+    len: usize,
+    chunk: Option<usize>,
+) -> jamba::Result<Tensor<B, 3>> {
+    let device = model.device();
+    let vocab = model.config().vocab_size;
+    let chunk = chunk.unwrap_or(len).max(1);
+    let keep = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+    let mut logits = None;
+    let mut done = 0;
+    while done < len {
+        let n = chunk.min(len - done);
+        let ids = random_ids::<B>(rng, batch, n, vocab, &device);
+        logits = Some(model.forward(ids, None, Some(cache), &keep)?.logits);
+        done += n;
+    }
+    Ok(logits.expect("len > 0"))
+}
+
+fn sync<B: Backend>(device: &B::Device) -> jamba::Result<()> {
+    B::sync(device).map_err(|e| JambaError::Input(format!("device error: {e:?}")))
+}
+
+fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::Result<()> {
+    let config = JambaConfig::from_file(&args.config)?;
+    if !B::supports_dtype(device, args.dtype) {
+        return Err(JambaError::Input(format!("{:?} does not support {:?}", args.backend, args.dtype)));
+    }
+    B::seed(device, 0);
+    let start = Instant::now();
+    let model = Jamba::<B>::init(&config, device).cast(args.dtype);
+    sync::<B>(device)?;
+    let name = args.config.file_name().map(|f| f.to_string_lossy().replace(".config.json", "")).unwrap_or_default();
+    eprintln!(
+        "{name}: {:.2}B parameters ({:.2}B active), random weights, {:?} {:?}, built in {:.1?}",
+        config.param_count().total as f64 / 1e9,
+        config.param_count().active as f64 / 1e9,
+        args.backend,
+        args.dtype,
+        start.elapsed()
+    );
+    let mut rng = SplitMix64::new(1);
+    let mut rows = Vec::new();
+    let row = |phase, batch, context, tokens, times: Vec<f64>, cache_bytes, error: Option<String>| {
+        let m = if times.is_empty() { f64::NAN } else { median(times) };
+        Row {
+            config: name.clone(),
+            backend: format!("{:?}", args.backend).to_lowercase(),
+            dtype: format!("{:?}", args.dtype).to_lowercase(),
+            phase,
+            batch,
+            context,
+            tokens,
+            median_secs: m,
+            tokens_per_sec: tokens as f64 / m,
+            cache_bytes,
+            error,
+        }
+    };
+    let total = args.prefill.len() + args.decode_batch.len() * args.decode_context.len();
+    let bar = ProgressBar::new(total as u64);
+    for &len in &args.prefill {
+        let mut times = Vec::new();
+        let mut cache_bytes = 0;
+        let mut error = None;
+        for rep in 0..args.warmup + args.reps {
+            let mut cache = model.new_cache(args.prefill_batch);
+            let t = Instant::now();
+            let result = prefill(&model, &mut cache, &mut rng, args.prefill_batch, len, args.prefill_chunk)
+                .and_then(|logits| {
+                    let _ = logits.argmax(2).into_data(); // the first token is part of prefill
+                    sync::<B>(device)
+                });
+            if let Err(e) = result {
+                error = Some(e.to_string());
+                break;
+            }
+            if rep >= args.warmup {
+                times.push(t.elapsed().as_secs_f64());
+            }
+            cache_bytes = cache.size_bytes();
+        }
+        let r = row("prefill", args.prefill_batch, len, len * args.prefill_batch, times, cache_bytes, error);
+        bar.println(format!("prefill b={} len={len}: {:.1} tokens/s ({:.4}s)", r.batch, r.tokens_per_sec, r.median_secs));
+        rows.push(r);
+        bar.inc(1);
+    }
+    for &context in &args.decode_context {
+        for &batch in &args.decode_batch {
+            let mut times = Vec::new();
+            let mut cache_bytes = 0;
+            let mut error = None;
+            for rep in 0..args.warmup + args.reps {
+                let mut cache = model.new_cache(batch);
+                let result = (|| -> jamba::Result<f64> {
+                    let logits = prefill(&model, &mut cache, &mut rng, batch, context, args.prefill_chunk.or(Some(2048)))?;
+                    let mut next = logits.argmax(2).reshape([batch, 1]);
+                    let _ = next.to_data();
+                    let keep = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+                    let t = Instant::now();
+                    for _ in 0..args.decode_steps {
+                        let logits = model.forward(next, None, Some(&mut cache), &keep)?.logits;
+                        // As in generation: the chosen ids come back to the host every step.
+                        next = logits.argmax(2).reshape([batch, 1]);
+                        let ids = next.to_data();
+                        next = Tensor::from_data(ids, device);
+                    }
+                    sync::<B>(device)?;
+                    Ok(t.elapsed().as_secs_f64())
+                })();
+                match result {
+                    Ok(secs) if rep >= args.warmup => times.push(secs),
+                    Ok(_) => {}
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        break;
+                    }
+                }
+                cache_bytes = cache.size_bytes();
+            }
+            let r = row("decode", batch, context, batch * args.decode_steps, times, cache_bytes, error);
+            bar.println(format!(
+                "decode b={batch} context={context}: {:.1} tokens/s ({:.2} ms/step), cache {:.1} MiB",
+                r.tokens_per_sec,
+                r.median_secs * 1e3 / args.decode_steps as f64,
+                r.cache_bytes as f64 / (1 << 20) as f64
+            ));
+            rows.push(r);
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialise"));
+    if let Some(out) = &args.out {
+        let write = |path: &std::path::Path, text: String| {
+            std::fs::write(path, text).map_err(|e| JambaError::Io { path: path.to_path_buf(), source: e })
+        };
+        write(out, serde_json::to_string_pretty(&rows).expect("rows serialise"))?;
+        let mut csv = String::from("config,backend,dtype,phase,batch,context,tokens,median_secs,tokens_per_sec,cache_bytes,error\n");
+        for r in &rows {
+            csv += &format!(
+                "{},{},{},{},{},{},{},{},{},{},{}\n",
+                r.config, r.backend, r.dtype, r.phase, r.batch, r.context, r.tokens, r.median_secs, r.tokens_per_sec,
+                r.cache_bytes, r.error.clone().unwrap_or_default().replace(',', ";")
+            );
+        }
+        write(&out.with_extension("csv"), csv)?;
+    }
+    Ok(())
+}
+
+fn tables(args: &TablesArgs) -> jamba::Result<()> {
+    // Jamba paper, Table 1 (KV cache at 256K tokens, 16-bit) and its stated parameter counts.
+    let paper = [("jamba-v0.1", "52B total, 12B active, KV 4GB")];
+    println!("| model | total params | active params | KV 4K | KV 32K | KV 256K | Mamba state | paper |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut entries: Vec<_> = std::fs::read_dir(&args.configs)
+        .map_err(|e| JambaError::Io { path: args.configs.clone(), source: e })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    entries.sort();
+    for path in entries {
+        let config = JambaConfig::from_file(&path)?;
+        let name = path.file_name().unwrap().to_string_lossy().replace(".config.json", "");
+        let p = config.param_count();
+        let gib = |ctx| config.cache_size(1, ctx, 2).kv_bytes as f64 / (1u64 << 30) as f64;
+        let note = paper.iter().find(|(n, _)| *n == name).map_or("", |(_, t)| t);
+        println!(
+            "| {name} | {:.2}B | {:.2}B | {:.3} GiB | {:.2} GiB | {:.2} GiB | {:.1} MiB | {note} |",
+            p.total as f64 / 1e9,
+            p.active as f64 / 1e9,
+            gib(4096),
+            gib(32768),
+            gib(262144),
+            config.cache_size(1, 4096, 2).mamba_bytes() as f64 / (1u64 << 20) as f64
+        );
+    }
+    Ok(())
+}
