@@ -33,15 +33,21 @@ fn run<B: Backend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
     let model = Jamba::<B>::from_pretrained(dir, device, &LoadOptions::default())?;
     probe("embed weight", &model.embed_tokens.weight.val());
     let x = model.embed_tokens.forward(ids.clone());
-    if !probe("embedding", &x) { return Ok(()); }
+    if !probe("embedding", &x) {
+        return Ok(());
+    }
     let layer = &model.layers[0];
     let n = layer.input_layernorm.forward(x.clone());
-    if !probe("input_layernorm", &n) { return Ok(()); }
+    if !probe("input_layernorm", &n) {
+        return Ok(());
+    }
     if let Mixer::Mamba(m) = &layer.mixer {
         probe("conv weight", &m.conv_weight.val());
         probe("A_log", &m.a_log.val());
         let p = m.in_proj.forward(n.clone());
-        if !probe("in_proj", &p) { return Ok(()); }
+        if !probe("in_proj", &p) {
+            return Ok(());
+        }
         let [b, s, _] = p.dims();
         let inner = m.intermediate_size();
         let xs = p.clone().slice([0..b, 0..s, 0..inner]);
@@ -50,9 +56,18 @@ fn run<B: Backend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
         probe("conv", &c);
         probe("conv state", &state);
         let y = m.forward(n.clone(), None, None);
-        if !probe("mamba mixer", &y) { return Ok(()); }
+        if !probe("mamba mixer", &y) {
+            return Ok(());
+        }
     }
-    let (y, _) = layer.forward(x.clone(), &jamba::layer::LayerMasks { attention: None, keep: None }, None);
+    let (y, _) = layer.forward(
+        x.clone(),
+        &jamba::layer::LayerMasks {
+            attention: None,
+            keep: None,
+        },
+        None,
+    );
     probe("layer 0", &y);
     if let FeedForward::Moe(moe) = &model.layers[1].feed_forward {
         let (y, r) = moe.forward(y.clone());
@@ -61,13 +76,35 @@ fn run<B: Backend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
     }
     let out = model.forward(ids, None, None, &Default::default())?;
     probe("logits", &out.logits);
+    // The fixture's own prompts, layer by layer (longer sequences take the chunked scan).
+    let fixture = jamba::reference::Fixture::open(dir)?;
+    let ids = fixture.get("input_ids")?.to_int::<B, 2>(device);
+    let masks = jamba::layer::LayerMasks {
+        attention: None,
+        keep: None,
+    };
+    let mut x = model.embed_tokens.forward(ids);
+    for (i, layer) in model.layers.iter().enumerate() {
+        if let Mixer::Mamba(m) = &layer.mixer {
+            let y = m.forward(layer.input_layernorm.forward(x.clone()), None, None);
+            if !probe(&format!("fixture prompt, layer {i} mamba mixer"), &y) {
+                return Ok(());
+            }
+        }
+        x = layer.forward(x, &masks, None).0;
+        if !probe(&format!("fixture prompt, layer {i}"), &x) {
+            return Ok(());
+        }
+    }
     Ok(())
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let kind: BackendKind = args.next().unwrap_or("cpu".into()).parse().unwrap();
-    let dir = args.next().unwrap_or("../shared/fixtures/tiny-jamba".into());
+    let dir = args
+        .next()
+        .unwrap_or("../shared/fixtures/tiny-jamba".into());
     let r = jamba::with_backend!(kind, |B, device| run::<B>(&dir, &device));
     if let Err(e) = r {
         println!("error: {e}");

@@ -9,11 +9,16 @@ use jamba::layer::LayerMasks;
 use jamba::{ForwardOptions, Jamba, JambaConfig};
 
 fn main() -> jamba::Result<()> {
-    let path = std::env::args().nth(1).unwrap_or("../shared/configs/bench-jamba-cpu.config.json".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or("../shared/configs/bench-jamba-cpu.config.json".into());
     let config = JambaConfig::from_file(path)?;
     let dev = Default::default();
     let model = Jamba::<B>::init(&config, &dev);
-    let keep = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+    let keep = ForwardOptions {
+        logits_to_keep: Some(1),
+        ..Default::default()
+    };
     let mut cache = model.new_cache(1);
     let prompt = Tensor::<B, 2>::random([1, 64], Distribution::Uniform(3.0, 1000.0), &dev).int();
     model.forward(prompt, None, Some(&mut cache), &keep)?;
@@ -29,30 +34,67 @@ fn main() -> jamba::Result<()> {
     };
     let mut c = cache.clone();
     let whole = time(&mut || {
-        model.forward(next.clone(), None, Some(&mut c), &keep).unwrap().logits.into_data();
+        model
+            .forward(next.clone(), None, Some(&mut c), &keep)
+            .unwrap()
+            .logits
+            .into_data();
     });
-    let x = Tensor::<B, 3>::random([1, 1, config.hidden_size], Distribution::Normal(0.0, 1.0), &dev);
-    let masks = LayerMasks { attention: None, keep: None };
+    let x = Tensor::<B, 3>::random(
+        [1, 1, config.hidden_size],
+        Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
+    let masks = LayerMasks {
+        attention: None,
+        keep: None,
+    };
     for (i, layer) in model.layers.iter().enumerate() {
         let kind = model.mixer_kinds()[i];
         let mut c = cache.clone();
         let ms = time(&mut || {
-            layer.forward(x.clone(), &masks, Some(&mut c.layers[i])).0.into_data();
+            layer
+                .forward(x.clone(), &masks, Some(&mut c.layers[i]))
+                .0
+                .into_data();
         });
         let mixer = time(&mut || {
             let normed = layer.input_layernorm.forward(x.clone());
             match (&layer.mixer, &mut c.layers[i]) {
-                (jamba::layer::Mixer::Mamba(m), jamba::cache::LayerCache::Mamba(s)) => m.forward(normed, None, Some(s)).into_data(),
-                (jamba::layer::Mixer::Attention(a), jamba::cache::LayerCache::Attention(kv)) => a.forward(normed, None, Some(kv)).into_data(),
+                (jamba::layer::Mixer::Mamba(m), jamba::cache::LayerCache::Mamba(s)) => {
+                    m.forward(normed, None, Some(s)).into_data()
+                }
+                (jamba::layer::Mixer::Attention(a), jamba::cache::LayerCache::Attention(kv)) => {
+                    a.forward(normed, None, Some(kv)).into_data()
+                }
                 _ => unreachable!(),
             };
         });
-        println!("layer {i} {kind:?}: {ms:.3} ms (mixer {mixer:.3} ms)", kind = if kind == MixerKind::Attention { "attention" } else { "mamba" });
+        println!(
+            "layer {i} {kind:?}: {ms:.3} ms (mixer {mixer:.3} ms)",
+            kind = if kind == MixerKind::Attention {
+                "attention"
+            } else {
+                "mamba"
+            }
+        );
     }
-    let h = Tensor::<B, 3>::random([1, 1, config.hidden_size], Distribution::Normal(0.0, 1.0), &dev);
+    let h = Tensor::<B, 3>::random(
+        [1, 1, config.hidden_size],
+        Distribution::Normal(0.0, 1.0),
+        &dev,
+    );
     let head = time(&mut || {
-        model.lm_head.as_ref().unwrap().forward(h.clone()).into_data();
+        model
+            .lm_head
+            .as_ref()
+            .unwrap()
+            .forward(h.clone())
+            .into_data();
     });
-    println!("lm_head: {head:.3} ms\nwhole step: {whole:.3} ms = {:.1} tokens/s", 1e3 / whole);
+    println!(
+        "lm_head: {head:.3} ms\nwhole step: {whole:.3} ms = {:.1} tokens/s",
+        1e3 / whole
+    );
     Ok(())
 }

@@ -25,4 +25,3 @@ impl From<DTypeArg> for DType {
         }
     }
 }
-

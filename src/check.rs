@@ -25,11 +25,23 @@ pub fn run(args: CheckArgs) -> jamba::Result<ExitCode> {
     jamba::with_backend!(args.backend, |B, device| check::<B>(&args, &device))
 }
 
-fn check<B: burn::tensor::backend::Backend>(args: &CheckArgs, device: &B::Device) -> jamba::Result<ExitCode> {
-    let options = LoadOptions { dtype: Some(args.dtype.into()), ..Default::default() };
+fn check<B: burn::tensor::backend::Backend>(
+    args: &CheckArgs,
+    device: &B::Device,
+) -> jamba::Result<ExitCode> {
+    let options = LoadOptions {
+        dtype: Some(args.dtype.into()),
+        ..Default::default()
+    };
     let start = std::time::Instant::now();
     let model = Jamba::<B>::from_pretrained(&args.dir, device, &options)?;
-    println!("loaded {} in {:.2?} ({:?}, {:?})", args.dir.display(), start.elapsed(), args.backend, args.dtype);
+    println!(
+        "loaded {} in {:.2?} ({:?}, {:?})",
+        args.dir.display(),
+        start.elapsed(),
+        args.backend,
+        args.dtype
+    );
     if !args.dir.join("expected.safetensors").exists() {
         println!("no expected.safetensors: the checkpoint loads; nothing to compare");
         return Ok(ExitCode::SUCCESS);
@@ -41,8 +53,16 @@ fn check<B: burn::tensor::backend::Backend>(args: &CheckArgs, device: &B::Device
 }
 
 fn print_table(checks: &[Check]) -> ExitCode {
-    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(6).max(6);
-    println!("{:<width$}  {:>11}  {:>11}  {:>9}  result", "tensor", "rel. error", "max abs", "tolerance");
+    let width = checks
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    println!(
+        "{:<width$}  {:>11}  {:>11}  {:>9}  result",
+        "tensor", "rel. error", "max abs", "tolerance"
+    );
     for c in checks {
         println!(
             "{:<width$}  {:>11.3e}  {:>11.3e}  {:>9.1e}  {}",
@@ -58,5 +78,9 @@ fn print_table(checks: &[Check]) -> ExitCode {
     }
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} passed, {} failed", checks.len() - failed, failed);
-    if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

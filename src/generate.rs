@@ -68,23 +68,35 @@ pub fn run(args: GenerateArgs) -> jamba::Result<ExitCode> {
     jamba::with_backend!(args.backend, |B, device| run_on::<B>(&args, &device))
 }
 
-fn load<B: Backend>(args: &GenerateArgs, device: &B::Device) -> jamba::Result<(Jamba<B>, JambaTokenizer)> {
+fn load<B: Backend>(
+    args: &GenerateArgs,
+    device: &B::Device,
+) -> jamba::Result<(Jamba<B>, JambaTokenizer)> {
     let dtype = args.dtype.into();
     if !B::supports_dtype(device, dtype) {
-        return Err(JambaError::Input(format!("the {:?} backend does not support {dtype:?}", args.backend)));
+        return Err(JambaError::Input(format!(
+            "the {:?} backend does not support {dtype:?}",
+            args.backend
+        )));
     }
     let Some(dir) = &args.model else {
-        eprintln!("note: no --model given: running the embedded demo (Jamba's layer pattern, 8 layers, hidden 256) \
-                   with RANDOM weights, so the text is noise. Pass --model DIR for a real checkpoint.");
+        eprintln!(
+            "note: no --model given: running the embedded demo (Jamba's layer pattern, 8 layers, hidden 256) \
+                   with RANDOM weights, so the text is noise. Pass --model DIR for a real checkpoint."
+        );
         B::seed(device, args.seed);
         let config = JambaConfig::from_json_str(DEMO_CONFIG)?;
         let model = Jamba::<B>::init(&config, device).cast(dtype);
         return Ok((model, JambaTokenizer::from_bytes(DEMO_TOKENIZER)?));
     };
-    let tokenizer_path = args.tokenizer.clone().unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tokenizer_path = args
+        .tokenizer
+        .clone()
+        .unwrap_or_else(|| dir.join("tokenizer.json"));
     let tokenizer = JambaTokenizer::from_file(&tokenizer_path)?;
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors {elapsed}").expect("valid template"),
+        ProgressStyle::with_template("loading {bar:40} {pos}/{len} tensors {elapsed}")
+            .expect("valid template"),
     );
     let progress_bar = bar.clone();
     let options = LoadOptions {
@@ -109,7 +121,12 @@ fn run_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> jamba::Result<
     let config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         max_context: args.max_context,
-        sampling: SamplingConfig { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed },
+        sampling: SamplingConfig {
+            temperature: args.temperature,
+            top_k: args.top_k,
+            top_p: args.top_p,
+            seed: args.seed,
+        },
         prefill_chunk: args.prefill_chunk,
         ..GenerationConfig::for_model(&model)
     };
@@ -137,7 +154,11 @@ fn run_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> jamba::Result<
         }
     }
     let s = &out.stats;
-    let eos = out.finish.iter().filter(|f| **f == FinishReason::Eos).count();
+    let eos = out
+        .finish
+        .iter()
+        .filter(|f| **f == FinishReason::Eos)
+        .count();
     eprintln!(
         "\nprefill: {} tokens in {:.3}s ({:.1} tokens/s) | decode: {} tokens in {:.3}s ({:.1} tokens/s) | \
          peak cache {} | {} of {} sequences ended on EOS | {:?} {:?}",

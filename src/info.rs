@@ -20,7 +20,11 @@ pub struct InfoArgs {
 }
 
 pub fn run(args: InfoArgs) -> jamba::Result<ExitCode> {
-    let path = if args.config.is_dir() { args.config.join("config.json") } else { args.config.clone() };
+    let path = if args.config.is_dir() {
+        args.config.join("config.json")
+    } else {
+        args.config.clone()
+    };
     let config = JambaConfig::from_file(&path)?;
     let plan: String = config
         .layer_plan()
@@ -35,9 +39,19 @@ pub fn run(args: InfoArgs) -> jamba::Result<ExitCode> {
     let p = config.param_count();
     println!("{}", path.display());
     println!("layers      {plan}  (A/M: attention/Mamba; lower case: MoE feed-forward)");
-    println!("parameters  {:.2}B total, {:.2}B active", p.total as f64 / 1e9, p.active as f64 / 1e9);
-    println!("cache (batch {}, 16-bit KV and conv, f32 SSM state):", args.batch);
-    println!("{:>10} {:>14} {:>14} {:>14}", "context", "KV", "Mamba state", "total");
+    println!(
+        "parameters  {:.2}B total, {:.2}B active",
+        p.total as f64 / 1e9,
+        p.active as f64 / 1e9
+    );
+    println!(
+        "cache (batch {}, 16-bit KV and conv, f32 SSM state):",
+        args.batch
+    );
+    println!(
+        "{:>10} {:>14} {:>14} {:>14}",
+        "context", "KV", "Mamba state", "total"
+    );
     for ctx in args.context {
         let c = config.cache_size(args.batch, ctx, 2);
         println!(

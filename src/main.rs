@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "jamba", version, about = "The Jamba hybrid Transformer-Mamba MoE language model on Burn")]
+#[command(
+    name = "jamba",
+    version,
+    about = "The Jamba hybrid Transformer-Mamba MoE language model on Burn"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -33,11 +33,26 @@ fn layer_plans_match_the_fixtures() {
     for dir in common::all_fixtures() {
         let config = JambaConfig::from_file(dir.join("config.json")).unwrap();
         let meta: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap()).unwrap();
-        let kinds: Vec<&str> = meta["layers_block_type"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
-        let experts: Vec<u64> = meta["layers_num_experts"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("fixture.json")).unwrap())
+                .unwrap();
+        let kinds: Vec<&str> = meta["layers_block_type"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let experts: Vec<u64> = meta["layers_num_experts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         for (i, spec) in config.layer_plan().iter().enumerate() {
-            let kind = if spec.mixer == MixerKind::Attention { "attention" } else { "mamba" };
+            let kind = if spec.mixer == MixerKind::Attention {
+                "attention"
+            } else {
+                "mamba"
+            };
             assert_eq!(kind, kinds[i], "{} layer {i}", dir.display());
             let n = match spec.feed_forward {
                 FeedForwardKind::Mlp => 1,
@@ -57,7 +72,11 @@ fn billions(x: u64) -> f64 {
 #[test]
 fn jamba_v01_parameter_counts() {
     let p = published("jamba-v0.1.config.json").param_count();
-    assert_eq!((billions(p.total), billions(p.active)), (51.6, 12.1), "{p:?}");
+    assert_eq!(
+        (billions(p.total), billions(p.active)),
+        (51.6, 12.1),
+        "{p:?}"
+    );
     let mini = published("jamba-1.5-mini.config.json").param_count();
     assert_eq!(mini, p, "1.5-Mini has v0.1's shape");
 }
@@ -65,7 +84,11 @@ fn jamba_v01_parameter_counts() {
 #[test]
 fn jamba_15_large_parameter_counts() {
     let p = published("jamba-1.5-large.config.json").param_count();
-    assert_eq!((billions(p.total), billions(p.active)), (398.6, 94.1), "{p:?}");
+    assert_eq!(
+        (billions(p.total), billions(p.active)),
+        (398.6, 94.1),
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -91,7 +114,10 @@ fn table1_kv_cache_at_256k_tokens() {
     let mut all_attention = config.clone();
     all_attention.attn_layer_period = 1;
     all_attention.attn_layer_offset = 0;
-    assert_eq!(all_attention.cache_size(1, 256 * 1024, 2).kv_bytes, 8 * c.kv_bytes);
+    assert_eq!(
+        all_attention.cache_size(1, 256 * 1024, 2).kv_bytes,
+        8 * c.kv_bytes
+    );
 }
 
 #[test]
@@ -105,8 +131,14 @@ fn field_forms_and_defaults() {
     assert_eq!(c.dt_rank(), 3);
     assert_eq!(c.num_key_value_heads(), 5);
     assert_eq!(c.eos_token_ids(), vec![2, 518]);
-    let c = JambaConfig::from_json_str(r#"{"mamba_dt_rank": 7, "eos_token_id": 9, "num_key_value_heads": 4}"#).unwrap();
-    assert_eq!((c.dt_rank(), c.eos_token_ids(), c.num_key_value_heads()), (7, vec![9], 4));
+    let c = JambaConfig::from_json_str(
+        r#"{"mamba_dt_rank": 7, "eos_token_id": 9, "num_key_value_heads": 4}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        (c.dt_rank(), c.eos_token_ids(), c.num_key_value_heads()),
+        (7, vec![9], 4)
+    );
     // Round trip through our own writer.
     let again = JambaConfig::from_json_str(&c.to_json_string()).unwrap();
     assert_eq!(again.param_count(), c.param_count());
@@ -115,16 +147,37 @@ fn field_forms_and_defaults() {
 #[test]
 fn invalid_configurations_are_errors() {
     let cases = [
-        (r#"{"attn_layer_period": 4, "attn_layer_offset": 4}"#, "attn_layer_offset"),
-        (r#"{"expert_layer_period": 2, "expert_layer_offset": 3}"#, "expert_layer_offset"),
-        (r#"{"hidden_size": 100, "num_attention_heads": 32}"#, "must divide hidden_size"),
-        (r#"{"num_attention_heads": 32, "num_key_value_heads": 5}"#, "must divide num_attention_heads"),
-        (r#"{"num_experts": 4, "num_experts_per_tok": 5}"#, "exceeds num_experts"),
+        (
+            r#"{"attn_layer_period": 4, "attn_layer_offset": 4}"#,
+            "attn_layer_offset",
+        ),
+        (
+            r#"{"expert_layer_period": 2, "expert_layer_offset": 3}"#,
+            "expert_layer_offset",
+        ),
+        (
+            r#"{"hidden_size": 100, "num_attention_heads": 32}"#,
+            "must divide hidden_size",
+        ),
+        (
+            r#"{"num_attention_heads": 32, "num_key_value_heads": 5}"#,
+            "must divide num_attention_heads",
+        ),
+        (
+            r#"{"num_experts": 4, "num_experts_per_tok": 5}"#,
+            "exceeds num_experts",
+        ),
         (r#"{"hidden_size": 0}"#, "hidden_size must be positive"),
         (r#"{"vocab_size": 0}"#, "vocab_size must be positive"),
         (r#"{"mamba_d_state": 0}"#, "mamba_d_state must be positive"),
-        (r#"{"num_hidden_layers": 0}"#, "num_hidden_layers must be positive"),
-        (r#"{"attn_layer_period": 0}"#, "attn_layer_period must be positive"),
+        (
+            r#"{"num_hidden_layers": 0}"#,
+            "num_hidden_layers must be positive",
+        ),
+        (
+            r#"{"attn_layer_period": 0}"#,
+            "attn_layer_period must be positive",
+        ),
         (r#"{"hidden_act": "gelu"}"#, "hidden_act"),
         (r#"{"eos_token_id": []}"#, "eos_token_id"),
     ];
@@ -146,5 +199,8 @@ fn malformed_json_names_the_file() {
     assert!(err.to_string().contains("config.json"), "{err}");
     std::fs::write(&path, r#"{"hidden_size": "wide"}"#).unwrap();
     let err = JambaConfig::from_file(&path).unwrap_err();
-    assert!(err.to_string().contains("config.json") && err.to_string().contains("hidden_size"), "{err}");
+    assert!(
+        err.to_string().contains("config.json") && err.to_string().contains("hidden_size"),
+        "{err}"
+    );
 }

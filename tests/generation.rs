@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use jamba::generation::{GenerationConfig, SamplingConfig, SplitMix64, generate, sample};
 use jamba::tokenizer::{JambaTokenizer, TextStream};
 use jamba::{Jamba, JambaError, LoadOptions};
@@ -16,22 +15,36 @@ fn tokenizer() -> JambaTokenizer {
 #[test]
 fn tokenizer_cases_round_trip() {
     let tok = tokenizer();
-    let text = std::fs::read_to_string(common::fixture("tiny-jamba").join("tokenizer_cases.json")).unwrap();
+    let text = std::fs::read_to_string(common::fixture("tiny-jamba").join("tokenizer_cases.json"))
+        .unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert!(cases.len() >= 5);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(tok.encode(text, true).unwrap(), ids, "encoding {text:?}");
         let decoded = case["decoded"].as_str().unwrap_or(text);
-        assert_eq!(tok.decode(&ids, true).unwrap(), decoded, "decoding {text:?}");
+        assert_eq!(
+            tok.decode(&ids, true).unwrap(),
+            decoded,
+            "decoding {text:?}"
+        );
     }
 }
 
 #[test]
 fn streaming_never_splits_a_character() {
     let tok = tokenizer();
-    for text in ["naïve café – ünïcödé ✓ 😀", "Beautiful is better than ugly. 😀😀 ✓✓", "  two  spaces\tand\nnewline"] {
+    for text in [
+        "naïve café – ünïcödé ✓ 😀",
+        "Beautiful is better than ugly. 😀😀 ✓✓",
+        "  two  spaces\tand\nnewline",
+    ] {
         let ids = tok.encode(text, true).unwrap();
         assert!(ids.len() > 5);
         let mut stream = TextStream::new(&tok);
@@ -46,13 +59,23 @@ fn streaming_never_splits_a_character() {
         assert_eq!(pieces.concat(), tok.decode(&ids, true).unwrap());
         // The multi-byte characters are spelled with byte-fallback tokens, so some tokens emit nothing.
         if !text.is_ascii() {
-            assert!(pieces.len() < ids.len(), "{text}: {} pieces for {} tokens", pieces.len(), ids.len());
+            assert!(
+                pieces.len() < ids.len(),
+                "{text}: {} pieces for {} tokens",
+                pieces.len(),
+                ids.len()
+            );
         }
     }
 }
 
 fn model() -> Jamba<B> {
-    Jamba::<B>::from_pretrained(common::fixture("tiny-jamba"), &Default::default(), &LoadOptions::default()).unwrap()
+    Jamba::<B>::from_pretrained(
+        common::fixture("tiny-jamba"),
+        &Default::default(),
+        &LoadOptions::default(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -61,7 +84,12 @@ fn sampling_is_reproducible_and_respects_top_k() {
     let prompts = vec![vec![300, 70, 281], vec![299, 73]];
     let config = |seed| GenerationConfig {
         max_new_tokens: 10,
-        sampling: SamplingConfig { temperature: 1.5, top_k: Some(5), top_p: Some(0.95), seed },
+        sampling: SamplingConfig {
+            temperature: 1.5,
+            top_k: Some(5),
+            top_p: Some(0.95),
+            seed,
+        },
         ..Default::default()
     };
     let a = generate(&model, &prompts, &config(7), |_, _| {}).unwrap();
@@ -75,36 +103,59 @@ fn sampling_is_reproducible_and_respects_top_k() {
     let mut order: Vec<usize> = (0..50).collect();
     order.sort_by(|&x, &y| logits[y].total_cmp(&logits[x]));
     let mut rng = SplitMix64::new(common::fresh_seed());
-    let cfg = SamplingConfig { temperature: 5.0, top_k: Some(3), top_p: None, seed: 0 };
+    let cfg = SamplingConfig {
+        temperature: 5.0,
+        top_k: Some(3),
+        top_p: None,
+        seed: 0,
+    };
     for _ in 0..200 {
         let t = sample(&logits, &cfg, &mut rng) as usize;
         assert!(order[..3].contains(&t));
     }
     // top-p small enough keeps only the argmax.
-    let cfg = SamplingConfig { temperature: 1.0, top_k: None, top_p: Some(1e-6), seed: 0 };
+    let cfg = SamplingConfig {
+        temperature: 1.0,
+        top_k: None,
+        top_p: Some(1e-6),
+        seed: 0,
+    };
     assert_eq!(sample(&logits, &cfg, &mut rng) as usize, order[0]);
 }
 
 #[test]
 fn stops_on_any_eos_id_and_streams_every_token() {
     let model = model();
-    let greedy = GenerationConfig { max_new_tokens: 12, ..Default::default() };
+    let greedy = GenerationConfig {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
     let prompt = vec![vec![300, 70, 281, 277]];
     let free = generate(&model, &prompt, &greedy, |_, _| {}).unwrap();
     let third = free.tokens[0][2];
-    let with_eos = GenerationConfig { eos_token_ids: vec![9999, third], ..greedy };
+    let with_eos = GenerationConfig {
+        eos_token_ids: vec![9999, third],
+        ..greedy
+    };
     let mut streamed = Vec::new();
     let out = generate(&model, &prompt, &with_eos, |row, t| streamed.push((row, t))).unwrap();
     let first = free.tokens[0].iter().position(|&t| t == third).unwrap();
     assert_eq!(out.tokens[0], free.tokens[0][..=first].to_vec());
     assert_eq!(out.finish[0], jamba::generation::FinishReason::Eos);
-    assert_eq!(streamed.iter().map(|&(_, t)| t).collect::<Vec<_>>(), out.tokens[0]);
+    assert_eq!(
+        streamed.iter().map(|&(_, t)| t).collect::<Vec<_>>(),
+        out.tokens[0]
+    );
 }
 
 #[test]
 fn bad_inputs_are_errors() {
     let model = model();
-    let config = GenerationConfig { max_new_tokens: 3, max_context: Some(8), ..Default::default() };
+    let config = GenerationConfig {
+        max_new_tokens: 3,
+        max_context: Some(8),
+        ..Default::default()
+    };
     let cases: [(Vec<Vec<u32>>, &str); 4] = [
         (vec![], "no prompt"),
         (vec![vec![5], vec![]], "prompt 1 is empty"),
@@ -118,7 +169,16 @@ fn bad_inputs_are_errors() {
         }
     }
     // The context limit also stops generation.
-    let out = generate(&model, &[vec![5, 6, 7, 8, 9, 10]], &GenerationConfig { max_new_tokens: 10, ..config }, |_, _| {}).unwrap();
+    let out = generate(
+        &model,
+        &[vec![5, 6, 7, 8, 9, 10]],
+        &GenerationConfig {
+            max_new_tokens: 10,
+            ..config
+        },
+        |_, _| {},
+    )
+    .unwrap();
     assert_eq!(out.tokens[0].len(), 2);
     // And the model's forward refuses bad ids and masks.
     use burn::tensor::{Int, Tensor};
@@ -127,7 +187,11 @@ fn bad_inputs_are_errors() {
     assert!(model.forward(bad, None, None, &Default::default()).is_err());
     let ids = Tensor::<B, 2, Int>::from_ints([[1, 2]], &dev);
     let mask = Tensor::<B, 2, Int>::from_ints([[1, 1, 1]], &dev);
-    assert!(model.forward(ids, Some(mask), None, &Default::default()).is_err());
+    assert!(
+        model
+            .forward(ids, Some(mask), None, &Default::default())
+            .is_err()
+    );
 }
 
 #[test]
@@ -137,7 +201,9 @@ fn cache_reports_size_resets_and_selects_rows() {
     use burn::tensor::{Int, Tensor};
     let mut cache = model.new_cache(2);
     let ids = Tensor::<B, 2, Int>::from_ints([[300, 70, 281], [299, 73, 293]], &dev);
-    let both = model.forward(ids.clone(), None, Some(&mut cache), &Default::default()).unwrap();
+    let both = model
+        .forward(ids.clone(), None, Some(&mut cache), &Default::default())
+        .unwrap();
     assert_eq!(cache.seq_len(), 3);
     let config = model.config().clone();
     // Two attention layers' keys and values (one 256-position block each), six Mamba states.
@@ -148,18 +214,34 @@ fn cache_reports_size_resets_and_selects_rows() {
     let mut single = cache.clone();
     single.select_rows(&[1]);
     let next = Tensor::<B, 2, Int>::from_ints([[5], [6]], &dev);
-    let batch_next = model.forward(next, None, Some(&mut cache), &Default::default()).unwrap();
+    let batch_next = model
+        .forward(next, None, Some(&mut cache), &Default::default())
+        .unwrap();
     let one_next = model
-        .forward(Tensor::<B, 2, Int>::from_ints([[6]], &dev), None, Some(&mut single), &Default::default())
+        .forward(
+            Tensor::<B, 2, Int>::from_ints([[6]], &dev),
+            None,
+            Some(&mut single),
+            &Default::default(),
+        )
         .unwrap();
     let a = jamba::reference::to_vec(batch_next.logits.slice([1..2]));
     let b = jamba::reference::to_vec(one_next.logits);
     assert!(jamba::reference::rel_err(&b, &a) < 1e-6);
     cache.reset();
     assert_eq!(cache.seq_len(), 0);
-    let again = model.forward(ids, None, Some(&mut cache), &Default::default()).unwrap();
-    assert_eq!(jamba::reference::to_vec(again.logits), jamba::reference::to_vec(both.logits));
+    let again = model
+        .forward(ids, None, Some(&mut cache), &Default::default())
+        .unwrap();
+    assert_eq!(
+        jamba::reference::to_vec(again.logits),
+        jamba::reference::to_vec(both.logits)
+    );
     // A cache of the wrong batch size is an error, not a panic.
     let one = Tensor::<B, 2, Int>::from_ints([[5]], &dev);
-    assert!(model.forward(one, None, Some(&mut cache), &Default::default()).is_err());
+    assert!(
+        model
+            .forward(one, None, Some(&mut cache), &Default::default())
+            .is_err()
+    );
 }

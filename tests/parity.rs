@@ -23,7 +23,10 @@ fn report(checks: &[Check]) -> String {
                 c.max_abs,
                 c.tolerance,
                 if c.passed() { "pass" } else { "FAIL" },
-                c.note.as_deref().map(|n| format!(" ({n})")).unwrap_or_default()
+                c.note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
             )
         })
         .collect::<Vec<_>>()
@@ -42,10 +45,21 @@ pub fn run_fixture<B: Backend>(name: &str, device: &B::Device, scale: f64) {
     for c in &mut checks {
         c.tolerance *= scale;
     }
-    let n_hidden = checks.iter().filter(|c| c.name.starts_with("hidden.")).count();
-    assert_eq!(n_hidden, model.layers.len() + 1, "every hidden state is compared");
+    let n_hidden = checks
+        .iter()
+        .filter(|c| c.name.starts_with("hidden."))
+        .count();
+    assert_eq!(
+        n_hidden,
+        model.layers.len() + 1,
+        "every hidden state is compared"
+    );
     println!("{name}:\n{}", report(&checks));
-    assert!(checks.iter().all(Check::passed), "{name} failed:\n{}", report(&checks));
+    assert!(
+        checks.iter().all(Check::passed),
+        "{name} failed:\n{}",
+        report(&checks)
+    );
 }
 
 macro_rules! fixture_tests {
@@ -88,7 +102,11 @@ macro_rules! fixture_tests {
 
 #[cfg(feature = "ndarray")]
 mod ndarray {
-    fixture_tests!(burn::backend::NdArray<f32>, burn::backend::ndarray::NdArrayDevice::Cpu, 1.0);
+    fixture_tests!(
+        burn::backend::NdArray<f32>,
+        burn::backend::ndarray::NdArrayDevice::Cpu,
+        1.0
+    );
 }
 
 #[cfg(feature = "flex")]
@@ -102,13 +120,21 @@ mod flex {
 /// needed.
 #[cfg(feature = "wgpu")]
 mod wgpu {
-    fixture_tests!(burn::backend::Wgpu, burn::backend::wgpu::WgpuDevice::default(), 1.0);
+    fixture_tests!(
+        burn::backend::Wgpu,
+        burn::backend::wgpu::WgpuDevice::default(),
+        1.0
+    );
 }
 
 /// CUDA (run on the H200; CI has no GPU). Same reasoning as wgpu: fast-math `exp`.
 #[cfg(feature = "cuda")]
 mod cuda {
-    fixture_tests!(burn::backend::Cuda, burn::backend::cuda::CudaDevice::default(), 10.0);
+    fixture_tests!(
+        burn::backend::Cuda,
+        burn::backend::cuda::CudaDevice::default(),
+        10.0
+    );
 }
 
 /// bf16 compute on the CPU backends that support it, against the bf16 fixture (see
@@ -119,7 +145,10 @@ fn bf16_compute_on_flex() {
     use burn::tensor::DType;
     let dir = common::fixture("tiny-jamba-bf16");
     let device = Default::default();
-    let options = LoadOptions { dtype: Some(DType::BF16), ..Default::default() };
+    let options = LoadOptions {
+        dtype: Some(DType::BF16),
+        ..Default::default()
+    };
     let model = Jamba::<burn::backend::Flex>::from_pretrained(&dir, &device, &options).unwrap();
     let fixture = Fixture::open(&dir).unwrap();
     let checks = parity_checks(&model, &fixture).unwrap();

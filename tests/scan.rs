@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use burn::tensor::{Tensor, TensorData};
 use jamba::generation::SplitMix64;
 use jamba::reference::{rel_err, to_vec};
@@ -17,7 +16,8 @@ impl Rng {
         (0..n)
             .map(|_| {
                 let (u1, u2) = (self.0.next_f64().max(1e-12), self.0.next_f64());
-                (mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+                (mean + std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos())
+                    as f32
             })
             .collect()
     }
@@ -41,7 +41,14 @@ struct Problem {
 }
 
 impl Problem {
-    fn random(rng: &mut Rng, batch: usize, seq: usize, channels: usize, state: usize, with: [bool; 4]) -> Self {
+    fn random(
+        rng: &mut Rng,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+        state: usize,
+        with: [bool; 4],
+    ) -> Self {
         let bt = batch * seq;
         Self {
             batch,
@@ -50,7 +57,11 @@ impl Problem {
             state,
             u: rng.normal(bt * channels, 0.0, 1.0),
             delta: rng.normal(bt * channels, 0.0, 1.0),
-            a: rng.normal(channels * state, 0.0, 0.5).into_iter().map(|x| -(x.exp())).collect(),
+            a: rng
+                .normal(channels * state, 0.0, 0.5)
+                .into_iter()
+                .map(|x| -(x.exp()))
+                .collect(),
             b: rng.normal(bt * state, 0.0, 1.0),
             c: rng.normal(bt * state, 0.0, 1.0),
             d: with[0].then(|| rng.normal(channels, 1.0, 0.2)),
@@ -62,12 +73,19 @@ impl Problem {
 
     fn input(&self) -> ScanInput<B> {
         let dev = Default::default();
-        let t3 = |v: &Vec<f32>, w: usize| Tensor::<B, 3>::from_data(TensorData::new(v.clone(), [self.batch, self.seq, w]), &dev);
-        let t1 = |v: &Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [self.channels]), &dev);
+        let t3 = |v: &Vec<f32>, w: usize| {
+            Tensor::<B, 3>::from_data(TensorData::new(v.clone(), [self.batch, self.seq, w]), &dev)
+        };
+        let t1 = |v: &Vec<f32>| {
+            Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [self.channels]), &dev)
+        };
         ScanInput {
             u: t3(&self.u, self.channels),
             delta: t3(&self.delta, self.channels),
-            a: Tensor::from_data(TensorData::new(self.a.clone(), [self.channels, self.state]), &dev),
+            a: Tensor::from_data(
+                TensorData::new(self.a.clone(), [self.channels, self.state]),
+                &dev,
+            ),
             b: t3(&self.b, self.state),
             c: t3(&self.c, self.state),
             d: self.d.as_ref().map(t1),
@@ -75,7 +93,10 @@ impl Problem {
             delta_bias: self.bias.as_ref().map(t1),
             delta_softplus: true,
             initial_state: self.h0.as_ref().map(|h| {
-                Tensor::from_data(TensorData::new(h.clone(), [self.batch, self.channels, self.state]), &dev)
+                Tensor::from_data(
+                    TensorData::new(h.clone(), [self.batch, self.channels, self.state]),
+                    &dev,
+                )
             }),
         }
     }
@@ -87,11 +108,22 @@ impl Problem {
         let mut hs = vec![0f32; bs * dn * n];
         for b in 0..bs {
             for d in 0..dn {
-                let mut h: Vec<f64> = (0..n).map(|s| self.h0.as_ref().map_or(0.0, |h0| h0[(b * dn + d) * n + s] as f64)).collect();
+                let mut h: Vec<f64> = (0..n)
+                    .map(|s| {
+                        self.h0
+                            .as_ref()
+                            .map_or(0.0, |h0| h0[(b * dn + d) * n + s] as f64)
+                    })
+                    .collect();
                 for t in 0..l {
                     let i = (b * l + t) * dn + d;
-                    let mut delta = self.delta[i] as f64 + self.bias.as_ref().map_or(0.0, |v| v[d] as f64);
-                    delta = if delta > 20.0 { delta } else { delta.exp().ln_1p() };
+                    let mut delta =
+                        self.delta[i] as f64 + self.bias.as_ref().map_or(0.0, |v| v[d] as f64);
+                    delta = if delta > 20.0 {
+                        delta
+                    } else {
+                        delta.exp().ln_1p()
+                    };
                     let u = self.u[i] as f64;
                     let mut out = 0.0;
                     for s in 0..n {
@@ -119,8 +151,14 @@ impl Problem {
 fn check(name: &str, out: ScanOutput<B>, expected: &(Vec<f32>, Vec<f32>)) {
     let (y, h) = (to_vec(out.y), to_vec(out.state));
     let (ey, eh) = (rel_err(&y, &expected.0), rel_err(&h, &expected.1));
-    assert!(ey <= 1e-5 && eh <= 1e-5, "{name}: y rel. error {ey:.3e}, state rel. error {eh:.3e}");
-    assert!(y.iter().chain(&h).all(|x| x.is_finite()), "{name}: non-finite output");
+    assert!(
+        ey <= 1e-5 && eh <= 1e-5,
+        "{name}: y rel. error {ey:.3e}, state rel. error {eh:.3e}"
+    );
+    assert!(
+        y.iter().chain(&h).all(|x| x.is_finite()),
+        "{name}: non-finite output"
+    );
 }
 
 #[test]
@@ -133,13 +171,28 @@ fn both_forms_match_the_definition_over_a_grid() {
                 if seq > 64 && options % 5 != 0 {
                     continue; // the long cases with a few option sets keep the test fast
                 }
-                let with = [options & 1 != 0, options & 2 != 0, options & 4 != 0, options & 8 != 0];
+                let with = [
+                    options & 1 != 0,
+                    options & 2 != 0,
+                    options & 4 != 0,
+                    options & 8 != 0,
+                ];
                 let p = Problem::random(&mut rng, batch, seq, channels, state, with);
                 let expected = p.expected();
-                let tag = format!("seq {seq} batch {batch} channels {channels} state {state} D/z/bias/h0 {with:?}");
-                check(&format!("reference, {tag}"), selective_scan_reference(p.input()), &expected);
+                let tag = format!(
+                    "seq {seq} batch {batch} channels {channels} state {state} D/z/bias/h0 {with:?}"
+                );
+                check(
+                    &format!("reference, {tag}"),
+                    selective_scan_reference(p.input()),
+                    &expected,
+                );
                 for chunk in [None, Some(1), Some(5), Some(64)] {
-                    check(&format!("chunked {chunk:?}, {tag}"), selective_scan_chunked(p.input(), chunk), &expected);
+                    check(
+                        &format!("chunked {chunk:?}, {tag}"),
+                        selective_scan_chunked(p.input(), chunk),
+                        &expected,
+                    );
                 }
                 cases += 1;
             }
@@ -156,7 +209,11 @@ fn chunked_scan_is_stable_with_strong_decay() {
     p.a.iter_mut().for_each(|a| *a *= 40.0);
     p.delta.iter_mut().for_each(|d| *d += 4.0);
     let expected = p.expected();
-    check("strong decay, chunk 256", selective_scan_chunked(p.input(), Some(256)), &expected);
+    check(
+        "strong decay, chunk 256",
+        selective_scan_chunked(p.input(), Some(256)),
+        &expected,
+    );
 }
 
 /// Splitting a sequence and carrying the state gives the same result as one pass (what the

@@ -19,11 +19,17 @@ fn fixture() -> PathBuf {
 }
 
 fn model() -> Jamba<B> {
-    Jamba::from_pretrained(fixture(), &Default::default(), &LoadOptions::default()).expect("tiny-jamba fixture")
+    Jamba::from_pretrained(fixture(), &Default::default(), &LoadOptions::default())
+        .expect("tiny-jamba fixture")
 }
 
 fn ids(len: usize, batch: usize) -> Tensor<B, 2, Int> {
-    Tensor::<B, 2>::random([batch, len], Distribution::Uniform(3.0, 500.0), &Default::default()).int()
+    Tensor::<B, 2>::random(
+        [batch, len],
+        Distribution::Uniform(3.0, 500.0),
+        &Default::default(),
+    )
+    .int()
 }
 
 fn forward(c: &mut Criterion) {
@@ -33,7 +39,13 @@ fn forward(c: &mut Criterion) {
     for len in [64, 256, 1024] {
         let input = ids(len, 1);
         group.bench_with_input(BenchmarkId::from_parameter(len), &len, |b, _| {
-            b.iter(|| model.forward(input.clone(), None, None, &ForwardOptions::default()).unwrap().logits.into_data())
+            b.iter(|| {
+                model
+                    .forward(input.clone(), None, None, &ForwardOptions::default())
+                    .unwrap()
+                    .logits
+                    .into_data()
+            })
         });
     }
 }
@@ -41,16 +53,23 @@ fn forward(c: &mut Criterion) {
 fn scan_input(len: usize) -> ScanInput<B> {
     let dev = Default::default();
     let (batch, d, n) = (1, 128, 8);
-    let normal = |shape: [usize; 3]| Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
+    let normal =
+        |shape: [usize; 3]| Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), &dev);
     ScanInput {
         u: normal([batch, len, d]),
         delta: normal([batch, len, d]),
-        a: Tensor::<B, 2>::random([d, n], Distribution::Normal(0.0, 0.5), &dev).exp().neg(),
+        a: Tensor::<B, 2>::random([d, n], Distribution::Normal(0.0, 0.5), &dev)
+            .exp()
+            .neg(),
         b: normal([batch, len, n]),
         c: normal([batch, len, n]),
         d: Some(Tensor::ones([d], &dev)),
         z: Some(normal([batch, len, d])),
-        delta_bias: Some(Tensor::<B, 1>::random([d], Distribution::Normal(-1.0, 0.5), &dev)),
+        delta_bias: Some(Tensor::<B, 1>::random(
+            [d],
+            Distribution::Normal(-1.0, 0.5),
+            &dev,
+        )),
         delta_softplus: true,
         initial_state: None,
     }
@@ -72,18 +91,38 @@ fn scan(c: &mut Criterion) {
 
 fn decode_step(c: &mut Criterion) {
     let model = model();
-    let keep = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+    let keep = ForwardOptions {
+        logits_to_keep: Some(1),
+        ..Default::default()
+    };
     let dev = Default::default();
-    let attention = model.mixer_kinds().iter().position(|k| *k == MixerKind::Attention).unwrap();
-    let mamba = model.mixer_kinds().iter().position(|k| *k == MixerKind::Mamba).unwrap();
-    let masks = LayerMasks { attention: None, keep: None };
+    let attention = model
+        .mixer_kinds()
+        .iter()
+        .position(|k| *k == MixerKind::Attention)
+        .unwrap();
+    let mamba = model
+        .mixer_kinds()
+        .iter()
+        .position(|k| *k == MixerKind::Mamba)
+        .unwrap();
+    let masks = LayerMasks {
+        attention: None,
+        keep: None,
+    };
     let mut group = c.benchmark_group("decode step tiny-jamba");
     group.sample_size(20);
     for context in [16, 1024, 8192] {
         let mut cache = model.new_cache(1);
-        model.forward(ids(context, 1), None, Some(&mut cache), &keep).unwrap();
+        model
+            .forward(ids(context, 1), None, Some(&mut cache), &keep)
+            .unwrap();
         let next = ids(1, 1);
-        let x = Tensor::<B, 3>::random([1, 1, model.config().hidden_size], Distribution::Normal(0.0, 1.0), &dev);
+        let x = Tensor::<B, 3>::random(
+            [1, 1, model.config().hidden_size],
+            Distribution::Normal(0.0, 1.0),
+            &dev,
+        );
         // Each sample steps a private copy of the cache (the copy is made by an untimed first
         // step), so the context drifts by at most the sample's iteration count.
         let mut run = |name: &str, step: &dyn Fn(&mut jamba::JambaCache<B>)| {
@@ -100,13 +139,23 @@ fn decode_step(c: &mut Criterion) {
             });
         };
         run("whole model", &|c| {
-            model.forward(next.clone(), None, Some(c), &keep).unwrap().logits.into_data();
+            model
+                .forward(next.clone(), None, Some(c), &keep)
+                .unwrap()
+                .logits
+                .into_data();
         });
         run("one attention layer", &|c| {
-            model.layers[attention].forward(x.clone(), &masks, Some(&mut c.layers[attention])).0.into_data();
+            model.layers[attention]
+                .forward(x.clone(), &masks, Some(&mut c.layers[attention]))
+                .0
+                .into_data();
         });
         run("one Mamba layer", &|c| {
-            model.layers[mamba].forward(x.clone(), &masks, Some(&mut c.layers[mamba])).0.into_data();
+            model.layers[mamba]
+                .forward(x.clone(), &masks, Some(&mut c.layers[mamba]))
+                .0
+                .into_data();
         });
     }
 }

@@ -112,8 +112,16 @@ fn main() {
     }
 }
 
-fn random_ids<B: Backend>(rng: &mut SplitMix64, batch: usize, len: usize, vocab: usize, device: &B::Device) -> Tensor<B, 2, Int> {
-    let ids: Vec<i64> = (0..batch * len).map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as i64).collect();
+fn random_ids<B: Backend>(
+    rng: &mut SplitMix64,
+    batch: usize,
+    len: usize,
+    vocab: usize,
+    device: &B::Device,
+) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = (0..batch * len)
+        .map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as i64)
+        .collect();
     Tensor::from_data(TensorData::new(ids, [batch, len]), device)
 }
 
@@ -134,7 +142,10 @@ fn prefill<B: Backend>(
     let device = model.device();
     let vocab = model.config().vocab_size;
     let chunk = chunk.unwrap_or(len).max(1);
-    let keep = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+    let keep = ForwardOptions {
+        logits_to_keep: Some(1),
+        ..Default::default()
+    };
     let mut logits = None;
     let mut done = 0;
     while done < len {
@@ -153,13 +164,20 @@ fn sync<B: Backend>(device: &B::Device) -> jamba::Result<()> {
 fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::Result<()> {
     let config = JambaConfig::from_file(&args.config)?;
     if !B::supports_dtype(device, args.dtype) {
-        return Err(JambaError::Input(format!("{:?} does not support {:?}", args.backend, args.dtype)));
+        return Err(JambaError::Input(format!(
+            "{:?} does not support {:?}",
+            args.backend, args.dtype
+        )));
     }
     B::seed(device, 0);
     let start = Instant::now();
     let model = Jamba::<B>::init(&config, device).cast(args.dtype);
     sync::<B>(device)?;
-    let name = args.config.file_name().map(|f| f.to_string_lossy().replace(".config.json", "")).unwrap_or_default();
+    let name = args
+        .config
+        .file_name()
+        .map(|f| f.to_string_lossy().replace(".config.json", ""))
+        .unwrap_or_default();
     eprintln!(
         "{name}: {:.2}B parameters ({:.2}B active), random weights, {:?} {:?}, built in {:.1?}",
         config.param_count().total as f64 / 1e9,
@@ -170,22 +188,27 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
     );
     let mut rng = SplitMix64::new(1);
     let mut rows = Vec::new();
-    let row = |phase, batch, context, tokens, times: Vec<f64>, cache_bytes, error: Option<String>| {
-        let m = if times.is_empty() { f64::NAN } else { median(times) };
-        Row {
-            config: name.clone(),
-            backend: format!("{:?}", args.backend).to_lowercase(),
-            dtype: format!("{:?}", args.dtype).to_lowercase(),
-            phase,
-            batch,
-            context,
-            tokens,
-            median_secs: m,
-            tokens_per_sec: tokens as f64 / m,
-            cache_bytes,
-            error,
-        }
-    };
+    let row =
+        |phase, batch, context, tokens, times: Vec<f64>, cache_bytes, error: Option<String>| {
+            let m = if times.is_empty() {
+                f64::NAN
+            } else {
+                median(times)
+            };
+            Row {
+                config: name.clone(),
+                backend: format!("{:?}", args.backend).to_lowercase(),
+                dtype: format!("{:?}", args.dtype).to_lowercase(),
+                phase,
+                batch,
+                context,
+                tokens,
+                median_secs: m,
+                tokens_per_sec: tokens as f64 / m,
+                cache_bytes,
+                error,
+            }
+        };
     let total = args.prefill.len() + args.decode_batch.len() * args.decode_context.len();
     let bar = ProgressBar::new(total as u64);
     for &len in &args.prefill {
@@ -195,11 +218,18 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
         for rep in 0..args.warmup + args.reps {
             let mut cache = model.new_cache(args.prefill_batch);
             let t = Instant::now();
-            let result = prefill(&model, &mut cache, &mut rng, args.prefill_batch, len, args.prefill_chunk)
-                .and_then(|logits| {
-                    let _ = logits.argmax(2).into_data(); // the first token is part of prefill
-                    sync::<B>(device)
-                });
+            let result = prefill(
+                &model,
+                &mut cache,
+                &mut rng,
+                args.prefill_batch,
+                len,
+                args.prefill_chunk,
+            )
+            .and_then(|logits| {
+                let _ = logits.argmax(2).into_data(); // the first token is part of prefill
+                sync::<B>(device)
+            });
             if let Err(e) = result {
                 error = Some(e.to_string());
                 break;
@@ -209,8 +239,19 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
             }
             cache_bytes = cache.size_bytes();
         }
-        let r = row("prefill", args.prefill_batch, len, len * args.prefill_batch, times, cache_bytes, error);
-        bar.println(format!("prefill b={} len={len}: {:.1} tokens/s ({:.4}s)", r.batch, r.tokens_per_sec, r.median_secs));
+        let r = row(
+            "prefill",
+            args.prefill_batch,
+            len,
+            len * args.prefill_batch,
+            times,
+            cache_bytes,
+            error,
+        );
+        bar.println(format!(
+            "prefill b={} len={len}: {:.1} tokens/s ({:.4}s)",
+            r.batch, r.tokens_per_sec, r.median_secs
+        ));
         rows.push(r);
         bar.inc(1);
     }
@@ -222,10 +263,20 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
             for rep in 0..args.warmup + args.reps {
                 let mut cache = model.new_cache(batch);
                 let result = (|| -> jamba::Result<f64> {
-                    let logits = prefill(&model, &mut cache, &mut rng, batch, context, args.prefill_chunk.or(Some(2048)))?;
+                    let logits = prefill(
+                        &model,
+                        &mut cache,
+                        &mut rng,
+                        batch,
+                        context,
+                        args.prefill_chunk.or(Some(2048)),
+                    )?;
                     let mut next = logits.argmax(2).reshape([batch, 1]);
                     let _ = next.to_data();
-                    let keep = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+                    let keep = ForwardOptions {
+                        logits_to_keep: Some(1),
+                        ..Default::default()
+                    };
                     let t = Instant::now();
                     for _ in 0..args.decode_steps {
                         let logits = model.forward(next, None, Some(&mut cache), &keep)?.logits;
@@ -247,7 +298,15 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
                 }
                 cache_bytes = cache.size_bytes();
             }
-            let r = row("decode", batch, context, batch * args.decode_steps, times, cache_bytes, error);
+            let r = row(
+                "decode",
+                batch,
+                context,
+                batch * args.decode_steps,
+                times,
+                cache_bytes,
+                error,
+            );
             bar.println(format!(
                 "decode b={batch} context={context}: {:.1} tokens/s ({:.2} ms/step), cache {:.1} MiB",
                 r.tokens_per_sec,
@@ -259,18 +318,38 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
         }
     }
     bar.finish_and_clear();
-    println!("{}", serde_json::to_string_pretty(&rows).expect("rows serialise"));
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&rows).expect("rows serialise")
+    );
     if let Some(out) = &args.out {
         let write = |path: &std::path::Path, text: String| {
-            std::fs::write(path, text).map_err(|e| JambaError::Io { path: path.to_path_buf(), source: e })
+            std::fs::write(path, text).map_err(|e| JambaError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })
         };
-        write(out, serde_json::to_string_pretty(&rows).expect("rows serialise"))?;
-        let mut csv = String::from("config,backend,dtype,phase,batch,context,tokens,median_secs,tokens_per_sec,cache_bytes,error\n");
+        write(
+            out,
+            serde_json::to_string_pretty(&rows).expect("rows serialise"),
+        )?;
+        let mut csv = String::from(
+            "config,backend,dtype,phase,batch,context,tokens,median_secs,tokens_per_sec,cache_bytes,error\n",
+        );
         for r in &rows {
             csv += &format!(
                 "{},{},{},{},{},{},{},{},{},{},{}\n",
-                r.config, r.backend, r.dtype, r.phase, r.batch, r.context, r.tokens, r.median_secs, r.tokens_per_sec,
-                r.cache_bytes, r.error.clone().unwrap_or_default().replace(',', ";")
+                r.config,
+                r.backend,
+                r.dtype,
+                r.phase,
+                r.batch,
+                r.context,
+                r.tokens,
+                r.median_secs,
+                r.tokens_per_sec,
+                r.cache_bytes,
+                r.error.clone().unwrap_or_default().replace(',', ";")
             );
         }
         write(&out.with_extension("csv"), csv)?;
@@ -281,20 +360,32 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
 fn tables(args: &TablesArgs) -> jamba::Result<()> {
     // Jamba paper, Table 1 (KV cache at 256K tokens, 16-bit) and its stated parameter counts.
     let paper = [("jamba-v0.1", "52B total, 12B active, KV 4GB")];
-    println!("| model | total params | active params | KV 4K | KV 32K | KV 256K | Mamba state | paper |");
+    println!(
+        "| model | total params | active params | KV 4K | KV 32K | KV 256K | Mamba state | paper |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     let mut entries: Vec<_> = std::fs::read_dir(&args.configs)
-        .map_err(|e| JambaError::Io { path: args.configs.clone(), source: e })?
+        .map_err(|e| JambaError::Io {
+            path: args.configs.clone(),
+            source: e,
+        })?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     entries.sort();
     for path in entries {
         let config = JambaConfig::from_file(&path)?;
-        let name = path.file_name().unwrap().to_string_lossy().replace(".config.json", "");
+        let name = path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .replace(".config.json", "");
         let p = config.param_count();
         let gib = |ctx| config.cache_size(1, ctx, 2).kv_bytes as f64 / (1u64 << 30) as f64;
-        let note = paper.iter().find(|(n, _)| *n == name).map_or("", |(_, t)| t);
+        let note = paper
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, t)| t);
         println!(
             "| {name} | {:.2}B | {:.2}B | {:.3} GiB | {:.2} GiB | {:.2} GiB | {:.1} MiB | {note} |",
             p.total as f64 / 1e9,

@@ -90,7 +90,8 @@ impl<B: Backend> Attention<B> {
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
-        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
+        let heads =
+            |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
         let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
         let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
         let v = heads(self.v_proj.forward(x), self.num_kv_heads);
@@ -105,15 +106,25 @@ impl<B: Backend> Attention<B> {
         // no row is fully masked and its (ignored) output stays finite on every backend.
         let mask = mask.map(|m| {
             let key_pad = m.key_padding.clone().reshape([batch, 1, 1, keys]);
-            let real_query = m.query_padding.clone().bool_not().reshape([batch, 1, seq, 1]);
+            let real_query = m
+                .query_padding
+                .clone()
+                .bool_not()
+                .reshape([batch, 1, seq, 1]);
             key_pad
                 .expand([batch, 1, seq, keys])
                 .bool_and(real_query.expand([batch, 1, seq, keys]))
                 .expand([batch, self.num_heads, seq, keys])
         });
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: true,
+        };
         let out = attention(q, k, v, mask, None, options);
-        let out = out.swap_dims(1, 2).reshape([batch, seq, self.num_heads * self.head_dim]);
+        let out = out
+            .swap_dims(1, 2)
+            .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 
@@ -123,6 +134,8 @@ impl<B: Backend> Attention<B> {
             return t;
         }
         let [b, h, s, d] = t.dims();
-        t.unsqueeze_dim::<5>(2).expand([b, h, rep, s, d]).reshape([b, h * rep, s, d])
+        t.unsqueeze_dim::<5>(2)
+            .expand([b, h, rep, s, d])
+            .reshape([b, h * rep, s, d])
     }
 }

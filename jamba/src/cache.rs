@@ -20,7 +20,12 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// An empty cache that grows `block` positions at a time.
     pub fn new(block: usize) -> Self {
-        Self { keys: None, values: None, len: 0, block: block.max(1) }
+        Self {
+            keys: None,
+            values: None,
+            len: 0,
+            block: block.max(1),
+        }
     }
 
     /// Positions held.
@@ -45,7 +50,10 @@ impl<B: Backend> KvCache<B> {
         if needed > self.capacity() {
             let capacity = needed.max(2 * self.capacity()).next_multiple_of(self.block);
             let grow = |old: Option<Tensor<B, 4>>, like: &Tensor<B, 4>| {
-                let fresh = Tensor::zeros([batch, heads, capacity, dim], (&like.device(), like.dtype()));
+                let fresh = Tensor::zeros(
+                    [batch, heads, capacity, dim],
+                    (&like.device(), like.dtype()),
+                );
                 match old {
                     Some(old) if self.len > 0 => {
                         let kept = old.slice([0..batch, 0..heads, 0..self.len]);
@@ -58,8 +66,16 @@ impl<B: Backend> KvCache<B> {
             self.values = Some(grow(self.values.take(), &v));
         }
         let range = [0..batch, 0..heads, self.len..needed];
-        let keys = self.keys.take().expect("allocated").slice_assign(range.clone(), k);
-        let values = self.values.take().expect("allocated").slice_assign(range, v);
+        let keys = self
+            .keys
+            .take()
+            .expect("allocated")
+            .slice_assign(range.clone(), k);
+        let values = self
+            .values
+            .take()
+            .expect("allocated")
+            .slice_assign(range, v);
         self.len = needed;
         let held = [0..batch, 0..heads, 0..needed];
         let out = (keys.clone().slice(held.clone()), values.clone().slice(held));
@@ -134,7 +150,12 @@ impl<B: Backend> JambaCache<B> {
                 }),
             })
             .collect();
-        Self { layers, padding: None, seq_len: 0, batch }
+        Self {
+            layers,
+            padding: None,
+            seq_len: 0,
+            batch,
+        }
     }
 
     /// Positions processed so far (padding included).
@@ -157,7 +178,11 @@ impl<B: Backend> JambaCache<B> {
                 LayerCache::Mamba(s) => tensor_bytes(&s.conv) + tensor_bytes(&s.ssm),
             })
             .sum();
-        layers + self.padding.as_ref().map_or(0, |p| p.shape().num_elements() as u64)
+        layers
+            + self
+                .padding
+                .as_ref()
+                .map_or(0, |p| p.shape().num_elements() as u64)
     }
 
     /// Forgets every sequence: keys, values and states back to empty.
@@ -180,7 +205,10 @@ impl<B: Backend> JambaCache<B> {
     pub fn select_rows(&mut self, rows: &[usize]) {
         let Some(device) = self.device() else { return };
         let index = Tensor::<B, 1, Int>::from_data(
-            burn::tensor::TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            burn::tensor::TensorData::new(
+                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [rows.len()],
+            ),
             &device,
         );
         for layer in &mut self.layers {
@@ -205,14 +233,22 @@ impl<B: Backend> JambaCache<B> {
 
     /// Records `new` positions with their padding (`None`: all real) and returns the padding of
     /// every cached position including them, or `None` if there is none.
-    pub(crate) fn push_padding(&mut self, new: usize, padding: Option<Tensor<B, 2, Bool>>, device: &B::Device) -> Option<Tensor<B, 2, Bool>> {
+    pub(crate) fn push_padding(
+        &mut self,
+        new: usize,
+        padding: Option<Tensor<B, 2, Bool>>,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 2, Bool>> {
         let (batch, old) = (self.batch, self.seq_len);
         self.seq_len += new;
         if padding.is_none() && self.padding.is_none() {
             return None;
         }
         let fill = |n: usize| {
-            Tensor::<B, 2, Bool>::from_data(burn::tensor::TensorData::new(vec![false; batch * n], [batch, n]), device)
+            Tensor::<B, 2, Bool>::from_data(
+                burn::tensor::TensorData::new(vec![false; batch * n], [batch, n]),
+                device,
+            )
         };
         let previous = self.padding.take().unwrap_or_else(|| fill(old));
         let current = padding.unwrap_or_else(|| fill(new));

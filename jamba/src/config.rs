@@ -145,30 +145,78 @@ pub struct JambaConfig {
 /// transformers' defaults (`JambaConfig` in `configuration_jamba.py`).
 mod d {
     use super::{AutoTag, DtRank, TokenIds};
-    pub fn vocab_size() -> usize { 65536 }
-    pub fn hidden_size() -> usize { 4096 }
-    pub fn intermediate_size() -> usize { 14336 }
-    pub fn num_hidden_layers() -> usize { 32 }
-    pub fn num_attention_heads() -> usize { 32 }
-    pub fn hidden_act() -> String { "silu".into() }
-    pub fn rms_norm_eps() -> f64 { 1e-6 }
-    pub fn attn_layer_period() -> usize { 8 }
-    pub fn attn_layer_offset() -> usize { 4 }
-    pub fn expert_layer_period() -> usize { 2 }
-    pub fn expert_layer_offset() -> usize { 1 }
-    pub fn num_experts() -> usize { 16 }
-    pub fn num_experts_per_tok() -> usize { 2 }
-    pub fn mamba_d_state() -> usize { 16 }
-    pub fn mamba_d_conv() -> usize { 4 }
-    pub fn mamba_expand() -> usize { 2 }
-    pub fn mamba_dt_rank() -> DtRank { DtRank::Auto(AutoTag::Auto) }
-    pub fn yes() -> bool { true }
-    pub fn pad() -> Option<u32> { Some(0) }
-    pub fn bos() -> Option<u32> { Some(1) }
-    pub fn eos() -> Option<TokenIds> { Some(TokenIds::One(2)) }
-    pub fn max_position_embeddings() -> usize { 262144 }
-    pub fn router_aux_loss_coef() -> f64 { 0.001 }
-    pub fn initializer_range() -> f64 { 0.02 }
+    pub fn vocab_size() -> usize {
+        65536
+    }
+    pub fn hidden_size() -> usize {
+        4096
+    }
+    pub fn intermediate_size() -> usize {
+        14336
+    }
+    pub fn num_hidden_layers() -> usize {
+        32
+    }
+    pub fn num_attention_heads() -> usize {
+        32
+    }
+    pub fn hidden_act() -> String {
+        "silu".into()
+    }
+    pub fn rms_norm_eps() -> f64 {
+        1e-6
+    }
+    pub fn attn_layer_period() -> usize {
+        8
+    }
+    pub fn attn_layer_offset() -> usize {
+        4
+    }
+    pub fn expert_layer_period() -> usize {
+        2
+    }
+    pub fn expert_layer_offset() -> usize {
+        1
+    }
+    pub fn num_experts() -> usize {
+        16
+    }
+    pub fn num_experts_per_tok() -> usize {
+        2
+    }
+    pub fn mamba_d_state() -> usize {
+        16
+    }
+    pub fn mamba_d_conv() -> usize {
+        4
+    }
+    pub fn mamba_expand() -> usize {
+        2
+    }
+    pub fn mamba_dt_rank() -> DtRank {
+        DtRank::Auto(AutoTag::Auto)
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn pad() -> Option<u32> {
+        Some(0)
+    }
+    pub fn bos() -> Option<u32> {
+        Some(1)
+    }
+    pub fn eos() -> Option<TokenIds> {
+        Some(TokenIds::One(2))
+    }
+    pub fn max_position_embeddings() -> usize {
+        262144
+    }
+    pub fn router_aux_loss_coef() -> f64 {
+        0.001
+    }
+    pub fn initializer_range() -> f64 {
+        0.02
+    }
 }
 
 /// The token mixer of one decoder layer.
@@ -259,8 +307,14 @@ impl JambaConfig {
         let mut value = serde_json::to_value(self).expect("config serialises");
         let map = value.as_object_mut().expect("config is an object");
         map.insert("model_type".into(), "jamba".into());
-        map.insert("architectures".into(), serde_json::json!(["JambaForCausalLM"]));
-        map.insert("num_key_value_heads".into(), self.num_key_value_heads().into());
+        map.insert(
+            "architectures".into(),
+            serde_json::json!(["JambaForCausalLM"]),
+        );
+        map.insert(
+            "num_key_value_heads".into(),
+            self.num_key_value_heads().into(),
+        );
         map.insert("mamba_dt_rank".into(), self.dt_rank().into());
         serde_json::to_string_pretty(&value).expect("config serialises")
     }
@@ -321,10 +375,16 @@ impl JambaConfig {
             ));
         }
         if self.hidden_act != "silu" {
-            return err(format!("hidden_act `{}` is not supported (Jamba uses `silu`)", self.hidden_act));
+            return err(format!(
+                "hidden_act `{}` is not supported (Jamba uses `silu`)",
+                self.hidden_act
+            ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
-            return err(format!("rms_norm_eps must be positive and finite, got {}", self.rms_norm_eps));
+            return err(format!(
+                "rms_norm_eps must be positive and finite, got {}",
+                self.rms_norm_eps
+            ));
         }
         if let Some(TokenIds::Many(ids)) = &self.eos_token_id
             && ids.is_empty()
@@ -359,7 +419,10 @@ impl JambaConfig {
 
     /// End-of-sequence ids (empty when the config has none).
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// The kind of layer `i`.
@@ -372,11 +435,17 @@ impl JambaConfig {
         // As in transformers: a layer with a single "expert" is a plain MLP.
         let feed_forward =
             if i % self.expert_layer_period == self.expert_layer_offset && self.num_experts > 1 {
-                FeedForwardKind::Moe { num_experts: self.num_experts, top_k: self.num_experts_per_tok }
+                FeedForwardKind::Moe {
+                    num_experts: self.num_experts,
+                    top_k: self.num_experts_per_tok,
+                }
             } else {
                 FeedForwardKind::Mlp
             };
-        LayerSpec { mixer, feed_forward }
+        LayerSpec {
+            mixer,
+            feed_forward,
+        }
     }
 
     /// The layer plan: one [`LayerSpec`] per decoder layer.
@@ -386,7 +455,10 @@ impl JambaConfig {
 
     /// Number of attention layers.
     pub fn num_attention_layers(&self) -> usize {
-        self.layer_plan().iter().filter(|l| l.mixer == MixerKind::Attention).count()
+        self.layer_plan()
+            .iter()
+            .filter(|l| l.mixer == MixerKind::Attention)
+            .count()
     }
 
     /// Number of Mamba layers.
@@ -446,7 +518,10 @@ impl JambaConfig {
                 FeedForwardKind::Mlp => (mlp, mlp),
                 FeedForwardKind::Moe { num_experts, top_k } => {
                     let router = num_experts as u64 * h;
-                    (num_experts as u64 * mlp + router, top_k as u64 * mlp + router)
+                    (
+                        num_experts as u64 * mlp + router,
+                        top_k as u64 * mlp + router,
+                    )
                 }
             };
             total += mixer + norms + ff_total;
@@ -469,7 +544,10 @@ impl JambaConfig {
         let inner = self.mamba_inner() as u64;
         let conv_per_layer = b * inner * (self.mamba_d_conv as u64 - 1) * s;
         let ssm_per_layer = b * inner * self.mamba_d_state as u64 * 4;
-        let (attn, mamba) = (self.num_attention_layers() as u64, self.num_mamba_layers() as u64);
+        let (attn, mamba) = (
+            self.num_attention_layers() as u64,
+            self.num_mamba_layers() as u64,
+        );
         CacheSize {
             kv_bytes: attn * kv_per_layer,
             conv_bytes: mamba * conv_per_layer,

@@ -47,7 +47,9 @@ pub enum JambaError {
         expected: Vec<usize>,
     },
     /// The checkpoint has a tensor that no parameter of the model takes.
-    #[error("{path}: unexpected tensor `{name}` (shape {shape:?}): no parameter of this configuration takes it")]
+    #[error(
+        "{path}: unexpected tensor `{name}` (shape {shape:?}): no parameter of this configuration takes it"
+    )]
     UnexpectedTensor {
         /// The file holding it.
         path: PathBuf,
@@ -57,7 +59,9 @@ pub enum JambaError {
         shape: Vec<usize>,
     },
     /// A tensor's shape on disk differs from what the configuration implies.
-    #[error("{path}: tensor `{name}` has shape {found:?} but the configuration expects {expected:?}")]
+    #[error(
+        "{path}: tensor `{name}` has shape {found:?} but the configuration expects {expected:?}"
+    )]
     ShapeMismatch {
         /// The file holding it.
         path: PathBuf,
@@ -69,7 +73,9 @@ pub enum JambaError {
         found: Vec<usize>,
     },
     /// A tensor is stored in a dtype this crate cannot convert.
-    #[error("{path}: tensor `{name}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F64)")]
+    #[error(
+        "{path}: tensor `{name}` has unsupported dtype {dtype} (supported: F32, BF16, F16, F64)"
+    )]
     UnsupportedDtype {
         /// The file holding it.
         path: PathBuf,
@@ -94,18 +100,31 @@ pub enum JambaError {
 
 impl JambaError {
     /// Parses `text` (read from `path`) as JSON into `T`, naming the offending field on error.
-    pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(path: impl Into<PathBuf>, text: &str) -> Result<T> {
+    pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+        path: impl Into<PathBuf>,
+        text: &str,
+    ) -> Result<T> {
         let de = &mut serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
             let inner = e.into_inner();
-            let message = if field.is_empty() || field == "." { inner.to_string() } else { format!("field `{field}`: {inner}") };
-            JambaError::Json { path: path.into(), message }
+            let message = if field.is_empty() || field == "." {
+                inner.to_string()
+            } else {
+                format!("field `{field}`: {inner}")
+            };
+            JambaError::Json {
+                path: path.into(),
+                message,
+            }
         })
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -23,7 +23,12 @@ pub struct SamplingConfig {
 
 impl Default for SamplingConfig {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
     }
 }
 
@@ -75,7 +80,11 @@ impl GenerationConfig {
     /// Defaults for `model`: its end-of-sequence and padding ids.
     pub fn for_model<B: Backend>(model: &Jamba<B>) -> Self {
         let c = model.config();
-        Self { eos_token_ids: c.eos_token_ids(), pad_token_id: c.pad_token_id.unwrap_or(0), ..Self::default() }
+        Self {
+            eos_token_ids: c.eos_token_ids(),
+            pad_token_id: c.pad_token_id.unwrap_or(0),
+            ..Self::default()
+        }
     }
 }
 
@@ -162,7 +171,10 @@ pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut SplitMix64) -> 
         order.truncate(k.max(1));
     }
     let max = logits[order[0]] as f64;
-    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / config.temperature).exp()).collect();
+    let mut probs: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - max) / config.temperature).exp())
+        .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
     if let Some(p) = config.top_p {
@@ -238,7 +250,9 @@ pub fn generate<B: Backend>(
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<GenerationOutput> {
     let vocab = model.config().vocab_size;
-    let max_context = config.max_context.unwrap_or(model.config().max_position_embeddings);
+    let max_context = config
+        .max_context
+        .unwrap_or(model.config().max_position_embeddings);
     if prompts.is_empty() {
         return Err(JambaError::Input("no prompt given".into()));
     }
@@ -247,7 +261,9 @@ pub fn generate<B: Backend>(
             return Err(JambaError::Input(format!("prompt {row} is empty")));
         }
         if let Some(&bad) = p.iter().find(|&&t| t as usize >= vocab) {
-            return Err(JambaError::Input(format!("prompt {row}: token id {bad} is outside the vocabulary (size {vocab})")));
+            return Err(JambaError::Input(format!(
+                "prompt {row}: token id {bad} is outside the vocabulary (size {vocab})"
+            )));
         }
         if p.len() > max_context {
             return Err(JambaError::Input(format!(
@@ -262,7 +278,10 @@ pub fn generate<B: Backend>(
     let padded = mask.iter().any(|&m| m == 0);
     let mut cache = model.new_cache(batch);
     let mut stats = GenerationStats::default();
-    let keep_last = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+    let keep_last = ForwardOptions {
+        logits_to_keep: Some(1),
+        ..Default::default()
+    };
 
     let start = Instant::now();
     let chunk = config.prefill_chunk.unwrap_or(longest).max(1);
@@ -270,15 +289,33 @@ pub fn generate<B: Backend>(
     for begin in (0..longest).step_by(chunk) {
         let end = (begin + chunk).min(longest);
         let cols = |v: &[i64]| -> Vec<i64> {
-            v.chunks_exact(longest).flat_map(|row| row[begin..end].iter().copied()).collect()
+            v.chunks_exact(longest)
+                .flat_map(|row| row[begin..end].iter().copied())
+                .collect()
         };
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(cols(&ids), [batch, end - begin]), &device);
-        let mask = padded.then(|| Tensor::<B, 2, Int>::from_data(TensorData::new(cols(&mask), [batch, end - begin]), &device));
-        logits = Some(model.forward(ids, mask, Some(&mut cache), &keep_last)?.logits);
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(cols(&ids), [batch, end - begin]),
+            &device,
+        );
+        let mask = padded.then(|| {
+            Tensor::<B, 2, Int>::from_data(
+                TensorData::new(cols(&mask), [batch, end - begin]),
+                &device,
+            )
+        });
+        logits = Some(
+            model
+                .forward(ids, mask, Some(&mut cache), &keep_last)?
+                .logits,
+        );
         stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
     }
     let mut rng = SplitMix64::new(config.sampling.seed);
-    let mut next = pick(logits.expect("prompts are non-empty"), &config.sampling, &mut rng)?;
+    let mut next = pick(
+        logits.expect("prompts are non-empty"),
+        &config.sampling,
+        &mut rng,
+    )?;
     stats.prefill_tokens = batch * longest;
     stats.prefill_secs = start.elapsed().as_secs_f64();
 
@@ -309,11 +346,19 @@ pub fn generate<B: Backend>(
         // Finished rows keep stepping with a pad token (their outputs are ignored) so the batch
         // stays rectangular.
         let step: Vec<i64> = (0..batch)
-            .map(|r| if finish[r].is_some() { config.pad_token_id as i64 } else { next[r] as i64 })
+            .map(|r| {
+                if finish[r].is_some() {
+                    config.pad_token_id as i64
+                } else {
+                    next[r] as i64
+                }
+            })
             .collect();
         let running = finish.iter().filter(|f| f.is_none()).count();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(step, [batch, 1]), &device);
-        let logits = model.forward(ids, None, Some(&mut cache), &keep_last)?.logits;
+        let logits = model
+            .forward(ids, None, Some(&mut cache), &keep_last)?
+            .logits;
         next = pick(logits, &config.sampling, &mut rng)?;
         stats.decode_tokens += running;
         stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
@@ -324,20 +369,40 @@ pub fn generate<B: Backend>(
     }
     Ok(GenerationOutput {
         tokens,
-        finish: finish.into_iter().map(|f| f.unwrap_or(FinishReason::MaxNewTokens)).collect(),
+        finish: finish
+            .into_iter()
+            .map(|f| f.unwrap_or(FinishReason::MaxNewTokens))
+            .collect(),
         stats,
     })
 }
 
 /// The next token of every row from `[batch, 1, vocab]` logits: argmax on the device for greedy
 /// decoding (one integer per row crosses to the host), the full row on the host otherwise.
-fn pick<B: Backend>(logits: Tensor<B, 3>, sampling: &SamplingConfig, rng: &mut SplitMix64) -> Result<Vec<u32>> {
+fn pick<B: Backend>(
+    logits: Tensor<B, 3>,
+    sampling: &SamplingConfig,
+    rng: &mut SplitMix64,
+) -> Result<Vec<u32>> {
     let [batch, _, vocab] = logits.dims();
     let logits = logits.reshape([batch, vocab]);
     if sampling.is_greedy() {
-        let ids = logits.argmax(1).into_data().convert::<i64>().into_vec::<i64>().expect("int data");
+        let ids = logits
+            .argmax(1)
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .expect("int data");
         return Ok(ids.into_iter().map(|t| t as u32).collect());
     }
-    let values: Vec<f32> = logits.cast(DType::F32).into_data().convert::<f32>().into_vec().expect("float data");
-    Ok(values.chunks_exact(vocab).map(|row| sample(row, sampling, rng)).collect())
+    let values: Vec<f32> = logits
+        .cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("float data");
+    Ok(values
+        .chunks_exact(vocab)
+        .map(|row| sample(row, sampling, rng))
+        .collect())
 }

@@ -59,23 +59,37 @@ impl<B: Backend> DecoderLayer<B> {
         let norm = RmsNormConfig::new(h).with_eps(config.rms_norm_eps);
         let mixer = match spec.mixer {
             MixerKind::Attention => Mixer::Attention(
-                AttentionConfig::new(h, config.num_attention_heads, config.num_key_value_heads()).init(device),
+                AttentionConfig::new(h, config.num_attention_heads, config.num_key_value_heads())
+                    .init(device),
             ),
             MixerKind::Mamba => Mixer::Mamba(
-                MambaMixerConfig::new(h, config.mamba_inner(), config.mamba_d_state, config.mamba_d_conv, config.dt_rank())
-                    .with_conv_bias(config.mamba_conv_bias)
-                    .with_proj_bias(config.mamba_proj_bias)
-                    .with_eps(config.rms_norm_eps)
-                    .init(device),
+                MambaMixerConfig::new(
+                    h,
+                    config.mamba_inner(),
+                    config.mamba_d_state,
+                    config.mamba_d_conv,
+                    config.dt_rank(),
+                )
+                .with_conv_bias(config.mamba_conv_bias)
+                .with_proj_bias(config.mamba_proj_bias)
+                .with_eps(config.rms_norm_eps)
+                .init(device),
             ),
         };
         let feed_forward = match spec.feed_forward {
-            FeedForwardKind::Mlp => FeedForward::Mlp(MlpConfig::new(h, config.intermediate_size).init(device)),
-            FeedForwardKind::Moe { num_experts, top_k } => {
-                FeedForward::Moe(SparseMoeConfig::new(h, config.intermediate_size, num_experts, top_k).init(device))
+            FeedForwardKind::Mlp => {
+                FeedForward::Mlp(MlpConfig::new(h, config.intermediate_size).init(device))
             }
+            FeedForwardKind::Moe { num_experts, top_k } => FeedForward::Moe(
+                SparseMoeConfig::new(h, config.intermediate_size, num_experts, top_k).init(device),
+            ),
         };
-        Self { input_layernorm: norm.init(device), mixer, pre_ff_layernorm: norm.init(device), feed_forward }
+        Self {
+            input_layernorm: norm.init(device),
+            mixer,
+            pre_ff_layernorm: norm.init(device),
+            feed_forward,
+        }
     }
 
     /// Runs the layer; returns its output and, for a MoE layer, the router logits

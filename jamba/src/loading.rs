@@ -37,7 +37,9 @@ pub struct LoadOptions {
 
 impl std::fmt::Debug for LoadOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadOptions").field("dtype", &self.dtype).finish_non_exhaustive()
+        f.debug_struct("LoadOptions")
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
     }
 }
 
@@ -54,11 +56,17 @@ impl WeightFile {
         let file = std::fs::File::open(path).map_err(|e| JambaError::io(path, e))?;
         // SAFETY: the file is opened read-only and not modified while mapped by this process.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| JambaError::io(path, e))?;
-        let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| JambaError::Safetensors {
+        let (header_len, metadata) =
+            safetensors::SafeTensors::read_metadata(&map).map_err(|e| JambaError::Safetensors {
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        Ok(Self { path: path.to_path_buf(), map, header_len, metadata })
+            map,
+            header_len,
+            metadata,
+        })
     }
 
     fn bytes(&self, name: &str) -> Option<(&[u8], Dtype, &[usize])> {
@@ -92,7 +100,8 @@ impl WeightStore {
             struct Index {
                 weight_map: BTreeMap<String, String>,
             }
-            let text = std::fs::read_to_string(&index_path).map_err(|e| JambaError::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| JambaError::io(&index_path, e))?;
             let index: Index = JambaError::parse_json(&index_path, &text)?;
             let mut shard_ids: HashMap<String, usize> = HashMap::new();
             for (key, shard) in &index.weight_map {
@@ -105,7 +114,10 @@ impl WeightStore {
                                 &path,
                                 std::io::Error::new(
                                     std::io::ErrorKind::NotFound,
-                                    format!("shard named by {} for `{key}` is absent", index_path.display()),
+                                    format!(
+                                        "shard named by {} for `{key}` is absent",
+                                        index_path.display()
+                                    ),
                                 ),
                             ));
                         }
@@ -139,7 +151,13 @@ impl WeightStore {
         } else {
             return Err(JambaError::NoWeights { path: dir });
         }
-        Ok(Self { dir, files, location, taken: 0, options })
+        Ok(Self {
+            dir,
+            files,
+            location,
+            taken: 0,
+            options,
+        })
     }
 
     /// Number of tensors in the checkpoint.
@@ -159,7 +177,11 @@ impl WeightStore {
     /// Takes `name` as f32 values, checking its shape on disk.
     fn take_values(&mut self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
         let Some(id) = self.location.remove(name) else {
-            return Err(JambaError::MissingTensor { path: self.dir.clone(), name: name.into(), expected: expected.to_vec() });
+            return Err(JambaError::MissingTensor {
+                path: self.dir.clone(),
+                name: name.into(),
+                expected: expected.to_vec(),
+            });
         };
         let file = &self.files[id];
         let (bytes, dtype, shape) = file.bytes(name).expect("located tensors exist");
@@ -183,17 +205,37 @@ impl WeightStore {
         Ok(values)
     }
 
-    fn tensor<B: Backend, const D: usize>(&mut self, name: &str, shape: [usize; D], device: &B::Device) -> Result<Tensor<B, D>> {
+    fn tensor<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Tensor<B, D>> {
         let values = self.take_values(name, &shape)?;
-        Ok(Tensor::from_data(TensorData::new(values, shape), (device, self.dtype())))
+        Ok(Tensor::from_data(
+            TensorData::new(values, shape),
+            (device, self.dtype()),
+        ))
     }
 
-    fn param<B: Backend, const D: usize>(&mut self, name: &str, shape: [usize; D], device: &B::Device) -> Result<Param<Tensor<B, D>>> {
+    fn param<B: Backend, const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Result<Param<Tensor<B, D>>> {
         self.tensor(name, shape, device).map(Param::from_tensor)
     }
 
     /// A `nn.Linear` stored `[out, in]`, into Burn's `[in, out]` layout.
-    fn linear<B: Backend>(&mut self, prefix: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Linear<B>> {
+    fn linear<B: Backend>(
+        &mut self,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Linear<B>> {
         let values = self.take_values(&format!("{prefix}.weight"), &[d_out, d_in])?;
         let mut transposed = vec![0f32; values.len()];
         for (o, row) in values.chunks_exact(d_in).enumerate() {
@@ -201,16 +243,41 @@ impl WeightStore {
                 transposed[i * d_out + o] = v;
             }
         }
-        let weight = Tensor::from_data(TensorData::new(transposed, [d_in, d_out]), (device, self.dtype()));
-        let bias = if bias { Some(self.param(&format!("{prefix}.bias"), [d_out], device)?) } else { None };
-        Ok(Linear { weight: Param::from_tensor(weight), bias })
+        let weight = Tensor::from_data(
+            TensorData::new(transposed, [d_in, d_out]),
+            (device, self.dtype()),
+        );
+        let bias = if bias {
+            Some(self.param(&format!("{prefix}.bias"), [d_out], device)?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
     }
 
-    fn norm<B: Backend>(&mut self, prefix: &str, size: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>> {
-        Ok(RmsNorm::from_weight(self.tensor(&format!("{prefix}.weight"), [size], device)?, eps))
+    fn norm<B: Backend>(
+        &mut self,
+        prefix: &str,
+        size: usize,
+        eps: f64,
+        device: &B::Device,
+    ) -> Result<RmsNorm<B>> {
+        Ok(RmsNorm::from_weight(
+            self.tensor(&format!("{prefix}.weight"), [size], device)?,
+            eps,
+        ))
     }
 
-    fn mlp<B: Backend>(&mut self, prefix: &str, h: usize, f: usize, device: &B::Device) -> Result<Mlp<B>> {
+    fn mlp<B: Backend>(
+        &mut self,
+        prefix: &str,
+        h: usize,
+        f: usize,
+        device: &B::Device,
+    ) -> Result<Mlp<B>> {
         Ok(Mlp {
             gate_proj: self.linear(&format!("{prefix}.gate_proj"), h, f, false, device)?,
             up_proj: self.linear(&format!("{prefix}.up_proj"), h, f, false, device)?,
@@ -224,8 +291,15 @@ impl WeightStore {
             None => Ok(()),
             Some((name, id)) => {
                 let file = &self.files[id];
-                let shape = file.bytes(&name).map(|(_, _, s)| s.to_vec()).unwrap_or_default();
-                Err(JambaError::UnexpectedTensor { path: file.path.clone(), name, shape })
+                let shape = file
+                    .bytes(&name)
+                    .map(|(_, _, s)| s.to_vec())
+                    .unwrap_or_default();
+                Err(JambaError::UnexpectedTensor {
+                    path: file.path.clone(),
+                    name,
+                    shape,
+                })
             }
         }
     }
@@ -234,9 +308,18 @@ impl WeightStore {
 /// Little-endian bytes of a float dtype, as f32.
 fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         Dtype::F64 => bytes
             .chunks_exact(8)
             .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
@@ -253,12 +336,18 @@ impl<B: Backend> Jamba<B> {
     /// let model = jamba::Jamba::<Cpu>::from_pretrained("tiny-jamba", &Default::default(), &Default::default())?;
     /// # Ok::<(), jamba::JambaError>(())
     /// ```
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device, options: &LoadOptions) -> Result<Self> {
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         if let Some(dtype) = options.dtype
             && !B::supports_dtype(device, dtype)
         {
-            return Err(JambaError::Input(format!("this backend does not support {dtype:?} tensors")));
+            return Err(JambaError::Input(format!(
+                "this backend does not support {dtype:?} tensors"
+            )));
         }
         let config = JambaConfig::from_file(dir.join("config.json"))?;
         let store = WeightStore::open(dir, options.clone())?;
@@ -266,7 +355,11 @@ impl<B: Backend> Jamba<B> {
     }
 
     /// Builds the model for `config` from an opened [`WeightStore`].
-    pub fn from_weights(config: &JambaConfig, mut w: WeightStore, device: &B::Device) -> Result<Self> {
+    pub fn from_weights(
+        config: &JambaConfig,
+        mut w: WeightStore,
+        device: &B::Device,
+    ) -> Result<Self> {
         let (h, v, eps) = (config.hidden_size, config.vocab_size, config.rms_norm_eps);
         let embed = w.param("model.embed_tokens.weight", [v, h], device)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -274,34 +367,86 @@ impl<B: Backend> Jamba<B> {
             let p = format!("model.layers.{i}");
             let mixer = match spec.mixer {
                 MixerKind::Attention => {
-                    let (heads, kv_heads, hd) = (config.num_attention_heads, config.num_key_value_heads(), config.head_dim());
+                    let (heads, kv_heads, hd) = (
+                        config.num_attention_heads,
+                        config.num_key_value_heads(),
+                        config.head_dim(),
+                    );
                     Mixer::Attention(Attention {
-                        q_proj: w.linear(&format!("{p}.self_attn.q_proj"), h, heads * hd, false, device)?,
-                        k_proj: w.linear(&format!("{p}.self_attn.k_proj"), h, kv_heads * hd, false, device)?,
-                        v_proj: w.linear(&format!("{p}.self_attn.v_proj"), h, kv_heads * hd, false, device)?,
-                        o_proj: w.linear(&format!("{p}.self_attn.o_proj"), heads * hd, h, false, device)?,
+                        q_proj: w.linear(
+                            &format!("{p}.self_attn.q_proj"),
+                            h,
+                            heads * hd,
+                            false,
+                            device,
+                        )?,
+                        k_proj: w.linear(
+                            &format!("{p}.self_attn.k_proj"),
+                            h,
+                            kv_heads * hd,
+                            false,
+                            device,
+                        )?,
+                        v_proj: w.linear(
+                            &format!("{p}.self_attn.v_proj"),
+                            h,
+                            kv_heads * hd,
+                            false,
+                            device,
+                        )?,
+                        o_proj: w.linear(
+                            &format!("{p}.self_attn.o_proj"),
+                            heads * hd,
+                            h,
+                            false,
+                            device,
+                        )?,
                         num_heads: heads,
                         num_kv_heads: kv_heads,
                         head_dim: hd,
                     })
                 }
                 MixerKind::Mamba => {
-                    let (inner, n, r, k) = (config.mamba_inner(), config.mamba_d_state, config.dt_rank(), config.mamba_d_conv);
+                    let (inner, n, r, k) = (
+                        config.mamba_inner(),
+                        config.mamba_d_state,
+                        config.dt_rank(),
+                        config.mamba_d_conv,
+                    );
                     let m = format!("{p}.mamba");
-                    let conv_weight = w.tensor::<B, 3>(&format!("{m}.conv1d.weight"), [inner, 1, k], device)?;
+                    let conv_weight =
+                        w.tensor::<B, 3>(&format!("{m}.conv1d.weight"), [inner, 1, k], device)?;
                     Mixer::Mamba(MambaMixer {
-                        in_proj: w.linear(&format!("{m}.in_proj"), h, 2 * inner, config.mamba_proj_bias, device)?,
+                        in_proj: w.linear(
+                            &format!("{m}.in_proj"),
+                            h,
+                            2 * inner,
+                            config.mamba_proj_bias,
+                            device,
+                        )?,
                         conv_weight: Param::from_tensor(conv_weight.reshape([inner, k])),
                         conv_bias: if config.mamba_conv_bias {
                             Some(w.param(&format!("{m}.conv1d.bias"), [inner], device)?)
                         } else {
                             None
                         },
-                        x_proj: w.linear(&format!("{m}.x_proj"), inner, r + 2 * n, false, device)?,
+                        x_proj: w.linear(
+                            &format!("{m}.x_proj"),
+                            inner,
+                            r + 2 * n,
+                            false,
+                            device,
+                        )?,
                         dt_proj: w.linear(&format!("{m}.dt_proj"), r, inner, true, device)?,
                         a_log: w.param(&format!("{m}.A_log"), [inner, n], device)?,
                         d: w.param(&format!("{m}.D"), [inner], device)?,
-                        out_proj: w.linear(&format!("{m}.out_proj"), inner, h, config.mamba_proj_bias, device)?,
+                        out_proj: w.linear(
+                            &format!("{m}.out_proj"),
+                            inner,
+                            h,
+                            config.mamba_proj_bias,
+                            device,
+                        )?,
                         dt_layernorm: w.norm(&format!("{m}.dt_layernorm"), r, eps, device)?,
                         b_layernorm: w.norm(&format!("{m}.b_layernorm"), n, eps, device)?,
                         c_layernorm: w.norm(&format!("{m}.c_layernorm"), n, eps, device)?,
@@ -354,7 +499,8 @@ impl<B: Backend> Jamba<B> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| JambaError::io(dir, e))?;
         let config_path = dir.join("config.json");
-        std::fs::write(&config_path, self.config().to_json_string()).map_err(|e| JambaError::io(&config_path, e))?;
+        std::fs::write(&config_path, self.config().to_json_string())
+            .map_err(|e| JambaError::io(&config_path, e))?;
 
         let dtype = match self.dtype() {
             DType::BF16 => Dtype::BF16,
@@ -375,34 +521,63 @@ impl<B: Backend> Jamba<B> {
                 put(format!("{name}.bias"), b.val().into_data());
             }
         };
-        put("model.embed_tokens.weight".into(), self.embed_tokens.weight.val().into_data());
-        put("model.final_layernorm.weight".into(), self.final_layernorm.weight.val().into_data());
+        put(
+            "model.embed_tokens.weight".into(),
+            self.embed_tokens.weight.val().into_data(),
+        );
+        put(
+            "model.final_layernorm.weight".into(),
+            self.final_layernorm.weight.val().into_data(),
+        );
         if let Some(head) = &self.lm_head {
             put_linear(&mut put, "lm_head", head);
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            put(format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.val().into_data());
-            put(format!("{p}.pre_ff_layernorm.weight"), layer.pre_ff_layernorm.weight.val().into_data());
+            put(
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.weight.val().into_data(),
+            );
+            put(
+                format!("{p}.pre_ff_layernorm.weight"),
+                layer.pre_ff_layernorm.weight.val().into_data(),
+            );
             match &layer.mixer {
                 Mixer::Attention(a) => {
-                    for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                    for (n, l) in [
+                        ("q_proj", &a.q_proj),
+                        ("k_proj", &a.k_proj),
+                        ("v_proj", &a.v_proj),
+                        ("o_proj", &a.o_proj),
+                    ] {
                         put_linear(&mut put, &format!("{p}.self_attn.{n}"), l);
                     }
                 }
                 Mixer::Mamba(m) => {
                     let mp = format!("{p}.mamba");
-                    for (n, l) in [("in_proj", &m.in_proj), ("x_proj", &m.x_proj), ("dt_proj", &m.dt_proj), ("out_proj", &m.out_proj)] {
+                    for (n, l) in [
+                        ("in_proj", &m.in_proj),
+                        ("x_proj", &m.x_proj),
+                        ("dt_proj", &m.dt_proj),
+                        ("out_proj", &m.out_proj),
+                    ] {
                         put_linear(&mut put, &format!("{mp}.{n}"), l);
                     }
                     let [inner, k] = m.conv_weight.dims();
-                    put(format!("{mp}.conv1d.weight"), m.conv_weight.val().reshape([inner, 1, k]).into_data());
+                    put(
+                        format!("{mp}.conv1d.weight"),
+                        m.conv_weight.val().reshape([inner, 1, k]).into_data(),
+                    );
                     if let Some(b) = &m.conv_bias {
                         put(format!("{mp}.conv1d.bias"), b.val().into_data());
                     }
                     put(format!("{mp}.A_log"), m.a_log.val().into_data());
                     put(format!("{mp}.D"), m.d.val().into_data());
-                    for (n, norm) in [("dt_layernorm", &m.dt_layernorm), ("b_layernorm", &m.b_layernorm), ("c_layernorm", &m.c_layernorm)] {
+                    for (n, norm) in [
+                        ("dt_layernorm", &m.dt_layernorm),
+                        ("b_layernorm", &m.b_layernorm),
+                        ("c_layernorm", &m.c_layernorm),
+                    ] {
                         put(format!("{mp}.{n}.weight"), norm.weight.val().into_data());
                     }
                 }
@@ -426,23 +601,35 @@ impl<B: Backend> Jamba<B> {
         let views = tensors
             .iter()
             .map(|(name, shape, bytes)| {
-                TensorView::new(dtype, shape.clone(), bytes).map(|v| (name.clone(), v)).map_err(|e| JambaError::Safetensors {
-                    path: dir.join("model.safetensors"),
-                    message: e.to_string(),
-                })
+                TensorView::new(dtype, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| JambaError::Safetensors {
+                        path: dir.join("model.safetensors"),
+                        message: e.to_string(),
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let path = dir.join("model.safetensors");
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize_to_file(views, Some(metadata), &path)
-            .map_err(|e| JambaError::Safetensors { path: path.clone(), message: e.to_string() })
+        safetensors::serialize_to_file(views, Some(metadata), &path).map_err(|e| {
+            JambaError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            }
+        })
     }
 }
 
 fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {
-        Dtype::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
         _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
     }
 }

@@ -80,29 +80,54 @@ impl MambaMixerConfig {
     /// Random weights with Mamba's structured parts: `A_log = log(1..=N)`, `D = 1`, and a Δ bias
     /// that puts softplus(bias) in `[0.001, 0.1]`.
     pub fn init<B: Backend>(&self, device: &B::Device) -> MambaMixer<B> {
-        let (h, i, n, r, k) = (self.hidden_size, self.intermediate_size, self.d_state, self.dt_rank, self.d_conv);
+        let (h, i, n, r, k) = (
+            self.hidden_size,
+            self.intermediate_size,
+            self.d_state,
+            self.dt_rank,
+            self.d_conv,
+        );
         let a_log = Tensor::<B, 1, burn::tensor::Int>::arange(1..n as i64 + 1, device)
             .float()
             .log()
             .unsqueeze::<2>()
             .repeat_dim(0, i);
-        let dt = Tensor::<B, 1>::random([i], Distribution::Uniform(0.001f64.ln(), 0.1f64.ln()), device).exp();
+        let dt = Tensor::<B, 1>::random(
+            [i],
+            Distribution::Uniform(0.001f64.ln(), 0.1f64.ln()),
+            device,
+        )
+        .exp();
         let dt_bias = dt.clone() + (dt.neg().exp().neg() + 1.0).log().neg(); // softplus⁻¹
         let bound = 1.0 / (k as f64).sqrt();
         MambaMixer {
-            in_proj: LinearConfig::new(h, 2 * i).with_bias(self.proj_bias).init(device),
-            conv_weight: Param::from_tensor(Tensor::random([i, k], Distribution::Uniform(-bound, bound), device)),
-            conv_bias: self
-                .conv_bias
-                .then(|| Param::from_tensor(Tensor::random([i], Distribution::Uniform(-bound, bound), device))),
-            x_proj: LinearConfig::new(i, r + 2 * n).with_bias(false).init(device),
+            in_proj: LinearConfig::new(h, 2 * i)
+                .with_bias(self.proj_bias)
+                .init(device),
+            conv_weight: Param::from_tensor(Tensor::random(
+                [i, k],
+                Distribution::Uniform(-bound, bound),
+                device,
+            )),
+            conv_bias: self.conv_bias.then(|| {
+                Param::from_tensor(Tensor::random(
+                    [i],
+                    Distribution::Uniform(-bound, bound),
+                    device,
+                ))
+            }),
+            x_proj: LinearConfig::new(i, r + 2 * n)
+                .with_bias(false)
+                .init(device),
             dt_proj: Linear {
                 weight: LinearConfig::new(r, i).with_bias(false).init(device).weight,
                 bias: Some(Param::from_tensor(dt_bias)),
             },
             a_log: Param::from_tensor(a_log),
             d: Param::from_tensor(Tensor::ones([i], device)),
-            out_proj: LinearConfig::new(i, h).with_bias(self.proj_bias).init(device),
+            out_proj: LinearConfig::new(i, h)
+                .with_bias(self.proj_bias)
+                .init(device),
             dt_layernorm: RmsNormConfig::new(r).with_eps(self.eps).init(device),
             b_layernorm: RmsNormConfig::new(n).with_eps(self.eps).init(device),
             c_layernorm: RmsNormConfig::new(n).with_eps(self.eps).init(device),
@@ -129,7 +154,12 @@ impl<B: Backend> MambaMixer<B> {
     /// mixer's input and the convolution's output are zeroed at padded positions so that padding
     /// never reaches the state. With a `cache`, the convolution continues from its state and the
     /// scan from its SSM state, and both are updated.
-    pub fn forward(&self, x: Tensor<B, 3>, keep: Option<&Tensor<B, 3>>, cache: Option<&mut MambaState<B>>) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        keep: Option<&Tensor<B, 3>>,
+        cache: Option<&mut MambaState<B>>,
+    ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let inner = self.intermediate_size();
         let dtype = x.dtype();
@@ -150,9 +180,15 @@ impl<B: Backend> MambaMixer<B> {
 
         let (r, n) = (self.dt_rank, self.d_state);
         let dbc = self.x_proj.forward(u.clone());
-        let dt = self.dt_layernorm.forward(dbc.clone().slice([0..batch, 0..seq, 0..r]));
-        let b = self.b_layernorm.forward(dbc.clone().slice([0..batch, 0..seq, r..r + n]));
-        let c = self.c_layernorm.forward(dbc.slice([0..batch, 0..seq, r + n..r + 2 * n]));
+        let dt = self
+            .dt_layernorm
+            .forward(dbc.clone().slice([0..batch, 0..seq, 0..r]));
+        let b = self
+            .b_layernorm
+            .forward(dbc.clone().slice([0..batch, 0..seq, r..r + n]));
+        let c = self
+            .c_layernorm
+            .forward(dbc.slice([0..batch, 0..seq, r + n..r + 2 * n]));
         let delta = linear(dt, self.dt_proj.weight.val(), None);
         let a = self.a_log.val().cast(DType::F32).exp().neg();
 
@@ -177,15 +213,23 @@ impl<B: Backend> MambaMixer<B> {
 
     /// Depthwise causal convolution over time (plus bias), continuing from `prefix`, the last
     /// `d_conv − 1` inputs before `x` (zeros when absent). Returns the output and the new prefix.
-    pub fn causal_conv(&self, x: Tensor<B, 3>, prefix: Option<Tensor<B, 3>>) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    pub fn causal_conv(
+        &self,
+        x: Tensor<B, 3>,
+        prefix: Option<Tensor<B, 3>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let [batch, seq, inner] = x.dims();
         let k = self.d_conv();
-        let prefix = prefix.unwrap_or_else(|| Tensor::zeros([batch, k - 1, inner], (&x.device(), x.dtype())));
+        let prefix = prefix
+            .unwrap_or_else(|| Tensor::zeros([batch, k - 1, inner], (&x.device(), x.dtype())));
         let padded = Tensor::cat(vec![prefix, x], 1);
         let weight = self.conv_weight.val(); // [inner, k]
         let mut out: Option<Tensor<B, 3>> = None;
         for j in 0..k {
-            let tap = weight.clone().slice([0..inner, j..j + 1]).reshape([1, 1, inner]);
+            let tap = weight
+                .clone()
+                .slice([0..inner, j..j + 1])
+                .reshape([1, 1, inner]);
             let term = padded.clone().slice([0..batch, j..j + seq]) * tap;
             out = Some(match out {
                 Some(acc) => acc + term,

@@ -83,9 +83,14 @@ impl<B: Backend> Jamba<B> {
                 .into_iter()
                 .map(|spec| DecoderLayer::init(config, spec, device))
                 .collect(),
-            final_layernorm: RmsNormConfig::new(h).with_eps(config.rms_norm_eps).init(device),
-            lm_head: (!config.tie_word_embeddings)
-                .then(|| LinearConfig::new(h, config.vocab_size).with_bias(false).init(device)),
+            final_layernorm: RmsNormConfig::new(h)
+                .with_eps(config.rms_norm_eps)
+                .init(device),
+            lm_head: (!config.tie_word_embeddings).then(|| {
+                LinearConfig::new(h, config.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
             config: config.clone(),
         }
     }
@@ -109,7 +114,10 @@ impl<B: Backend> Jamba<B> {
     pub fn cast(self, dtype: DType) -> Self {
         struct Cast(DType);
         impl<B: Backend> ModuleMapper<B> for Cast {
-            fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
                 let (id, tensor, mapper) = param.consume();
                 Param::from_mapped_value(id, tensor.cast(self.0), mapper)
             }
@@ -144,20 +152,26 @@ impl<B: Backend> Jamba<B> {
         let dtype = self.dtype();
 
         let padding = attention_mask.map(|m| m.equal_elem(0));
-        let any_padding = padding.as_ref().is_some_and(|p| p.clone().any().into_scalar().elem::<bool>());
-        let padding = padding.filter(|_| any_padding);
-        let keep = padding
+        let any_padding = padding
             .as_ref()
-            .map(|p| p.clone().bool_not().float().cast(dtype).reshape([batch, seq, 1]));
+            .is_some_and(|p| p.clone().any().into_scalar().elem::<bool>());
+        let padding = padding.filter(|_| any_padding);
+        let keep = padding.as_ref().map(|p| {
+            p.clone()
+                .bool_not()
+                .float()
+                .cast(dtype)
+                .reshape([batch, seq, 1])
+        });
         let key_padding = match cache.as_deref_mut() {
             Some(c) => c.push_padding(seq, padding.clone(), &device),
             None => padding.clone(),
         };
         let attention = key_padding.map(|key_padding| AttentionMask {
             key_padding,
-            query_padding: padding.clone().unwrap_or_else(|| {
-                Tensor::<B, 2, Int>::zeros([batch, seq], &device).equal_elem(1)
-            }),
+            query_padding: padding
+                .clone()
+                .unwrap_or_else(|| Tensor::<B, 2, Int>::zeros([batch, seq], &device).equal_elem(1)),
         });
         let masks = LayerMasks { attention, keep };
 
@@ -197,7 +211,12 @@ impl<B: Backend> Jamba<B> {
         } else {
             None
         };
-        Ok(JambaOutput { logits, hidden_states, router_logits, aux_loss })
+        Ok(JambaOutput {
+            logits,
+            hidden_states,
+            router_logits,
+            aux_loss,
+        })
     }
 
     fn check_inputs(
@@ -208,7 +227,9 @@ impl<B: Backend> Jamba<B> {
     ) -> Result<()> {
         let [batch, seq] = input_ids.dims();
         if batch == 0 || seq == 0 {
-            return Err(JambaError::Input(format!("empty input of shape [{batch}, {seq}]")));
+            return Err(JambaError::Input(format!(
+                "empty input of shape [{batch}, {seq}]"
+            )));
         }
         let vocab = self.config().vocab_size as i64;
         let (min, max) = (
@@ -217,7 +238,9 @@ impl<B: Backend> Jamba<B> {
         );
         if min < 0 || max >= vocab {
             let bad = if min < 0 { min } else { max };
-            return Err(JambaError::Input(format!("token id {bad} is outside the vocabulary (size {vocab})")));
+            return Err(JambaError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
         }
         if let Some(mask) = attention_mask
             && mask.dims() != [batch, seq]
@@ -238,11 +261,14 @@ impl<B: Backend> Jamba<B> {
                 && cache.layers.iter().zip(&self.layers).all(|(c, l)| {
                     matches!(
                         (c, &l.mixer),
-                        (LayerCache::Attention(_), Mixer::Attention(_)) | (LayerCache::Mamba(_), Mixer::Mamba(_))
+                        (LayerCache::Attention(_), Mixer::Attention(_))
+                            | (LayerCache::Mamba(_), Mixer::Mamba(_))
                     )
                 });
             if !matches {
-                return Err(JambaError::Input("the cache was built for a different layer plan".into()));
+                return Err(JambaError::Input(
+                    "the cache was built for a different layer plan".into(),
+                ));
             }
         }
         Ok(())

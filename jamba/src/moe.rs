@@ -3,7 +3,9 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, activation::softmax, backend::Backend};
+use burn::tensor::{
+    DType, IndexingUpdateOp, Int, Tensor, TensorData, activation::softmax, backend::Backend,
+};
 
 use crate::mlp::{Mlp, MlpConfig};
 
@@ -49,7 +51,9 @@ impl SparseMoeConfig {
     /// Randomly initialised weights.
     pub fn init<B: Backend>(&self, device: &B::Device) -> SparseMoe<B> {
         SparseMoe {
-            router: LinearConfig::new(self.hidden_size, self.num_experts).with_bias(false).init(device),
+            router: LinearConfig::new(self.hidden_size, self.num_experts)
+                .with_bias(false)
+                .init(device),
             experts: (0..self.num_experts)
                 .map(|_| MlpConfig::new(self.hidden_size, self.intermediate_size).init(device))
                 .collect(),
@@ -80,7 +84,8 @@ impl<B: Backend> SparseMoe<B> {
             .convert::<i64>()
             .into_vec()
             .expect("top-k indices are integers");
-        let mut routed: Vec<(Vec<i64>, Vec<i64>)> = vec![(Vec::new(), Vec::new()); self.num_experts()];
+        let mut routed: Vec<(Vec<i64>, Vec<i64>)> =
+            vec![(Vec::new(), Vec::new()); self.num_experts()];
         for (slot, &expert) in selected.iter().enumerate() {
             let (token_ids, slots) = &mut routed[expert as usize];
             token_ids.push((slot / self.top_k) as i64);
@@ -99,7 +104,9 @@ impl<B: Backend> SparseMoe<B> {
             }
             let token_ids = index(token_ids);
             let gate = weights.clone().select(0, index(slots)).unsqueeze_dim(1);
-            let y = expert.forward(flat.clone().select(0, token_ids.clone())).mul(gate);
+            let y = expert
+                .forward(flat.clone().select(0, token_ids.clone()))
+                .mul(gate);
             out = out.select_assign(0, token_ids, y, IndexingUpdateOp::Add);
         }
         (out.reshape([batch, seq, hidden]), router_logits)
@@ -112,7 +119,10 @@ impl<B: Backend> SparseMoe<B> {
 /// `P̄ₑ` its mean router probability, both averaged over every layer's rows.
 ///
 /// Returns `None` when `router_logits` is empty.
-pub fn load_balancing_loss<B: Backend>(router_logits: &[Tensor<B, 2>], top_k: usize) -> Option<Tensor<B, 1>> {
+pub fn load_balancing_loss<B: Backend>(
+    router_logits: &[Tensor<B, 2>],
+    top_k: usize,
+) -> Option<Tensor<B, 1>> {
     let first = router_logits.first()?;
     let num_experts = first.dims()[1];
     let mut counts: Option<Tensor<B, 1>> = None;
@@ -137,5 +147,9 @@ pub fn load_balancing_loss<B: Backend>(router_logits: &[Tensor<B, 2>], top_k: us
     let rows = rows as f64;
     let tokens_per_expert = counts?.div_scalar(rows);
     let prob_per_expert = probs_sum?.div_scalar(rows);
-    Some((tokens_per_expert * prob_per_expert).sum().mul_scalar(num_experts as f64))
+    Some(
+        (tokens_per_expert * prob_per_expert)
+            .sum()
+            .mul_scalar(num_experts as f64),
+    )
 }

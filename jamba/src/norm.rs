@@ -39,14 +39,20 @@ pub struct RmsNorm<B: Backend> {
 impl RmsNormConfig {
     /// A norm with unit weight.
     pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
-        RmsNorm { weight: Param::from_tensor(Tensor::ones([self.size], device)), eps: self.eps }
+        RmsNorm {
+            weight: Param::from_tensor(Tensor::ones([self.size], device)),
+            eps: self.eps,
+        }
     }
 }
 
 impl<B: Backend> RmsNorm<B> {
     /// A norm with the given weight.
     pub fn from_weight(weight: Tensor<B, 1>, eps: f64) -> Self {
-        Self { weight: Param::from_tensor(weight), eps }
+        Self {
+            weight: Param::from_tensor(weight),
+            eps,
+        }
     }
 
     /// Normalises over the last dimension.
@@ -54,7 +60,9 @@ impl<B: Backend> RmsNorm<B> {
         let dtype = x.dtype();
         let x32 = x.cast(DType::F32);
         let variance = x32.clone().square().mean_dim(D - 1);
-        let normed = x32.mul(variance.add_scalar(self.eps).sqrt().recip()).cast(dtype);
+        let normed = x32
+            .mul(variance.add_scalar(self.eps).sqrt().recip())
+            .cast(dtype);
         normed.mul(self.weight.val().unsqueeze())
     }
 }

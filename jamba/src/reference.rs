@@ -52,7 +52,10 @@ impl HostTensor {
 
     /// As a Burn float tensor.
     pub fn to_float<B: Backend, const D: usize>(&self, device: &B::Device) -> Tensor<B, D> {
-        Tensor::from_data(TensorData::new(self.f32(), self.shape.clone()), (device, DType::F32))
+        Tensor::from_data(
+            TensorData::new(self.f32(), self.shape.clone()),
+            (device, DType::F32),
+        )
     }
 
     /// As a Burn int tensor.
@@ -91,37 +94,65 @@ impl Fixture {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join("expected.safetensors");
         let bytes = std::fs::read(&path).map_err(|e| JambaError::io(&path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| JambaError::Safetensors { path: path.clone(), message: e.to_string() })?;
+        let st =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| JambaError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         let mut expected = HashMap::new();
         for (name, view) in st.tensors() {
             let b = view.data();
             let data = match view.dtype() {
-                Dtype::F32 => HostData::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
-                Dtype::I64 => HostData::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+                Dtype::F32 => HostData::F32(
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
+                Dtype::I64 => HostData::I64(
+                    b.chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
                 other => {
-                    return Err(JambaError::UnsupportedDtype { path: path.clone(), name, dtype: format!("{other:?}") });
+                    return Err(JambaError::UnsupportedDtype {
+                        path: path.clone(),
+                        name,
+                        dtype: format!("{other:?}"),
+                    });
                 }
             };
-            expected.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+            expected.insert(
+                name,
+                HostTensor {
+                    shape: view.shape().to_vec(),
+                    data,
+                },
+            );
         }
         let meta_path = dir.join("fixture.json");
         let meta = if meta_path.exists() {
-            let text = std::fs::read_to_string(&meta_path).map_err(|e| JambaError::io(&meta_path, e))?;
+            let text =
+                std::fs::read_to_string(&meta_path).map_err(|e| JambaError::io(&meta_path, e))?;
             Some(JambaError::parse_json(meta_path, &text)?)
         } else {
             None
         };
-        Ok(Self { dir, meta, expected })
+        Ok(Self {
+            dir,
+            meta,
+            expected,
+        })
     }
 
     /// An expected tensor, or an error naming the file and key.
     pub fn get(&self, name: &str) -> Result<&HostTensor> {
-        self.expected.get(name).ok_or_else(|| JambaError::MissingTensor {
-            path: self.dir.join("expected.safetensors"),
-            name: name.into(),
-            expected: Vec::new(),
-        })
+        self.expected
+            .get(name)
+            .ok_or_else(|| JambaError::MissingTensor {
+                path: self.dir.join("expected.safetensors"),
+                name: name.into(),
+                expected: Vec::new(),
+            })
     }
 
     /// The relative-error tolerance for a model computing in `dtype`.
@@ -152,12 +183,19 @@ pub fn rel_err(ours: &[f32], reference: &[f32]) -> f64 {
     if ours.len() != reference.len() {
         return f64::INFINITY;
     }
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
 }
 
 /// max |ours − reference|.
 pub fn max_abs_err(ours: &[f32], reference: &[f32]) -> f64 {
-    ours.iter().zip(reference).map(|(&a, &b)| (a as f64 - b as f64).abs()).fold(0.0, f64::max)
+    ours.iter()
+        .zip(reference)
+        .map(|(&a, &b)| (a as f64 - b as f64).abs())
+        .fold(0.0, f64::max)
 }
 
 /// One row of a parity report.
@@ -196,7 +234,13 @@ impl Check {
         let mismatches = ours.iter().zip(reference).filter(|(a, b)| a != b).count()
             + ours.len().abs_diff(reference.len());
         let n = reference.len().max(1) as f64;
-        Self { name: name.into(), rel_err: mismatches as f64 / n, max_abs: mismatches as f64, tolerance: 0.0, note: None }
+        Self {
+            name: name.into(),
+            rel_err: mismatches as f64 / n,
+            max_abs: mismatches as f64,
+            tolerance: 0.0,
+            note: None,
+        }
     }
 
     fn with_note(mut self, note: impl Into<String>) -> Self {
@@ -207,7 +251,11 @@ impl Check {
 
 /// Values of a tensor on the host as f32.
 pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.cast(DType::F32).into_data().convert::<f32>().into_vec().expect("float data")
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .expect("float data")
 }
 
 /// Argmax over the last axis of `[rows, vocab]` host values.
@@ -246,17 +294,34 @@ pub fn parity_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture) -> Result<
     let mut checks = Vec::new();
 
     let ids = fixture.get("input_ids")?;
-    let options = ForwardOptions { output_hidden_states: true, output_router_logits: true, logits_to_keep: None };
+    let options = ForwardOptions {
+        output_hidden_states: true,
+        output_router_logits: true,
+        logits_to_keep: None,
+    };
     let out = model.forward(ids.to_int::<B, 2>(&device), None, None, &options)?;
     let logits = to_vec(out.logits);
     let ref_logits = fixture.get("logits")?.f32();
     checks.push(Check::values("logits", &logits, &ref_logits, tol));
-    checks.push(Check::tokens("argmax(logits)", &argmax_rows(&logits, vocab), &argmax_rows(&ref_logits, vocab)));
+    checks.push(Check::tokens(
+        "argmax(logits)",
+        &argmax_rows(&logits, vocab),
+        &argmax_rows(&ref_logits, vocab),
+    ));
     for (i, h) in out.hidden_states.into_iter().enumerate() {
         let name = format!("hidden.{i}");
-        checks.push(Check::values(&name, &to_vec(h), &fixture.get(&name)?.f32(), tol));
+        checks.push(Check::values(
+            &name,
+            &to_vec(h),
+            &fixture.get(&name)?.f32(),
+            tol,
+        ));
     }
-    let hidden_expected = fixture.expected.keys().filter(|k| k.starts_with("hidden.")).count();
+    let hidden_expected = fixture
+        .expected
+        .keys()
+        .filter(|k| k.starts_with("hidden."))
+        .count();
     if hidden_expected != model.layers.len() + 1 {
         return Err(JambaError::Input(format!(
             "the fixture has {hidden_expected} hidden states but the model has {} layers",
@@ -265,23 +330,48 @@ pub fn parity_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture) -> Result<
     }
     for (layer, r) in out.router_logits {
         let name = format!("router_logits.{layer}");
-        checks.push(Check::values(&name, &to_vec(r), &fixture.get(&name)?.f32(), tol));
+        checks.push(Check::values(
+            &name,
+            &to_vec(r),
+            &fixture.get(&name)?.f32(),
+            tol,
+        ));
     }
-    let routers_expected = fixture.expected.keys().filter(|k| k.starts_with("router_logits.")).count();
-    let routers_ours = checks.iter().filter(|c| c.name.starts_with("router_logits.")).count();
+    let routers_expected = fixture
+        .expected
+        .keys()
+        .filter(|k| k.starts_with("router_logits."))
+        .count();
+    let routers_ours = checks
+        .iter()
+        .filter(|c| c.name.starts_with("router_logits."))
+        .count();
     if routers_expected != routers_ours {
         return Err(JambaError::Input(format!(
             "the fixture has {routers_expected} router-logit tensors but the model has {routers_ours} MoE layers"
         )));
     }
     match (out.aux_loss, fixture.expected.get("aux_loss")) {
-        (Some(ours), Some(reference)) => checks.push(Check::values("aux_loss", &to_vec(ours), &reference.f32(), tol)),
+        (Some(ours), Some(reference)) => checks.push(Check::values(
+            "aux_loss",
+            &to_vec(ours),
+            &reference.f32(),
+            tol,
+        )),
         (None, None) => {}
         (ours, _) => {
             return Err(JambaError::Input(format!(
                 "aux_loss: the model {} one but the fixture {}",
-                if ours.is_some() { "computes" } else { "has no MoE layer to compute" },
-                if ours.is_some() { "has none" } else { "has one" }
+                if ours.is_some() {
+                    "computes"
+                } else {
+                    "has no MoE layer to compute"
+                },
+                if ours.is_some() {
+                    "has none"
+                } else {
+                    "has one"
+                }
             )));
         }
     }
@@ -306,7 +396,10 @@ struct PaddedBatch {
 
 impl PaddedBatch {
     fn from_fixture(fixture: &Fixture) -> Result<Option<Self>> {
-        let (Some(ids), Some(mask)) = (fixture.expected.get("padded_ids"), fixture.expected.get("padded_mask")) else {
+        let (Some(ids), Some(mask)) = (
+            fixture.expected.get("padded_ids"),
+            fixture.expected.get("padded_mask"),
+        ) else {
             return Ok(None);
         };
         let logits = fixture.get("padded_logits")?;
@@ -316,10 +409,27 @@ impl PaddedBatch {
         let mut poisoned = Vec::new();
         for r in 0..batch {
             let row = r * seq..(r + 1) * seq;
-            prompts.push(id_v[row.clone()].iter().zip(&mask_v[row.clone()]).filter(|(_, m)| **m != 0).map(|(t, _)| *t as u32).collect());
-            poisoned.push(row.clone().any(|p| mask_v[p] != 0 && logit_v[p * vocab..(p + 1) * vocab].iter().any(|x| !x.is_finite())));
+            prompts.push(
+                id_v[row.clone()]
+                    .iter()
+                    .zip(&mask_v[row.clone()])
+                    .filter(|(_, m)| **m != 0)
+                    .map(|(t, _)| *t as u32)
+                    .collect(),
+            );
+            poisoned.push(row.clone().any(|p| {
+                mask_v[p] != 0
+                    && logit_v[p * vocab..(p + 1) * vocab]
+                        .iter()
+                        .any(|x| !x.is_finite())
+            }));
         }
-        Ok(Some(Self { ids: ids.clone(), mask: mask.clone(), prompts, poisoned }))
+        Ok(Some(Self {
+            ids: ids.clone(),
+            mask: mask.clone(),
+            prompts,
+            poisoned,
+        }))
     }
 
     fn rows(&self) -> usize {
@@ -327,20 +437,37 @@ impl PaddedBatch {
     }
 }
 
-const POISONED: &str = "reference row is NaN (transformers' fully masked pad row); compared with the prompt run alone";
+const POISONED: &str =
+    "reference row is NaN (transformers' fully masked pad row); compared with the prompt run alone";
 
 /// The padded batch's logits at unmasked positions: against the reference where it is finite,
 /// and every row against the same prompt run alone without padding.
-fn padded_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture, padded: &PaddedBatch, tol: f64) -> Result<Vec<Check>> {
+fn padded_checks<B: Backend>(
+    model: &Jamba<B>,
+    fixture: &Fixture,
+    padded: &PaddedBatch,
+    tol: f64,
+) -> Result<Vec<Check>> {
     let device = model.device();
     let vocab = model.config().vocab_size;
     let seq = padded.ids.shape[1];
-    let out = model.forward(padded.ids.to_int::<B, 2>(&device), Some(padded.mask.to_int::<B, 2>(&device)), None, &ForwardOptions::default())?;
+    let out = model.forward(
+        padded.ids.to_int::<B, 2>(&device),
+        Some(padded.mask.to_int::<B, 2>(&device)),
+        None,
+        &ForwardOptions::default(),
+    )?;
     let ours = to_vec(out.logits);
     let reference = fixture.get("padded_logits")?.f32();
     let mask = padded.mask.i64();
     let mut checks = Vec::new();
-    let row_values = |v: &[f32], r: usize| masked_rows(&v[r * seq * vocab..(r + 1) * seq * vocab], &mask[r * seq..(r + 1) * seq], vocab);
+    let row_values = |v: &[f32], r: usize| {
+        masked_rows(
+            &v[r * seq * vocab..(r + 1) * seq * vocab],
+            &mask[r * seq..(r + 1) * seq],
+            vocab,
+        )
+    };
     let (mut ours_valid, mut ref_valid) = (Vec::new(), Vec::new());
     for r in (0..padded.rows()).filter(|&r| !padded.poisoned[r]) {
         ours_valid.extend(row_values(&ours, r));
@@ -349,10 +476,16 @@ fn padded_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture, padded: &Padde
     let skipped = padded.poisoned.iter().filter(|p| **p).count();
     let mut check = Check::values("padded_logits (unmasked)", &ours_valid, &ref_valid, tol);
     if skipped > 0 {
-        check = check.with_note(format!("{skipped} NaN reference row(s) checked below instead"));
+        check = check.with_note(format!(
+            "{skipped} NaN reference row(s) checked below instead"
+        ));
     }
     checks.push(check);
-    checks.push(Check::tokens("argmax(padded_logits)", &argmax_rows(&ours_valid, vocab), &argmax_rows(&ref_valid, vocab)));
+    checks.push(Check::tokens(
+        "argmax(padded_logits)",
+        &argmax_rows(&ours_valid, vocab),
+        &argmax_rows(&ref_valid, vocab),
+    ));
     // With `mamba_proj_bias`, transformers' in_proj bias at padded positions reaches the first
     // real positions through the convolution, so a padded row legitimately differs from the
     // prompt alone (the reference comparison above covers it); without it they must agree.
@@ -361,11 +494,23 @@ fn padded_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture, padded: &Padde
     }
     for (r, prompt) in padded.prompts.iter().enumerate() {
         let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, prompt.len()]),
+            TensorData::new(
+                prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                [1, prompt.len()],
+            ),
             &device,
         );
-        let alone = to_vec(model.forward(ids, None, None, &ForwardOptions::default())?.logits);
-        let mut check = Check::values(format!("padded row {r} = alone"), &row_values(&ours, r), &alone, tol);
+        let alone = to_vec(
+            model
+                .forward(ids, None, None, &ForwardOptions::default())?
+                .logits,
+        );
+        let mut check = Check::values(
+            format!("padded row {r} = alone"),
+            &row_values(&ours, r),
+            &alone,
+            tol,
+        );
         if padded.poisoned[r] {
             check = check.with_note(POISONED);
         }
@@ -377,17 +522,29 @@ fn padded_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture, padded: &Padde
 /// Runs the prompts through the cache `chunk` tokens at a time, then feeds `continuation`
 /// one token per step; returns the logits of the last prompt position and of every step,
 /// `[batch · (steps + 1) · vocab]`.
-fn cached_logits<B: Backend>(model: &Jamba<B>, prompt: &HostTensor, continuation: &[Vec<i64>], chunk: usize) -> Result<Vec<f32>> {
+fn cached_logits<B: Backend>(
+    model: &Jamba<B>,
+    prompt: &HostTensor,
+    continuation: &[Vec<i64>],
+    chunk: usize,
+) -> Result<Vec<f32>> {
     let device = model.device();
     let (batch, seq) = (prompt.shape[0], prompt.shape[1]);
     let ids = prompt.i64();
     let mut cache = model.new_cache(batch);
-    let keep = ForwardOptions { logits_to_keep: Some(1), ..Default::default() };
+    let keep = ForwardOptions {
+        logits_to_keep: Some(1),
+        ..Default::default()
+    };
     let mut last = None;
     for begin in (0..seq).step_by(chunk.max(1)) {
         let end = (begin + chunk.max(1)).min(seq);
-        let cols: Vec<i64> = ids.chunks_exact(seq).flat_map(|r| r[begin..end].to_vec()).collect();
-        let t = Tensor::<B, 2, Int>::from_data(TensorData::new(cols, [batch, end - begin]), &device);
+        let cols: Vec<i64> = ids
+            .chunks_exact(seq)
+            .flat_map(|r| r[begin..end].to_vec())
+            .collect();
+        let t =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(cols, [batch, end - begin]), &device);
         last = Some(model.forward(t, None, Some(&mut cache), &keep)?.logits);
     }
     let mut steps = vec![last.expect("non-empty prompt")];
@@ -412,7 +569,10 @@ pub fn decode_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture) -> Result<
     let (batch, seq, total) = (prompt.shape[0], prompt.shape[1], generated.shape[1]);
     let new = total - seq;
     let gen_ids = generated.i64();
-    let continuation: Vec<Vec<i64>> = gen_ids.chunks_exact(total).map(|r| r[seq..].to_vec()).collect();
+    let continuation: Vec<Vec<i64>> = gen_ids
+        .chunks_exact(total)
+        .map(|r| r[seq..].to_vec())
+        .collect();
     // transformers' last `new + 1` positions: the prompt's last token, then each fed token.
     let full_v = full.f32();
     let reference: Vec<f32> = (0..batch)
@@ -421,15 +581,30 @@ pub fn decode_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture) -> Result<
     let mut checks = Vec::new();
     for chunk in [seq, 1, 3, 7] {
         let ours = cached_logits(model, prompt, &continuation, chunk)?;
-        let name = if chunk == seq { "cached decode vs full_logits".to_string() } else { format!("  prefill in chunks of {chunk}") };
+        let name = if chunk == seq {
+            "cached decode vs full_logits".to_string()
+        } else {
+            format!("  prefill in chunks of {chunk}")
+        };
         checks.push(Check::values(name, &ours, &reference, tol));
     }
 
-    let greedy = GenerationConfig { max_new_tokens: new, ..Default::default() };
-    let prompts: Vec<Vec<u32>> = prompt.i64().chunks_exact(seq).map(|r| r.iter().map(|&t| t as u32).collect()).collect();
+    let greedy = GenerationConfig {
+        max_new_tokens: new,
+        ..Default::default()
+    };
+    let prompts: Vec<Vec<u32>> = prompt
+        .i64()
+        .chunks_exact(seq)
+        .map(|r| r.iter().map(|&t| t as u32).collect())
+        .collect();
     let out = generate(model, &prompts, &greedy, |_, _| {})?;
     let ours: Vec<i64> = out.tokens.iter().flatten().map(|&t| t as i64).collect();
-    checks.push(Check::tokens("greedy decode vs generated", &ours, &continuation.concat()));
+    checks.push(Check::tokens(
+        "greedy decode vs generated",
+        &ours,
+        &continuation.concat(),
+    ));
 
     if let Some(padded) = PaddedBatch::from_fixture(fixture)? {
         let out = generate(model, &padded.prompts, &greedy, |_, _| {})?;
@@ -438,7 +613,11 @@ pub fn decode_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture) -> Result<
         for (r, tokens) in out.tokens.iter().enumerate() {
             let ours: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
             if !padded.poisoned[r] {
-                checks.push(Check::tokens(format!("padded greedy row {r} vs padded_generated"), &ours, &reference[(r + 1) * width - new..(r + 1) * width]));
+                checks.push(Check::tokens(
+                    format!("padded greedy row {r} vs padded_generated"),
+                    &ours,
+                    &reference[(r + 1) * width - new..(r + 1) * width],
+                ));
             }
             if model.config().mamba_proj_bias {
                 continue; // see `padded_checks`

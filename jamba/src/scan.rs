@@ -82,7 +82,10 @@ fn prepare<B: Backend>(input: &ScanInput<B>) -> Prepared<B> {
     }
     let state = match &input.initial_state {
         Some(s) => s.clone().cast(DType::F32),
-        None => Tensor::zeros([batch, channels, state_size], (&input.u.device(), DType::F32)),
+        None => Tensor::zeros(
+            [batch, channels, state_size],
+            (&input.u.device(), DType::F32),
+        ),
     };
     Prepared {
         u: f32(input.u.clone()),
@@ -126,7 +129,10 @@ pub fn selective_scan_reference<B: Backend>(input: ScanInput<B>) -> ScanOutput<B
         ys.push((h.clone() * c).sum_dim(2).reshape([batch, 1, channels]));
     }
     let y = Tensor::cat(ys, 1);
-    ScanOutput { y: finish(&input, p.u, y), state: h }
+    ScanOutput {
+        y: finish(&input, p.u, y),
+        state: h,
+    }
 }
 
 /// A chunk length that balances the two sequential loops of the chunked scan (`T` steps inside
@@ -142,36 +148,50 @@ pub fn default_chunk_len(seq: usize) -> usize {
 /// each position adds its carried-in state times its cumulative decay. Work is linear in `seq`;
 /// every factor that multiplies a state is a product of `exp(Δ·A) ≤ 1`, so nothing overflows
 /// however long the chunk (unlike a cumulative sum of `exp(−ΣΔA)`). Memory holds a few
-/// `[seq, batch, channels, state]` tensors; feed long prompts in pieces to bound it.
-pub fn selective_scan_chunked<B: Backend>(input: ScanInput<B>, chunk_len: Option<usize>) -> ScanOutput<B> {
+/// `[batch, seq, channels, state]` tensors; feed long prompts in pieces to bound it.
+pub fn selective_scan_chunked<B: Backend>(
+    input: ScanInput<B>,
+    chunk_len: Option<usize>,
+) -> ScanOutput<B> {
     let p = prepare(&input);
     let [batch, seq, channels] = p.u.dims();
     let state_size = p.a.dims()[1];
-    let chunk = chunk_len.unwrap_or_else(|| default_chunk_len(seq)).clamp(1, seq.max(1));
+    let chunk = chunk_len
+        .unwrap_or_else(|| default_chunk_len(seq))
+        .clamp(1, seq.max(1));
     let chunks = seq.div_ceil(chunk);
     let padded = chunks * chunk;
     let device = p.u.device();
 
-    // Time-major: slicing one step of every chunk then reads contiguous [batch, D, N] blocks.
-    // Padding steps have Δ = 0, so exp(Δ·A) = 1 and Δ·B·u = 0: they leave the state unchanged.
-    let time_major = |x: Tensor<B, 3>| {
-        let x = x.swap_dims(0, 1);
-        if padded == seq {
-            return x;
-        }
-        let [_, b, w] = x.dims();
-        Tensor::cat(vec![x, Tensor::zeros([padded - seq, b, w], (&device, DType::F32))], 0)
+    // The big [.., D, N] tensors are laid out [batch, step-in-chunk, chunk, D, N], so that one
+    // step of every chunk is one contiguous block: only the small [batch, seq, D] inputs are
+    // permuted. Padding steps have Δ = 0, so exp(Δ·A) = 1 and Δ·B·u = 0: they leave the state
+    // unchanged.
+    let by_step = |x: Tensor<B, 3>| {
+        let [b, _, w] = x.dims();
+        let x = if padded == seq {
+            x
+        } else {
+            Tensor::cat(
+                vec![
+                    x,
+                    Tensor::zeros([b, padded - seq, w], (&device, DType::F32)),
+                ],
+                1,
+            )
+        };
+        x.reshape([b, chunks, chunk, w]).swap_dims(1, 2) // [b, T, chunks, w]
     };
-    let delta = time_major(p.delta).unsqueeze_dim::<4>(3); // [T', b, D, 1]
-    let u_tm = time_major(p.u.clone()).unsqueeze_dim::<4>(3);
-    let b_tm = time_major(p.b).unsqueeze_dim::<4>(2); // [T', b, 1, N]
-    let a = p.a.reshape([1, 1, channels, state_size]);
-    let shape5 = [chunks, chunk, batch, channels, state_size];
-    let decay = (delta.clone() * a).exp().reshape(shape5);
-    let drive = (delta * u_tm * b_tm).reshape(shape5);
+    let delta = by_step(p.delta).unsqueeze_dim::<5>(4); // [b, T, chunks, D, 1]
+    let u5 = by_step(p.u.clone()).unsqueeze_dim::<5>(4);
+    let b5 = by_step(p.b).unsqueeze_dim::<5>(3); // [b, T, chunks, 1, N]
+    let c5 = by_step(p.c).unsqueeze_dim::<5>(3);
+    let a = p.a.reshape([1, 1, 1, channels, state_size]);
+    let decay = (delta.clone() * a).exp(); // [b, T, chunks, D, N]
+    let drive = delta * u5 * b5;
 
     // 1. Every chunk from a zero state; `cumulative` is the product of decays since chunk start.
-    let at = |x: &Tensor<B, 5>, t: usize| x.clone().slice([0..chunks, t..t + 1]);
+    let at = |x: &Tensor<B, 5>, t: usize| x.clone().slice([0..batch, t..t + 1]);
     let mut h = at(&drive, 0);
     let mut cumulative = at(&decay, 0);
     let mut hs = Vec::with_capacity(chunk);
@@ -186,29 +206,35 @@ pub fn selective_scan_chunked<B: Backend>(input: ScanInput<B>, chunk_len: Option
         cs.push(cumulative.clone());
     }
     drop((decay, drive));
-    let local = Tensor::cat(hs, 1);
-    let cumulative = Tensor::cat(cs, 1);
 
-    // 2. Carry the boundary states across chunks.
-    let last = |x: &Tensor<B, 5>| x.clone().slice([0..chunks, chunk - 1..chunk]);
-    let (local_end, decay_end) = (last(&local), last(&cumulative));
-    let mut carry = p.state.unsqueeze::<5>(); // [1, 1, b, D, N]
+    // 2. Carry the boundary states across chunks: `h` and `cumulative` now hold each chunk's
+    //    end state and total decay, [b, 1, chunks, D, N].
+    let mut carry = p.state.reshape([batch, 1, 1, channels, state_size]);
     let mut carried = Vec::with_capacity(chunks);
     for c in 0..chunks {
         carried.push(carry.clone());
-        let pick = |x: &Tensor<B, 5>| x.clone().slice([c..c + 1]);
-        carry = pick(&decay_end) * carry + pick(&local_end);
+        let pick = |x: &Tensor<B, 5>| x.clone().slice([0..batch, 0..1, c..c + 1]);
+        carry = pick(&cumulative) * carry + pick(&h);
     }
-    let carried = Tensor::cat(carried, 0); // [chunks, 1, b, D, N]
+    let carried = Tensor::cat(carried, 2); // [b, 1, chunks, D, N]
 
-    // 3. Every position adds its carried-in state, decayed to it.
-    let states = (local + cumulative * carried)
-        .reshape([padded, batch, channels, state_size])
-        .slice([0..seq]);
-    let c_tm = p.c.swap_dims(0, 1).unsqueeze_dim::<4>(2); // [T, b, 1, N]
-    let y = (states * c_tm).sum_dim(3).reshape([seq, batch, channels]).swap_dims(0, 1);
+    // 3. Every position adds its carried-in state, decayed to it, and contracts with C.
+    let ys: Vec<Tensor<B, 5>> = hs
+        .into_iter()
+        .zip(cs)
+        .zip(0..chunk)
+        .map(|((h, cum), t)| ((h + cum * carried.clone()) * at(&c5, t)).sum_dim(4))
+        .collect();
+    let y = Tensor::cat(ys, 1) // [b, T, chunks, D, 1]
+        .reshape([batch, chunk, chunks, channels])
+        .swap_dims(1, 2)
+        .reshape([batch, padded, channels])
+        .slice([0..batch, 0..seq]);
     let state = carry.reshape([batch, channels, state_size]);
-    ScanOutput { y: finish(&input, p.u, y), state }
+    ScanOutput {
+        y: finish(&input, p.u, y),
+        state,
+    }
 }
 
 /// The scan the model uses: step by step for a few tokens (decoding), chunked otherwise.

@@ -19,7 +19,9 @@ pub struct JambaTokenizer {
 
 impl std::fmt::Debug for JambaTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JambaTokenizer").field("vocab_size", &self.vocab_size()).finish()
+        f.debug_struct("JambaTokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .finish()
     }
 }
 
@@ -34,20 +36,26 @@ impl JambaTokenizer {
 
     /// Parses the contents of a `tokenizer.json`.
     pub fn from_bytes(json: &[u8]) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(json).map_err(|e| JambaError::Tokenizer(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(json)
+            .map_err(|e| JambaError::Tokenizer(e.to_string()))?;
         Ok(Self { inner })
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's template (e.g. a
     /// beginning-of-sequence token), as transformers does by default.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| JambaError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| JambaError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| JambaError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| JambaError::Tokenizer(e.to_string()))
     }
 
     /// Vocabulary size, added tokens included.
@@ -87,7 +95,11 @@ pub struct TextStream<'a> {
 impl<'a> TextStream<'a> {
     /// An empty stream.
     pub fn new(tokenizer: &'a JambaTokenizer) -> Self {
-        Self { tokenizer, ids: Vec::new(), emitted: 0 }
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
     }
 
     /// Adds a token; returns the text it completes, if any.

@@ -14,8 +14,13 @@ pub fn configs_dir() -> PathBuf {
 }
 
 /// The fixtures every parity test must cover; a missing one fails loudly.
-pub const FIXTURES: [&str; 5] =
-    ["tiny-jamba", "tiny-jamba-v01-pattern", "tiny-mamba-dense-tied", "tiny-jamba-bf16", "tiny-jamba-long"];
+pub const FIXTURES: [&str; 5] = [
+    "tiny-jamba",
+    "tiny-jamba-v01-pattern",
+    "tiny-mamba-dense-tied",
+    "tiny-jamba-bf16",
+    "tiny-jamba-long",
+];
 
 /// The folder of fixture `name`, or a panic that says where it was looked for.
 pub fn fixture(name: &str) -> PathBuf {
@@ -44,7 +49,10 @@ pub fn all_fixtures() -> Vec<PathBuf> {
 
 /// A fresh, empty temporary folder.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let dir = std::env::temp_dir().join(format!("jamba-test-{tag}-{}-{nanos}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -57,7 +65,9 @@ pub fn copy_fixture(name: &str) -> PathBuf {
     for entry in std::fs::read_dir(&src).unwrap() {
         let path = entry.unwrap().path();
         std::fs::copy(&path, dst.join(path.file_name().unwrap())).unwrap();
-        let mut perms = std::fs::metadata(dst.join(path.file_name().unwrap())).unwrap().permissions();
+        let mut perms = std::fs::metadata(dst.join(path.file_name().unwrap()))
+            .unwrap()
+            .permissions();
         #[allow(clippy::permissions_set_readonly_false)]
         perms.set_readonly(false);
         std::fs::set_permissions(dst.join(path.file_name().unwrap()), perms).unwrap();
@@ -68,9 +78,15 @@ pub fn copy_fixture(name: &str) -> PathBuf {
 /// A seed that differs from run to run (printed, so a failure can be replayed with
 /// `JAMBA_TEST_SEED`).
 pub fn fresh_seed() -> u64 {
-    let seed = std::env::var("JAMBA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
+    let seed = std::env::var("JAMBA_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
     eprintln!("random seed: {seed} (set JAMBA_TEST_SEED={seed} to replay)");
     seed
 }
