@@ -248,10 +248,12 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
             cache_bytes,
             error,
         );
-        bar.suspend(|| eprintln!("{}", format!(
-            "prefill b={} len={len}: {:.1} tokens/s ({:.4}s)",
-            r.batch, r.tokens_per_sec, r.median_secs
-        ));
+        bar.suspend(|| {
+            eprintln!(
+                "prefill b={} len={len}: {:.1} tokens/s ({:.4}s)",
+                r.batch, r.tokens_per_sec, r.median_secs
+            )
+        });
         rows.push(r);
         bar.inc(1);
     }
@@ -307,12 +309,14 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
                 cache_bytes,
                 error,
             );
-            bar.suspend(|| eprintln!("{}", format!(
-                "decode b={batch} context={context}: {:.1} tokens/s ({:.2} ms/step), cache {:.1} MiB",
-                r.tokens_per_sec,
-                r.median_secs * 1e3 / args.decode_steps as f64,
-                r.cache_bytes as f64 / (1 << 20) as f64
-            )));
+            bar.suspend(|| {
+                eprintln!(
+                    "decode b={batch} context={context}: {:.1} tokens/s ({:.2} ms/step), cache {:.1} MiB",
+                    r.tokens_per_sec,
+                    r.median_secs * 1e3 / args.decode_steps as f64,
+                    r.cache_bytes as f64 / (1 << 20) as f64
+                )
+            });
             rows.push(r);
             bar.inc(1);
         }
