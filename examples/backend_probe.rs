@@ -79,6 +79,25 @@ fn run<B: Backend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
     // The fixture's own prompts, layer by layer (longer sequences take the chunked scan).
     let fixture = jamba::reference::Fixture::open(dir)?;
     let ids = fixture.get("input_ids")?.to_int::<B, 2>(device);
+    match ids.clone().max().try_into_data() {
+        Ok(d) => println!("ok   fixture ids max {:?}", d.convert::<i64>().into_vec::<i64>().unwrap()),
+        Err(e) => println!("FAIL fixture ids max: {e:?}"),
+    }
+    let plain = model.forward(ids.clone(), None, None, &Default::default())?;
+    probe("fixture prompt, forward logits", &plain.logits);
+    let opts = jamba::ForwardOptions { output_hidden_states: true, ..Default::default() };
+    let out = model.forward(ids.clone(), None, None, &opts)?;
+    for (i, h) in out.hidden_states.iter().enumerate() {
+        probe(&format!("fixture prompt, hidden.{i}"), h);
+    }
+    let opts = jamba::ForwardOptions { output_router_logits: true, ..Default::default() };
+    let out = model.forward(ids.clone(), None, None, &opts)?;
+    for (i, r) in &out.router_logits {
+        probe(&format!("fixture prompt, router_logits.{i}"), r);
+    }
+    if let Some(aux) = &out.aux_loss {
+        probe("fixture prompt, aux_loss", aux);
+    }
     let masks = jamba::layer::LayerMasks {
         attention: None,
         keep: None,
