@@ -22,6 +22,12 @@ fn probe<B: Backend, const D: usize>(stage: &str, t: &Tensor<B, D>) -> bool {
 }
 
 fn run<B: Backend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
+    if std::env::var_os("PROBE_SUPPORTS_DTYPE").is_some() {
+        println!(
+            "supports_dtype(F32) = {}",
+            B::supports_dtype(device, DType::F32)
+        );
+    }
     let up = Tensor::<B, 2>::from_data(TensorData::new(vec![1f32; 12], [3, 4]), device);
     probe("upload [3,4]", &up);
     let up3 = Tensor::<B, 3>::from_data(TensorData::new(vec![1f32; 12], [4, 1, 3]), device);
@@ -80,17 +86,26 @@ fn run<B: Backend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
     let fixture = jamba::reference::Fixture::open(dir)?;
     let ids = fixture.get("input_ids")?.to_int::<B, 2>(device);
     match ids.clone().max().try_into_data() {
-        Ok(d) => println!("ok   fixture ids max {:?}", d.convert::<i64>().into_vec::<i64>().unwrap()),
+        Ok(d) => println!(
+            "ok   fixture ids max {:?}",
+            d.convert::<i64>().into_vec::<i64>().unwrap()
+        ),
         Err(e) => println!("FAIL fixture ids max: {e:?}"),
     }
     let plain = model.forward(ids.clone(), None, None, &Default::default())?;
     probe("fixture prompt, forward logits", &plain.logits);
-    let opts = jamba::ForwardOptions { output_hidden_states: true, ..Default::default() };
+    let opts = jamba::ForwardOptions {
+        output_hidden_states: true,
+        ..Default::default()
+    };
     let out = model.forward(ids.clone(), None, None, &opts)?;
     for (i, h) in out.hidden_states.iter().enumerate() {
         probe(&format!("fixture prompt, hidden.{i}"), h);
     }
-    let opts = jamba::ForwardOptions { output_router_logits: true, ..Default::default() };
+    let opts = jamba::ForwardOptions {
+        output_router_logits: true,
+        ..Default::default()
+    };
     let out = model.forward(ids.clone(), None, None, &opts)?;
     for (i, r) in &out.router_logits {
         probe(&format!("fixture prompt, router_logits.{i}"), r);
