@@ -224,25 +224,21 @@ fn state_carries_across_calls() {
     let p = Problem::random(&mut rng, 2, 40, 6, 4, [true, true, true, true]);
     let whole = selective_scan_chunked(p.input(), None);
     let input = p.input();
-    let split = |t: &Tensor<B, 3>, r: std::ops::Range<usize>| t.clone().slice([0..2, r]);
-    let first = ScanInput {
-        u: split(&input.u, 0..25),
-        delta: split(&input.delta, 0..25),
-        b: split(&input.b, 0..25),
-        c: split(&input.c, 0..25),
-        z: input.z.as_ref().map(|z| split(z, 0..25)),
-        ..input.clone()
+    // The time steps `r` of the input, starting from `initial_state`.
+    let part = |r: std::ops::Range<usize>, initial_state| {
+        let split = |t: &Tensor<B, 3>| t.clone().slice([0..2, r.clone()]);
+        ScanInput {
+            u: split(&input.u),
+            delta: split(&input.delta),
+            b: split(&input.b),
+            c: split(&input.c),
+            z: input.z.as_ref().map(split),
+            initial_state,
+            ..input.clone()
+        }
     };
-    let a = selective_scan_chunked(first, Some(4));
-    let second = ScanInput {
-        u: split(&input.u, 25..40),
-        delta: split(&input.delta, 25..40),
-        b: split(&input.b, 25..40),
-        c: split(&input.c, 25..40),
-        z: input.z.as_ref().map(|z| split(z, 25..40)),
-        initial_state: Some(a.state),
-        ..input
-    };
+    let a = selective_scan_chunked(part(0..25, input.initial_state.clone()), Some(4));
+    let second = part(25..40, Some(a.state));
     let b = selective_scan_reference(second);
     let y = Tensor::cat(vec![a.y, b.y], 1);
     assert!(rel_err(&to_vec(y), &to_vec(whole.y)) < 1e-6);
