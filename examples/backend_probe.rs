@@ -21,7 +21,7 @@ fn probe<B: Backend, const D: usize>(stage: &str, t: &Tensor<B, D>) -> bool {
     }
 }
 
-fn run<B: Backend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
+fn run<B: jamba::JambaBackend>(dir: &str, device: &B::Device) -> jamba::Result<()> {
     if std::env::var_os("PROBE_SUPPORTS_DTYPE").is_some() {
         println!(
             "supports_dtype(F32) = {}",

@@ -25,16 +25,20 @@ pub fn run(args: CheckArgs) -> jamba::Result<ExitCode> {
     jamba::with_backend!(args.backend, |B, device| check::<B>(&args, &device))
 }
 
-fn check<B: burn::tensor::backend::Backend>(
-    args: &CheckArgs,
-    device: &B::Device,
-) -> jamba::Result<ExitCode> {
+fn check<B: jamba::JambaBackend>(args: &CheckArgs, device: &B::Device) -> jamba::Result<ExitCode> {
     let options = LoadOptions {
         dtype: Some(args.dtype.into()),
         ..Default::default()
     };
     let start = std::time::Instant::now();
     let model = Jamba::<B>::from_pretrained(&args.dir, device, &options)?;
+    // Surface an asynchronous device error from the upload here, not at the first read.
+    B::sync(device).map_err(|e| {
+        jamba::JambaError::Input(format!(
+            "device error while loading {}: {e:?}",
+            args.dir.display()
+        ))
+    })?;
     println!(
         "loaded {} in {:.2?} ({:?}, {:?})",
         args.dir.display(),

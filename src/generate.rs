@@ -111,7 +111,10 @@ fn load<B: Backend>(
     Ok((model, tokenizer))
 }
 
-fn run_on<B: Backend>(args: &GenerateArgs, device: &B::Device) -> jamba::Result<ExitCode> {
+fn run_on<B: jamba::JambaBackend>(
+    args: &GenerateArgs,
+    device: &B::Device,
+) -> jamba::Result<ExitCode> {
     let (model, tokenizer) = load::<B>(args, device)?;
     let mut prompts = Vec::new();
     for text in &args.prompt {

@@ -8,7 +8,6 @@
 
 mod common;
 
-use burn::tensor::backend::Backend;
 use jamba::reference::{Check, Fixture, decode_checks, parity_checks};
 use jamba::{Jamba, LoadOptions};
 
@@ -36,7 +35,7 @@ fn report(checks: &[Check]) -> String {
 /// Loads fixture `name` on backend `B`, runs every check, and fails listing every row if any row
 /// fails. `scale` widens the f32 tolerance for backends whose transcendental functions are less
 /// accurate than the CPU's (see the wgpu module).
-pub fn run_fixture<B: Backend>(name: &str, device: &B::Device, scale: f64) {
+pub fn run_fixture<B: jamba::JambaBackend>(name: &str, device: &B::Device, scale: f64) {
     let dir = common::fixture(name);
     let model = Jamba::<B>::from_pretrained(&dir, device, &LoadOptions::default()).unwrap();
     let fixture = Fixture::open(&dir).unwrap();

@@ -1,19 +1,37 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine, from a folder holding the stripped `jamba` and `jamba-bench` CUDA
-# binaries, `fixtures/` and `configs/` (copies of ../shared). Build them here with
-#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda -p jamba-cli -p jamba-bench
-# then copy them (stripped; xz them to fit the 64 MiB transfer) with ../shared/{fixtures,configs}.
+# Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
+# `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
+# (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
+# Usage: bash run-h200.sh [tests|kernels|model|all]   (default all)
 set -u
 OUT=${OUT:-out}
+WHAT=${1:-all}
 mkdir -p "$OUT"
+export JAMBA_FIXTURES=$PWD/fixtures RUST_BACKTRACE=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
-if [ -x ./backend_probe ]; then echo "== stage-by-stage probe"; ./backend_probe cuda fixtures/tiny-jamba | tail -4; fi
-echo "== parity on CUDA, f32"
-for f in fixtures/*/; do ./jamba check "$f" --backend cuda 2>&1 | grep -v "^hidden\|^router" ; done
-echo "== parity on CUDA, bf16 compute"
-./jamba check fixtures/tiny-jamba-bf16 --backend cuda --dtype bf16 2>&1 | grep -v "^hidden\|^router"
-echo "== bench-jamba-1b, bf16"
-./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-  --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
-  --out "$OUT/h200-bench-jamba-1b-bf16.json" > /dev/null
+nvidia-smi -q -d CLOCK | grep -A4 "Applications Clocks\|Clocks Event Reasons" | head -20
+if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
+  echo "== kernel tests on CUDA (grid vs f64 loop, poisoned outputs; half inputs)"
+  ./kernels --test-threads 1 2>&1 | tail -12
+  echo "== parity tests on CUDA (every fixture; kernels on)"
+  ./parity cuda --test-threads 1 2>&1 | tail -12
+  echo "== jamba check on CUDA, f32"
+  for f in fixtures/*/; do ./jamba check "$f" --backend cuda 2>&1 | grep -v "^hidden\|^router" | tail -6; done
+  echo "== jamba check on CUDA, bf16 compute"
+  ./jamba check fixtures/tiny-jamba-bf16 --backend cuda --dtype bf16 2>&1 | grep -v "^hidden\|^router" | tail -6
+fi
+if [ "$WHAT" = kernels ] || [ "$WHAT" = all ]; then
+  echo "== kernels: fused vs tensor ops, and against mamba_ssm's table"
+  ./jamba-bench kernels --backend cuda --out "$OUT/h200-kernels.json" 2>&1
+fi
+if [ "$WHAT" = model ] || [ "$WHAT" = all ]; then
+  echo "== bench-jamba-1b, bf16 (kernels on)"
+  ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+    --out "$OUT/h200-bench-jamba-1b-bf16.json" > /dev/null
+  echo "== bench-jamba-1b, bf16, kernels off (JAMBA_KERNELS=off: the tensor-op path)"
+  JAMBA_KERNELS=off ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+    --out "$OUT/h200-bench-jamba-1b-bf16-kernels-off.json" > /dev/null
+fi
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv

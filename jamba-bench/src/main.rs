@@ -19,6 +19,8 @@ use jamba::generation::SplitMix64;
 use jamba::{ForwardOptions, Jamba, JambaConfig, JambaError};
 use serde::Serialize;
 
+mod kernels;
+
 #[derive(Parser)]
 #[command(name = "jamba-bench", version, about)]
 struct Cli {
@@ -32,6 +34,9 @@ enum Command {
     Throughput(ThroughputArgs),
     /// Parameters and cache sizes of the published configurations, next to the paper's Table 1.
     Tables(TablesArgs),
+    /// The selective scan, decoding state update and conv1d: the backend's path (fused kernels
+    /// on CubeCL backends) against the tensor-op path, with bandwidth against the floor.
+    Kernels(kernels::KernelArgs),
 }
 
 #[derive(Args, Clone)]
@@ -105,6 +110,10 @@ fn main() {
             jamba::with_backend!(a.backend, |B, device| throughput::<B>(&args, &device))
         }
         Command::Tables(args) => tables(&args),
+        Command::Kernels(args) => {
+            let a = args.clone();
+            jamba::with_backend!(a.backend, |B, device| kernels::run::<B>(&args, &device))
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
@@ -131,7 +140,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Feeds `len` random tokens per row through `cache` (in chunks), returning the last logits.
-fn prefill<B: Backend>(
+fn prefill<B: jamba::JambaBackend>(
     model: &Jamba<B>,
     cache: &mut jamba::JambaCache<B>,
     rng: &mut SplitMix64,
@@ -157,11 +166,14 @@ fn prefill<B: Backend>(
     Ok(logits.expect("len > 0"))
 }
 
-fn sync<B: Backend>(device: &B::Device) -> jamba::Result<()> {
+pub(crate) fn sync<B: Backend>(device: &B::Device) -> jamba::Result<()> {
     B::sync(device).map_err(|e| JambaError::Input(format!("device error: {e:?}")))
 }
 
-fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::Result<()> {
+fn throughput<B: jamba::JambaBackend>(
+    args: &ThroughputArgs,
+    device: &B::Device,
+) -> jamba::Result<()> {
     let config = JambaConfig::from_file(&args.config)?;
     if !B::supports_dtype(device, args.dtype) {
         return Err(JambaError::Input(format!(
@@ -326,39 +338,59 @@ fn throughput<B: Backend>(args: &ThroughputArgs, device: &B::Device) -> jamba::R
         "{}",
         serde_json::to_string_pretty(&rows).expect("rows serialise")
     );
-    if let Some(out) = &args.out {
-        let write = |path: &std::path::Path, text: String| {
-            std::fs::write(path, text).map_err(|e| JambaError::Io {
-                path: path.to_path_buf(),
-                source: e,
-            })
-        };
-        write(
-            out,
-            serde_json::to_string_pretty(&rows).expect("rows serialise"),
-        )?;
-        let mut csv = String::from(
-            "config,backend,dtype,phase,batch,context,tokens,median_secs,tokens_per_sec,cache_bytes,error\n",
-        );
-        for r in &rows {
-            csv += &format!(
-                "{},{},{},{},{},{},{},{},{},{},{}\n",
-                r.config,
-                r.backend,
-                r.dtype,
-                r.phase,
-                r.batch,
-                r.context,
-                r.tokens,
-                r.median_secs,
-                r.tokens_per_sec,
-                r.cache_bytes,
-                r.error.clone().unwrap_or_default().replace(',', ";")
-            );
+    write_rows(args.out.as_deref(), &rows)
+}
+
+/// Writes `rows` to `out` as JSON and, beside it, as CSV (one column per field).
+pub(crate) fn write_rows<T: Serialize>(
+    out: Option<&std::path::Path>,
+    rows: &[T],
+) -> jamba::Result<()> {
+    let Some(out) = out else { return Ok(()) };
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::write(path, text).map_err(|e| JambaError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    };
+    let values: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("rows serialise"))
+        .collect();
+    write(
+        out,
+        serde_json::to_string_pretty(&values).expect("rows serialise"),
+    )?;
+    let mut csv = String::new();
+    if let Some(serde_json::Value::Object(first)) = values.first() {
+        csv += &first.keys().cloned().collect::<Vec<_>>().join(",");
+        csv.push('\n');
+        for v in &values {
+            let cells: Vec<String> = first
+                .keys()
+                .map(|k| match &v[k] {
+                    serde_json::Value::Null => String::new(),
+                    serde_json::Value::String(s) => s.replace(',', ";"),
+                    other => other.to_string(),
+                })
+                .collect();
+            csv += &cells.join(",");
+            csv.push('\n');
         }
-        write(&out.with_extension("csv"), csv)?;
     }
-    Ok(())
+    write(&out.with_extension("csv"), csv)
+}
+
+/// Parses `AxBxC` into `N` sizes.
+pub(crate) fn parse_shape<const N: usize>(s: &str) -> jamba::Result<[usize; N]> {
+    let parts: Vec<usize> = s
+        .split('x')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| JambaError::Input(format!("bad shape `{s}`: {e}")))?;
+    parts
+        .try_into()
+        .map_err(|_| JambaError::Input(format!("shape `{s}` needs {N} sizes separated by `x`")))
 }
 
 fn tables(args: &TablesArgs) -> jamba::Result<()> {

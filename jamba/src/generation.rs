@@ -1,6 +1,7 @@
 //! Text generation over the hybrid cache: batched left-padded prefill (optionally in chunks),
 //! then one decode step per token, with greedy, temperature, top-k and top-p sampling.
 
+use crate::ops::JambaBackend;
 use std::time::Instant;
 
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
@@ -243,7 +244,7 @@ pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<i64>, Vec<i64>, usize) {
 /// let out = generate(&model, &[vec![5, 6, 7], vec![8]], &config, |_, _| {}).unwrap();
 /// assert_eq!(out.tokens[1].len(), 4);
 /// ```
-pub fn generate<B: Backend>(
+pub fn generate<B: JambaBackend>(
     model: &Jamba<B>,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,

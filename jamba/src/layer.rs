@@ -1,6 +1,7 @@
 //! One decoder layer: pre-norm mixer (attention or Mamba) and pre-norm feed-forward (MLP or
 //! mixture of experts), each with a residual connection.
 
+use crate::ops::JambaBackend;
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
 
@@ -91,7 +92,9 @@ impl<B: Backend> DecoderLayer<B> {
             feed_forward,
         }
     }
+}
 
+impl<B: JambaBackend> DecoderLayer<B> {
     /// Runs the layer; returns its output and, for a MoE layer, the router logits
     /// `[batch · seq, num_experts]`.
     pub fn forward(

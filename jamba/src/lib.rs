@@ -19,7 +19,7 @@
 //! ```
 //!
 //! One module per concept: [`config`], [`norm`], [`attention`], [`mamba`] (with the selective
-//! scan in [`scan`]), [`mlp`], [`moe`], [`layer`], [`model`], [`cache`], [`loading`],
+//! scan in [`scan`] and the backend extension with the fused kernels in [`ops`]), [`mlp`], [`moe`], [`layer`], [`model`], [`cache`], [`loading`],
 //! [`reference`] (the fixture format used for parity checks).
 
 pub mod attention;
@@ -35,6 +35,7 @@ pub mod mlp;
 pub mod model;
 pub mod moe;
 pub mod norm;
+pub mod ops;
 pub mod reference;
 pub mod scan;
 #[cfg(feature = "tokenizer")]
@@ -45,3 +46,11 @@ pub use config::JambaConfig;
 pub use error::{JambaError, Result};
 pub use loading::LoadOptions;
 pub use model::{ForwardOptions, Jamba, JambaOutput};
+pub use ops::JambaBackend;
+
+/// Burn's CubeCL backend, whose tensors the [`kernels`] take.
+#[cfg(feature = "kernels")]
+pub use burn_cubecl;
+/// The CubeCL kernels (for direct use and tests), with the `kernels` feature.
+#[cfg(feature = "kernels")]
+pub use jamba_kernels as kernels;

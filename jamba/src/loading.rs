@@ -414,8 +414,16 @@ impl<B: Backend> Jamba<B> {
                         config.mamba_d_conv,
                     );
                     let m = format!("{p}.mamba");
-                    let conv_weight =
-                        w.tensor::<B, 3>(&format!("{m}.conv1d.weight"), [inner, 1, k], device)?;
+                    // Checked against the checkpoint's [inner, 1, k], uploaded as [inner, k]:
+                    // CUDA's copy engine rejects the strides Burn gives a middle unit dimension
+                    // (IoError::UnsupportedStrides, which poisoned the stream in `jamba check`).
+                    let conv_weight = Tensor::<B, 2>::from_data(
+                        TensorData::new(
+                            w.take_values(&format!("{m}.conv1d.weight"), &[inner, 1, k])?,
+                            [inner, k],
+                        ),
+                        (device, w.dtype()),
+                    );
                     Mixer::Mamba(MambaMixer {
                         in_proj: w.linear(
                             &format!("{m}.in_proj"),
@@ -424,7 +432,7 @@ impl<B: Backend> Jamba<B> {
                             config.mamba_proj_bias,
                             device,
                         )?,
-                        conv_weight: Param::from_tensor(conv_weight.reshape([inner, k])),
+                        conv_weight: Param::from_tensor(conv_weight),
                         conv_bias: if config.mamba_conv_bias {
                             Some(w.param(&format!("{m}.conv1d.bias"), [inner], device)?)
                         } else {

@@ -4,10 +4,11 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::module::linear;
-use burn::tensor::{DType, Distribution, Tensor, activation::silu, backend::Backend};
+use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 
 use crate::cache::MambaState;
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::ops::{ConvInput, JambaBackend};
 use crate::scan::{ScanInput, selective_scan};
 
 /// Configuration of [`MambaMixer`].
@@ -147,7 +148,9 @@ impl<B: Backend> MambaMixer<B> {
     pub fn d_conv(&self) -> usize {
         self.conv_weight.dims()[1]
     }
+}
 
+impl<B: JambaBackend> MambaMixer<B> {
     /// Mixes `x` `[batch, seq, hidden]`.
     ///
     /// `keep` is `[batch, seq, 1]`, 1 for real tokens and 0 for padding: as in the reference, the
@@ -175,8 +178,15 @@ impl<B: Backend> MambaMixer<B> {
             Some(state) => (Some(state.conv.clone()), Some(state.ssm.clone())),
             None => (None, None),
         };
-        let (conv_out, conv_state) = self.causal_conv(xs, prefix);
-        let u = masked(silu(conv_out));
+        let conv = B::causal_conv1d(ConvInput {
+            x: xs,
+            weight: self.conv_weight.val(),
+            bias: self.conv_bias.as_ref().map(|b| b.val()),
+            prefix,
+            silu: true,
+        });
+        let conv_state = conv.state;
+        let u = masked(conv.y);
 
         let (r, n) = (self.dt_rank, self.d_state);
         let dbc = self.x_proj.forward(u.clone());
@@ -211,36 +221,21 @@ impl<B: Backend> MambaMixer<B> {
         self.out_proj.forward(out.y.cast(dtype))
     }
 
-    /// Depthwise causal convolution over time (plus bias), continuing from `prefix`, the last
-    /// `d_conv − 1` inputs before `x` (zeros when absent). Returns the output and the new prefix.
+    /// Depthwise causal convolution over time (plus bias, no activation), continuing from
+    /// `prefix`, the last `d_conv − 1` inputs before `x` (zeros when absent). Returns the output
+    /// and the new prefix.
     pub fn causal_conv(
         &self,
         x: Tensor<B, 3>,
         prefix: Option<Tensor<B, 3>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let [batch, seq, inner] = x.dims();
-        let k = self.d_conv();
-        let prefix = prefix
-            .unwrap_or_else(|| Tensor::zeros([batch, k - 1, inner], (&x.device(), x.dtype())));
-        let padded = Tensor::cat(vec![prefix, x], 1);
-        let weight = self.conv_weight.val(); // [inner, k]
-        let mut out: Option<Tensor<B, 3>> = None;
-        for j in 0..k {
-            let tap = weight
-                .clone()
-                .slice([0..inner, j..j + 1])
-                .reshape([1, 1, inner]);
-            let term = padded.clone().slice([0..batch, j..j + seq]) * tap;
-            out = Some(match out {
-                Some(acc) => acc + term,
-                None => term,
-            });
-        }
-        let mut out = out.expect("d_conv ≥ 1");
-        if let Some(bias) = &self.conv_bias {
-            out = out + bias.val().reshape([1, 1, inner]);
-        }
-        let state = padded.slice([0..batch, seq..seq + k - 1]);
-        (out, state)
+        let out = B::causal_conv1d(ConvInput {
+            x,
+            weight: self.conv_weight.val(),
+            bias: self.conv_bias.as_ref().map(|b| b.val()),
+            prefix,
+            silu: false,
+        });
+        (out.y, out.state)
     }
 }

@@ -1,6 +1,7 @@
 //! The Jamba causal language model (`JambaForCausalLM`): embedding, decoder layers, final norm
 //! and language-model head.
 
+use crate::ops::JambaBackend;
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::tensor::module::linear;
@@ -129,7 +130,9 @@ impl<B: Backend> Jamba<B> {
     pub fn new_cache(&self, batch: usize) -> JambaCache<B> {
         JambaCache::new(self.config(), batch, self.dtype(), &self.device())
     }
+}
 
+impl<B: JambaBackend> Jamba<B> {
     /// Runs the model over `input_ids` `[batch, seq]`.
     ///
     /// `attention_mask` `[batch, seq]` marks real tokens with 1 and padding with 0 (left padding
@@ -176,6 +179,7 @@ impl<B: Backend> Jamba<B> {
         let masks = LayerMasks { attention, keep };
 
         let mut x = self.embed_tokens.forward(input_ids);
+        debug_sync::<B>(&device, "the embedding")?;
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();
         let layers = self.layers.len();
@@ -185,6 +189,7 @@ impl<B: Backend> Jamba<B> {
             }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let (y, logits) = layer.forward(x, &masks, layer_cache);
+            debug_sync::<B>(&device, &format!("layer {i}"))?;
             x = y;
             if let (true, Some(logits)) = (options.output_router_logits, logits) {
                 router_logits.push((i, logits));
@@ -284,4 +289,15 @@ impl<B: Backend> Jamba<B> {
             })
             .collect()
     }
+}
+
+/// With `JAMBA_DEBUG_SYNC=1`, waits for the device after each stage of the forward and turns an
+/// asynchronous device error into an error that names the stage (GPU backends report errors
+/// at the next synchronisation, far from their cause).
+fn debug_sync<B: Backend>(device: &B::Device, stage: &str) -> Result<()> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("JAMBA_DEBUG_SYNC").is_some_and(|v| v != "0")) {
+        return Ok(());
+    }
+    B::sync(device).map_err(|e| JambaError::Input(format!("device error after {stage}: {e:?}")))
 }

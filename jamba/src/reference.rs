@@ -5,6 +5,7 @@
 //! over the fixture's inputs and compares every output; the `jamba check` command and the test
 //! suite both print or assert its rows.
 
+use crate::ops::JambaBackend;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -287,7 +288,7 @@ pub fn masked_rows(values: &[f32], mask: &[i64], width: usize) -> Vec<f32> {
 /// Runs `model` over the fixture's prompts and compares what a single forward pass gives:
 /// logits, every hidden state, every router logit, the auxiliary loss, the padded batch's logits
 /// at unmasked positions, and the greedy argmax at every position.
-pub fn parity_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture) -> Result<Vec<Check>> {
+pub fn parity_checks<B: JambaBackend>(model: &Jamba<B>, fixture: &Fixture) -> Result<Vec<Check>> {
     let device = model.device();
     let tol = fixture.tolerance(model.dtype());
     let vocab = model.config().vocab_size;
@@ -442,7 +443,7 @@ const POISONED: &str =
 
 /// The padded batch's logits at unmasked positions: against the reference where it is finite,
 /// and every row against the same prompt run alone without padding.
-fn padded_checks<B: Backend>(
+fn padded_checks<B: JambaBackend>(
     model: &Jamba<B>,
     fixture: &Fixture,
     padded: &PaddedBatch,
@@ -522,7 +523,7 @@ fn padded_checks<B: Backend>(
 /// Runs the prompts through the cache `chunk` tokens at a time, then feeds `continuation`
 /// one token per step; returns the logits of the last prompt position and of every step,
 /// `[batch · (steps + 1) · vocab]`.
-fn cached_logits<B: Backend>(
+fn cached_logits<B: JambaBackend>(
     model: &Jamba<B>,
     prompt: &HostTensor,
     continuation: &[Vec<i64>],
@@ -559,7 +560,7 @@ fn cached_logits<B: Backend>(
 /// Inference checks: prefill-then-decode logits against `full_logits` (single pass and chunked
 /// prefill with chunks of 1, 3 and 7 tokens), greedy decoding against `generated`, and batched
 /// left-padded greedy decoding against `padded_generated` and against each prompt alone.
-pub fn decode_checks<B: Backend>(model: &Jamba<B>, fixture: &Fixture) -> Result<Vec<Check>> {
+pub fn decode_checks<B: JambaBackend>(model: &Jamba<B>, fixture: &Fixture) -> Result<Vec<Check>> {
     use crate::generation::{GenerationConfig, generate};
     let tol = fixture.tolerance(model.dtype());
     let vocab = model.config().vocab_size;

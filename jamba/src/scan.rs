@@ -17,6 +17,8 @@
 
 use burn::tensor::{DType, Tensor, activation::silu, backend::Backend};
 
+use crate::ops::JambaBackend;
+
 /// Inputs of a selective scan, in the time-major-within-batch layout the model produces.
 #[derive(Debug, Clone)]
 pub struct ScanInput<B: Backend> {
@@ -180,7 +182,12 @@ pub fn selective_scan_chunked<B: Backend>(
                 1,
             )
         };
-        x.reshape([b, chunks, chunk, w]).swap_dims(1, 2) // [b, T, chunks, w]
+        // [b, T, chunks, w], materialised: merging the swapped dims cannot be a view, so every
+        // backend copies here once, instead of re-walking a strided view in every later slice.
+        x.reshape([b, chunks, chunk, w])
+            .swap_dims(1, 2)
+            .reshape([b, chunk * chunks, w])
+            .reshape([b, chunk, chunks, w])
     };
     let delta = by_step(p.delta).unsqueeze_dim::<5>(4); // [b, T, chunks, D, 1]
     let u5 = by_step(p.u.clone()).unsqueeze_dim::<5>(4);
@@ -237,11 +244,24 @@ pub fn selective_scan_chunked<B: Backend>(
     }
 }
 
-/// The scan the model uses: step by step for a few tokens (decoding), chunked otherwise.
-pub fn selective_scan<B: Backend>(input: ScanInput<B>) -> ScanOutput<B> {
-    if input.u.dims()[1] <= 4 {
+/// The tensor-op scan a backend without kernels uses: step by step for a few tokens
+/// (decoding), chunked otherwise. `y` comes back in the dtype of `u`.
+pub fn selective_scan_tensor_ops<B: Backend>(input: ScanInput<B>) -> ScanOutput<B> {
+    let dtype = input.u.dtype();
+    let out = if input.u.dims()[1] <= 4 {
         selective_scan_reference(input)
     } else {
         selective_scan_chunked(input, None)
+    };
+    ScanOutput {
+        y: out.y.cast(dtype),
+        state: out.state,
     }
+}
+
+/// The scan the model uses: the backend's own ([`JambaBackend::selective_scan`]: the fused
+/// kernel on CubeCL backends, [`selective_scan_tensor_ops`] elsewhere). `y` comes back in the
+/// dtype of `u`, the state in f32.
+pub fn selective_scan<B: JambaBackend>(input: ScanInput<B>) -> ScanOutput<B> {
+    B::selective_scan(input)
 }

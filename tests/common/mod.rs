@@ -1,11 +1,17 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
+pub mod scan_problem;
+
 use std::path::PathBuf;
 
-/// `../shared/fixtures` relative to the project root.
+/// `../shared/fixtures` relative to the project root, or `$JAMBA_FIXTURES` (for test binaries
+/// run on another machine, such as the GPU runner).
 pub fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures")
+    match std::env::var_os("JAMBA_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    }
 }
 
 /// `../shared/configs` relative to the project root.

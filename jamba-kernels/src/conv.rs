@@ -1,0 +1,186 @@
+//! Depthwise causal conv1d with bias and optional SiLU, continuing from a conv state.
+//!
+//! The sequence is read as `[prefix, x]` where `prefix` holds the `d_conv − 1` inputs before
+//! `x` (the cache's conv state, zeros for a fresh sequence). One unit per output element; a
+//! second small launch writes the new prefix (the last `d_conv − 1` rows of `[prefix, x]`).
+//! With a sequence of length 1 this is the decoding update.
+
+use burn_cubecl::{
+    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor,
+};
+use cubecl::prelude::Tensor as CubeArg;
+use cubecl::prelude::*;
+use cubecl::{calculate_cube_count_elemwise, ir::FastMath};
+
+use crate::scan::silu_f32;
+
+/// Element `p` of `[prefix, x]` along time for one batch row and channel.
+#[cube]
+fn padded_at<F: Float>(
+    x: &CubeArg<F>,
+    prefix: &CubeArg<F>,
+    row: usize,
+    p: usize,
+    d: usize,
+    #[comptime] k: usize,
+) -> f32 {
+    let lead = comptime!(k - 1);
+    if p < lead {
+        f32::cast_from(prefix[row * prefix.stride(0) + p * prefix.stride(1) + d * prefix.stride(2)])
+    } else {
+        let t = p - lead;
+        f32::cast_from(x[row * x.stride(0) + t * x.stride(1) + d * x.stride(2)])
+    }
+}
+
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+fn conv_kernel<F: Float>(
+    x: &CubeArg<F>,
+    prefix: &CubeArg<F>,
+    weight: &CubeArg<f32>,
+    bias: &CubeArg<f32>,
+    out: &mut CubeArg<F>,
+    batch: u32,
+    seq: u32,
+    channels: u32,
+    #[comptime] k: usize,
+    #[comptime] apply_silu: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let seq = seq as usize;
+    let channels = channels as usize;
+    let pos = ABSOLUTE_POS;
+    if pos >= batch as usize * seq * channels {
+        terminate!();
+    }
+    let d = pos % channels;
+    let t = (pos / channels) % seq;
+    let row = pos / (channels * seq);
+    let mut acc = bias[d];
+    #[unroll]
+    for j in 0..k {
+        acc += weight[d * k + j] * padded_at::<F>(x, prefix, row, t + j, d, k);
+    }
+    if comptime!(apply_silu) {
+        acc = silu_f32(acc);
+    }
+    out[row * out.stride(0) + t * out.stride(1) + d * out.stride(2)] = F::cast_from(acc);
+}
+
+#[cube(launch_unchecked)]
+fn conv_state_kernel<F: Float>(
+    x: &CubeArg<F>,
+    prefix: &CubeArg<F>,
+    state: &mut CubeArg<F>,
+    batch: u32,
+    seq: u32,
+    channels: u32,
+    #[comptime] k: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let seq = seq as usize;
+    let channels = channels as usize;
+    let lead = comptime!(k - 1);
+    let pos = ABSOLUTE_POS;
+    if pos >= batch as usize * lead * channels {
+        terminate!();
+    }
+    let d = pos % channels;
+    let j = (pos / channels) % lead;
+    let row = pos / (channels * lead);
+    state[row * state.stride(0) + j * state.stride(1) + d * state.stride(2)] =
+        F::cast_from(padded_at::<F>(x, prefix, row, seq + j, d, k));
+}
+
+/// Inputs of [`causal_conv1d`].
+pub struct ConvTensors<R: CubeRuntime> {
+    /// `[batch, seq, channels]`, any float dtype, may be a strided view.
+    pub x: CubeTensor<R>,
+    /// The `d_conv − 1` inputs before `x`, `[batch, d_conv − 1, channels]`, the dtype of `x`.
+    pub prefix: CubeTensor<R>,
+    /// `[channels, d_conv]`, f32.
+    pub weight: CubeTensor<R>,
+    /// `[channels]`, f32 (zeros for none).
+    pub bias: CubeTensor<R>,
+    /// Apply SiLU to the output.
+    pub silu: bool,
+}
+
+/// The convolution over `x` and the new prefix: `([batch, seq, channels], [batch, d_conv − 1,
+/// channels])`, both in the dtype of `x`. `d_conv` must be at least 2.
+pub fn causal_conv1d<R: CubeRuntime>(input: ConvTensors<R>) -> (CubeTensor<R>, CubeTensor<R>) {
+    let x = &input.x;
+    let shape = x.meta.shape().clone();
+    let (batch, channels) = (shape[0], shape[2]);
+    let k = input.weight.meta.shape()[1];
+    let out = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+    let state = empty_device_dtype(
+        x.client.clone(),
+        x.device.clone(),
+        [batch, k.max(2) - 1, channels].into(),
+        x.dtype,
+    );
+    causal_conv1d_into(input, out.clone(), state.clone());
+    (out, state)
+}
+
+/// [`causal_conv1d`] writing into given buffers (not aliasing the inputs).
+pub fn causal_conv1d_into<R: CubeRuntime>(
+    input: ConvTensors<R>,
+    out: CubeTensor<R>,
+    state: CubeTensor<R>,
+) {
+    let x = input.x;
+    let shape = x.meta.shape().clone();
+    let (batch, seq, channels) = (shape[0], shape[1], shape[2]);
+    let k = input.weight.meta.shape()[1];
+    assert!(k >= 2, "causal_conv1d needs d_conv ≥ 2");
+    let client = x.client.clone();
+    let dtype = x.dtype;
+    let cube_dim = CubeDim::new_1d(256);
+    let total = batch * seq * channels;
+    // SAFETY (both launches): units past the element count return at once; every other index
+    // is a (row, step, channel) inside the tensor it addresses.
+    if total > 0 {
+        unsafe {
+            conv_kernel::launch_unchecked::<R>(
+                &client,
+                calculate_cube_count_elemwise(&client, total, cube_dim),
+                cube_dim,
+                x.clone().into_tensor_arg(),
+                input.prefix.clone().into_tensor_arg(),
+                into_contiguous(input.weight).into_tensor_arg(),
+                into_contiguous(input.bias).into_tensor_arg(),
+                out.into_tensor_arg(),
+                batch as u32,
+                seq as u32,
+                channels as u32,
+                k,
+                input.silu,
+                dtype.into(),
+            )
+        };
+    }
+    let total_state = batch * (k - 1) * channels;
+    if total_state > 0 {
+        unsafe {
+            conv_state_kernel::launch_unchecked::<R>(
+                &client,
+                calculate_cube_count_elemwise(&client, total_state, cube_dim),
+                cube_dim,
+                x.into_tensor_arg(),
+                input.prefix.into_tensor_arg(),
+                state.into_tensor_arg(),
+                batch as u32,
+                seq as u32,
+                channels as u32,
+                k,
+                dtype.into(),
+            )
+        };
+    }
+}

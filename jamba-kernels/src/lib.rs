@@ -1,0 +1,19 @@
+//! CubeCL kernels for Jamba's Mamba mixer, on any CubeCL runtime (CUDA, wgpu, ...).
+//!
+//! - [`scan::selective_scan_fwd`]: the fused selective scan (softplus(δ + bias), exp(Δ·A),
+//!   Δ·B·u, the recurrence, the C contraction, the D skip and the SiLU(z) gate in one pass),
+//!   taking an initial state and returning the final one. A length-1 sequence is the decoding
+//!   state update.
+//! - [`scan_bwd::selective_scan_bwd`]: its backward, recomputing the states from tile
+//!   checkpoints instead of storing `[seq, state]` per channel.
+//! - [`conv::causal_conv1d`]: depthwise causal conv1d + bias + SiLU over a sequence, continuing
+//!   from a conv state and returning the new one (length 1: the decoding update).
+//!
+//! The functions take and return Burn's [`CubeTensor`](burn_cubecl::tensor::CubeTensor)s; the
+//! `jamba` crate's `JambaBackend` trait calls them for `CubeBackend` and keeps its tensor-op
+//! path for every other backend. Inputs may be f32, f16 or bf16 (where the runtime has them);
+//! arithmetic is f32.
+
+pub mod conv;
+pub mod scan;
+pub mod scan_bwd;

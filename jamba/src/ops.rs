@@ -1,0 +1,485 @@
+//! The Mamba mixer's hot operations as a backend extension: [`JambaBackend`].
+//!
+//! The model calls `B::selective_scan` and `B::causal_conv1d` and never asks which path runs.
+//! Every backend gets the tensor-op implementation (the trait's default methods); CubeCL
+//! backends (`CubeBackend`: cuda, wgpu) override them with the fused kernels of
+//! `jamba-kernels`, falling back to tensor ops where a kernel does not apply (a state size above
+//! [`jamba_kernels::scan::MAX_STATE`], `d_conv < 2`, or kernels disabled with the environment
+//! variable `JAMBA_KERNELS=off`, for A/B measurements).
+//!
+//! ```
+//! use burn::tensor::{Distribution, Tensor};
+//! use jamba::backends::Cpu;
+//! use jamba::ops::{ConvInput, JambaBackend};
+//! let device = Default::default();
+//! let x = Tensor::<Cpu, 3>::random([1, 5, 8], Distribution::Normal(0.0, 1.0), &device);
+//! let weight = Tensor::<Cpu, 2>::random([8, 4], Distribution::Normal(0.0, 1.0), &device);
+//! let out = Cpu::causal_conv1d(ConvInput { x, weight, bias: None, prefix: None, silu: true });
+//! assert_eq!(out.y.dims(), [1, 5, 8]);
+//! assert_eq!(out.state.dims(), [1, 3, 8]);
+//! ```
+
+use burn::tensor::{Tensor, activation::silu, backend::Backend};
+
+use crate::scan::{ScanInput, ScanOutput};
+
+/// Inputs of a depthwise causal convolution over time.
+#[derive(Debug, Clone)]
+pub struct ConvInput<B: Backend> {
+    /// `[batch, seq, channels]`.
+    pub x: Tensor<B, 3>,
+    /// `[channels, d_conv]`.
+    pub weight: Tensor<B, 2>,
+    /// `[channels]`.
+    pub bias: Option<Tensor<B, 1>>,
+    /// The `d_conv − 1` inputs before `x`, `[batch, d_conv − 1, channels]`; zeros when absent.
+    pub prefix: Option<Tensor<B, 3>>,
+    /// Apply SiLU to the output.
+    pub silu: bool,
+}
+
+/// Result of [`JambaBackend::causal_conv1d`].
+#[derive(Debug, Clone)]
+pub struct ConvOutput<B: Backend> {
+    /// `[batch, seq, channels]`, the dtype of `x`.
+    pub y: Tensor<B, 3>,
+    /// The new prefix: the last `d_conv − 1` rows of `[prefix, x]`.
+    pub state: Tensor<B, 3>,
+}
+
+/// A Burn backend with Jamba's Mamba operations. Implemented for every backend this crate
+/// knows; implement it (with an empty body for the tensor-op path) for your own.
+pub trait JambaBackend: Backend {
+    /// The selective scan ([`crate::scan`] defines it). `y` comes back in the dtype of `u`, the
+    /// state in f32.
+    fn selective_scan(input: ScanInput<Self>) -> ScanOutput<Self> {
+        crate::scan::selective_scan_tensor_ops(input)
+    }
+
+    /// Depthwise causal conv1d + bias (+ SiLU), continuing from `prefix`.
+    fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
+        causal_conv1d_tensor_ops(input)
+    }
+
+    /// Whether [`selective_scan_backward`](Self::selective_scan_backward) has a fused
+    /// implementation for this state size. When it does not, autodiff differentiates the
+    /// tensor-op scan instead.
+    fn has_fused_scan_backward(_state: usize) -> bool {
+        false
+    }
+
+    /// The gradients of every input of the scan given the gradient of `y` (the final state is
+    /// taken as not differentiated), or `None` without a fused backward.
+    fn selective_scan_backward(
+        _input: ScanInput<Self>,
+        _grad_y: Tensor<Self, 3>,
+    ) -> Option<ScanGrads<Self>> {
+        None
+    }
+}
+
+/// Gradients of a selective scan, one per input of [`ScanInput`], each in its input's dtype.
+#[derive(Debug, Clone)]
+pub struct ScanGrads<B: Backend> {
+    /// `∂u`.
+    pub u: Tensor<B, 3>,
+    /// `∂δ` (before bias and softplus).
+    pub delta: Tensor<B, 3>,
+    /// `∂A`.
+    pub a: Tensor<B, 2>,
+    /// `∂B`.
+    pub b: Tensor<B, 3>,
+    /// `∂C`.
+    pub c: Tensor<B, 3>,
+    /// `∂D`.
+    pub d: Tensor<B, 1>,
+    /// `∂z`, when there is a gate.
+    pub z: Option<Tensor<B, 3>>,
+    /// `∂bias`.
+    pub delta_bias: Tensor<B, 1>,
+    /// `∂` initial state.
+    pub initial_state: Tensor<B, 3>,
+}
+
+/// The convolution in tensor ops: `d_conv` shifted multiply-adds.
+pub fn causal_conv1d_tensor_ops<B: Backend>(input: ConvInput<B>) -> ConvOutput<B> {
+    let ConvInput {
+        x,
+        weight,
+        bias,
+        prefix,
+        silu: apply_silu,
+    } = input;
+    let [batch, seq, channels] = x.dims();
+    let k = weight.dims()[1];
+    let prefix =
+        prefix.unwrap_or_else(|| Tensor::zeros([batch, k - 1, channels], (&x.device(), x.dtype())));
+    let padded = Tensor::cat(vec![prefix, x], 1);
+    let mut out: Option<Tensor<B, 3>> = None;
+    for j in 0..k {
+        let tap = weight
+            .clone()
+            .slice([0..channels, j..j + 1])
+            .reshape([1, 1, channels]);
+        let term = padded.clone().slice([0..batch, j..j + seq]) * tap;
+        out = Some(match out {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    let mut y = out.expect("d_conv ≥ 1");
+    if let Some(bias) = bias {
+        y = y + bias.reshape([1, 1, channels]);
+    }
+    if apply_silu {
+        y = silu(y);
+    }
+    let state = padded.slice([0..batch, seq..seq + k - 1]);
+    ConvOutput { y, state }
+}
+
+#[cfg(feature = "ndarray")]
+impl JambaBackend for burn::backend::NdArray<f32> {}
+
+#[cfg(feature = "ndarray")]
+impl JambaBackend for burn::backend::NdArray<f64> {}
+
+#[cfg(feature = "flex")]
+impl JambaBackend for burn::backend::Flex {}
+
+/// Whether the fused kernels are enabled (`JAMBA_KERNELS=off` disables them, for comparisons).
+pub fn kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !matches!(
+            std::env::var("JAMBA_KERNELS").as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        )
+    })
+}
+
+/// The bridge from Burn tensors to the kernels' arguments (with the `kernels` feature).
+#[cfg(feature = "kernels")]
+pub mod cube {
+    use burn::tensor::{DType, Tensor, TensorPrimitive};
+    use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+    use jamba_kernels::{conv, scan, scan_bwd};
+
+    use super::{ConvInput, ConvOutput, JambaBackend, ScanGrads, kernels_enabled};
+    use crate::scan::{ScanInput, ScanOutput};
+
+    type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+    fn prim<B: burn::tensor::backend::Backend, const D: usize>(
+        t: Tensor<B, D>,
+    ) -> B::FloatTensorPrimitive {
+        t.into_primitive().tensor()
+    }
+
+    fn wrap<B: burn::tensor::backend::Backend, const D: usize>(
+        t: B::FloatTensorPrimitive,
+    ) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(t))
+    }
+
+    /// The kernel's view of a [`ScanInput`]: `u`'s dtype for the per-step inputs, f32 for the
+    /// rest, zeros for what is absent.
+    pub fn scan_tensors<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+        input: ScanInput<Cube<R, F, I, BT>>,
+    ) -> scan::ScanTensors<R> {
+        let [batch, _, channels] = input.u.dims();
+        let state_size = input.a.dims()[1];
+        let device = input.u.device();
+        let dtype = input.u.dtype();
+        let same = |t: Tensor<Cube<R, F, I, BT>, 3>| prim(t.cast(dtype));
+        let f32_1 = |t: Option<Tensor<Cube<R, F, I, BT>, 1>>| {
+            prim(
+                t.map(|t| t.cast(DType::F32))
+                    .unwrap_or_else(|| Tensor::zeros([channels], (&device, DType::F32))),
+            )
+        };
+        let state = input
+            .initial_state
+            .map(|s| s.cast(DType::F32))
+            .unwrap_or_else(|| Tensor::zeros([batch, channels, state_size], (&device, DType::F32)));
+        scan::ScanTensors {
+            u: prim(input.u),
+            delta: same(input.delta),
+            a: prim(input.a.cast(DType::F32)),
+            b: same(input.b),
+            c: same(input.c),
+            d: f32_1(input.d),
+            z: input.z.map(same),
+            delta_bias: f32_1(input.delta_bias),
+            state: prim(state),
+            delta_softplus: input.delta_softplus,
+        }
+    }
+
+    /// The kernel's view of a [`ConvInput`]: `x`'s dtype for the signal, f32 weights, zeros
+    /// for what is absent.
+    pub fn conv_tensors<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+        input: ConvInput<Cube<R, F, I, BT>>,
+    ) -> conv::ConvTensors<R> {
+        let [batch, _, channels] = input.x.dims();
+        let k = input.weight.dims()[1];
+        let device = input.x.device();
+        let dtype = input.x.dtype();
+        let prefix = input
+            .prefix
+            .map(|p| p.cast(dtype))
+            .unwrap_or_else(|| Tensor::zeros([batch, k.max(2) - 1, channels], (&device, dtype)));
+        let bias = input
+            .bias
+            .map(|b| b.cast(DType::F32))
+            .unwrap_or_else(|| Tensor::zeros([channels], (&device, DType::F32)));
+        conv::ConvTensors {
+            x: prim(input.x),
+            prefix: prim(prefix),
+            weight: prim(input.weight.cast(DType::F32)),
+            bias: prim(bias),
+            silu: input.silu,
+        }
+    }
+
+    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> JambaBackend
+        for Cube<R, F, I, BT>
+    {
+        fn selective_scan(input: ScanInput<Self>) -> ScanOutput<Self> {
+            if !kernels_enabled() || !scan::supports_state(input.a.dims()[1]) {
+                return crate::scan::selective_scan_tensor_ops(input);
+            }
+            let (y, state) = scan::selective_scan_fwd(scan_tensors(input));
+            ScanOutput {
+                y: wrap(y),
+                state: wrap(state),
+            }
+        }
+
+        fn has_fused_scan_backward(state: usize) -> bool {
+            kernels_enabled() && scan::supports_state(state)
+        }
+
+        fn selective_scan_backward(
+            input: ScanInput<Self>,
+            grad_y: Tensor<Self, 3>,
+        ) -> Option<ScanGrads<Self>> {
+            if !Self::has_fused_scan_backward(input.a.dims()[1]) {
+                return None;
+            }
+            let [batch, seq, channels] = input.u.dims();
+            let state = input.a.dims()[1];
+            let dtype_of = |t: &Tensor<Self, 3>| t.dtype();
+            let (du_t, dd_t, db_t, dc_t) = (
+                dtype_of(&input.u),
+                dtype_of(&input.delta),
+                dtype_of(&input.b),
+                dtype_of(&input.c),
+            );
+            let dz_t = input.z.as_ref().map(dtype_of);
+            let da_t = input.a.dtype();
+            let dskip_t = input.d.as_ref().map_or(DType::F32, |d| d.dtype());
+            let dbias_t = input.delta_bias.as_ref().map_or(DType::F32, |d| d.dtype());
+            let dh_t = input
+                .initial_state
+                .as_ref()
+                .map_or(DType::F32, |d| d.dtype());
+            let grad_y = prim(grad_y.cast(du_t));
+            let g = scan_bwd::selective_scan_bwd(scan_tensors(input), grad_y, None);
+            Some(ScanGrads {
+                u: wrap::<Self, 3>(g.du).cast(du_t),
+                delta: wrap::<Self, 3>(g.d_delta).cast(dd_t),
+                a: wrap::<Self, 3>(g.da_part)
+                    .sum_dim(0)
+                    .reshape([channels, state])
+                    .cast(da_t),
+                b: wrap::<Self, 4>(g.db_part)
+                    .sum_dim(1)
+                    .reshape([batch, seq, state])
+                    .cast(db_t),
+                c: wrap::<Self, 4>(g.dc_part)
+                    .sum_dim(1)
+                    .reshape([batch, seq, state])
+                    .cast(dc_t),
+                d: wrap::<Self, 2>(g.dd_part)
+                    .sum_dim(0)
+                    .reshape([channels])
+                    .cast(dskip_t),
+                z: g.dz.zip(dz_t).map(|(dz, t)| wrap::<Self, 3>(dz).cast(t)),
+                delta_bias: wrap::<Self, 2>(g.dbias_part)
+                    .sum_dim(0)
+                    .reshape([channels])
+                    .cast(dbias_t),
+                initial_state: wrap::<Self, 3>(g.d_state).cast(dh_t),
+            })
+        }
+
+        fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
+            if !kernels_enabled() || input.weight.dims()[1] < 2 {
+                return super::causal_conv1d_tensor_ops(input);
+            }
+            let (y, state) = conv::causal_conv1d(conv_tensors(input));
+            ConvOutput {
+                y: wrap(y),
+                state: wrap(state),
+            }
+        }
+    }
+}
+
+/// Autodiff: the fused scan as one recorded operation whose backward is
+/// [`JambaBackend::selective_scan_backward`] (the backward kernel) where the inner backend has
+/// one; everything else, and backends without it, differentiate the tensor-op path.
+#[cfg(feature = "autodiff")]
+mod autodiff {
+    use burn::backend::Autodiff;
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+    use burn::tensor::backend::Backend;
+    use burn::tensor::{DType, Tensor, TensorPrimitive};
+
+    use super::JambaBackend;
+    use crate::scan::{ScanInput, ScanOutput, selective_scan_tensor_ops};
+
+    fn tensor<B: Backend, const D: usize>(p: B::FloatTensorPrimitive) -> Tensor<B, D> {
+        Tensor::from_primitive(TensorPrimitive::Float(p))
+    }
+
+    /// The inner backend's inputs, in [`ScanInput`] order; `z` is `None` without a gate.
+    #[derive(Debug, Clone)]
+    struct Saved<B: Backend> {
+        u: B::FloatTensorPrimitive,
+        delta: B::FloatTensorPrimitive,
+        a: B::FloatTensorPrimitive,
+        b: B::FloatTensorPrimitive,
+        c: B::FloatTensorPrimitive,
+        d: B::FloatTensorPrimitive,
+        z: Option<B::FloatTensorPrimitive>,
+        bias: B::FloatTensorPrimitive,
+        h0: B::FloatTensorPrimitive,
+        softplus: bool,
+    }
+
+    impl<B: Backend> Saved<B> {
+        fn input(&self) -> ScanInput<B> {
+            ScanInput {
+                u: tensor(self.u.clone()),
+                delta: tensor(self.delta.clone()),
+                a: tensor(self.a.clone()),
+                b: tensor(self.b.clone()),
+                c: tensor(self.c.clone()),
+                d: Some(tensor(self.d.clone())),
+                z: self.z.clone().map(tensor),
+                delta_bias: Some(tensor(self.bias.clone())),
+                delta_softplus: self.softplus,
+                initial_state: Some(tensor(self.h0.clone())),
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct ScanBackward;
+
+    impl<B: JambaBackend> Backward<B, 9> for ScanBackward {
+        type State = Saved<B>;
+
+        fn backward(
+            self,
+            ops: Ops<Self::State, 9>,
+            grads: &mut Gradients,
+            _checkpointer: &mut Checkpointer,
+        ) {
+            let grad_y = tensor::<B, 3>(grads.consume::<B>(&ops.node));
+            let saved = ops.state;
+            let has_z = saved.z.is_some();
+            let Some(g) = B::selective_scan_backward(saved.input(), grad_y) else {
+                unreachable!("recorded only where the inner backend has a fused backward");
+            };
+            let grads_in_order = [
+                Some(g.u.into_primitive().tensor()),
+                Some(g.delta.into_primitive().tensor()),
+                Some(g.a.into_primitive().tensor()),
+                Some(g.b.into_primitive().tensor()),
+                Some(g.c.into_primitive().tensor()),
+                Some(g.d.into_primitive().tensor()),
+                g.z.filter(|_| has_z).map(|z| z.into_primitive().tensor()),
+                Some(g.delta_bias.into_primitive().tensor()),
+                Some(g.initial_state.into_primitive().tensor()),
+            ];
+            for (node, grad) in ops.parents.into_iter().zip(grads_in_order) {
+                if let (Some(node), Some(grad)) = (node, grad) {
+                    grads.register::<B>(node.id, grad);
+                }
+            }
+        }
+    }
+
+    impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
+        fn selective_scan(input: ScanInput<Self>) -> ScanOutput<Self> {
+            let [batch, _, channels] = input.u.dims();
+            let state = input.a.dims()[1];
+            if !B::has_fused_scan_backward(state) {
+                return selective_scan_tensor_ops(input);
+            }
+            let device = input.u.device();
+            let zeros1 = || Tensor::<Self, 1>::zeros([channels], (&device, DType::F32));
+            let p = |t: Tensor<Self, 3>| t.into_primitive().tensor();
+            let u = p(input.u);
+            let z = input.z.map(p);
+            let delta = p(input.delta);
+            let a = input.a.into_primitive().tensor();
+            let b = p(input.b);
+            let c = p(input.c);
+            let d = input.d.unwrap_or_else(zeros1).into_primitive().tensor();
+            let bias = input
+                .delta_bias
+                .unwrap_or_else(zeros1)
+                .into_primitive()
+                .tensor();
+            let h0 = p(input
+                .initial_state
+                .unwrap_or_else(|| Tensor::zeros([batch, channels, state], (&device, DType::F32))));
+            let saved = Saved::<B> {
+                u: u.primitive.clone(),
+                delta: delta.primitive.clone(),
+                a: a.primitive.clone(),
+                b: b.primitive.clone(),
+                c: c.primitive.clone(),
+                d: d.primitive.clone(),
+                z: z.as_ref().map(|z| z.primitive.clone()),
+                bias: bias.primitive.clone(),
+                h0: h0.primitive.clone(),
+                softplus: input.delta_softplus,
+            };
+            // Without a gate, `u` stands in for the `z` parent; its gradient is not registered.
+            let z_node = z.as_ref().unwrap_or(&u).node.clone();
+            let nodes = [
+                u.node.clone(),
+                delta.node.clone(),
+                a.node.clone(),
+                b.node.clone(),
+                c.node.clone(),
+                d.node.clone(),
+                z_node,
+                bias.node.clone(),
+                h0.node.clone(),
+            ];
+            let out = B::selective_scan(saved.input());
+            let y = out.y.into_primitive().tensor();
+            let y = match ScanBackward.prepare::<C>(nodes).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(saved, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            };
+            ScanOutput {
+                y: Tensor::from_primitive(TensorPrimitive::Float(y)),
+                state: Tensor::from_inner(out.state),
+            }
+        }
+
+        fn has_fused_scan_backward(_state: usize) -> bool {
+            false // no fused double backward
+        }
+    }
+}

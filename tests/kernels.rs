@@ -1,0 +1,405 @@
+//! The CubeCL kernels of `jamba-kernels` against an f64 host loop (the definition) and against
+//! the tensor-op path, on fresh random inputs, with output buffers poisoned with NaN first so
+//! that an element the kernel forgets to write fails the test. Runs on every compiled CubeCL
+//! backend (wgpu in CI on Mesa's software Vulkan; CUDA on the H200).
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
+
+mod common;
+
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use common::scan_problem::{Problem, Rng};
+use jamba::burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
+use jamba::generation::SplitMix64;
+use jamba::kernels::{conv, scan};
+use jamba::ops::{ConvInput, JambaBackend, causal_conv1d_tensor_ops, cube};
+use jamba::reference::{rel_err, to_vec};
+
+type K<R> = CubeBackend<R, f32, i32, u32>;
+
+fn prim<R: CubeRuntime, const D: usize>(t: Tensor<K<R>, D>) -> CubeTensor<R> {
+    t.into_primitive().tensor()
+}
+
+fn wrap<R: CubeRuntime, const D: usize>(t: CubeTensor<R>) -> Tensor<K<R>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// A tensor of NaN: what an output buffer holds before the kernel writes it.
+fn poisoned<R: CubeRuntime, const D: usize>(
+    shape: [usize; D],
+    dtype: DType,
+    device: &R::Device,
+) -> CubeTensor<R> {
+    prim(Tensor::<K<R>, D>::full(shape, f32::NAN, (device, dtype)))
+}
+
+fn assert_close(name: &str, ours: &[f32], expected: &[f32], tolerance: f64) {
+    let err = rel_err(ours, expected);
+    assert!(
+        err <= tolerance && ours.iter().all(|x| x.is_finite()),
+        "{name}: rel. error {err:.3e} (tolerance {tolerance:.0e}); {} non-finite",
+        ours.iter().filter(|x| !x.is_finite()).count()
+    );
+}
+
+/// Runs the scan kernel on `p` with its per-step inputs in `dtype` (the expectation is computed
+/// from the same rounded values) and checks `y` and the final state.
+fn check_scan<R: CubeRuntime>(
+    name: &str,
+    p: &mut Problem,
+    dtype: DType,
+    tolerance_y: f64,
+    device: &R::Device,
+) {
+    let mut input = p.input::<K<R>>(device);
+    if dtype != DType::F32 {
+        // Round the per-step inputs to the half type, and make the host copy agree.
+        let round = |t: Tensor<K<R>, 3>, host: &mut Vec<f32>| {
+            let t = t.cast(dtype);
+            *host = to_vec(t.clone().cast(DType::F32));
+            t
+        };
+        input.u = round(input.u, &mut p.u);
+        input.delta = round(input.delta, &mut p.delta);
+        input.b = round(input.b, &mut p.b);
+        input.c = round(input.c, &mut p.c);
+        if let (Some(z), Some(host)) = (input.z.take(), p.z.as_mut()) {
+            input.z = Some(round(z, host));
+        }
+    }
+    let expected = p.expected();
+    // The default geometry, then every number of state indices per unit that divides the
+    // state size (the default picks more than one only for large problems).
+    let mut geometries = vec![None];
+    for spu in [1usize, 2, 4] {
+        if p.state % spu == 0 {
+            geometries.push(Some(scan::ScanGeometry::with_states_per_unit(p.state, spu)));
+        }
+    }
+    for geometry in geometries {
+        let y = poisoned::<R, 3>([p.batch, p.seq, p.channels], dtype, device);
+        let h = poisoned::<R, 3>([p.batch, p.channels, p.state], DType::F32, device);
+        let tensors = cube::scan_tensors(input.clone());
+        match geometry {
+            None => scan::selective_scan_fwd_into(tensors, y.clone(), h.clone()),
+            Some(g) => scan::selective_scan_fwd_with(tensors, y.clone(), h.clone(), g),
+        }
+        let y = to_vec(wrap::<R, 3>(y).cast(DType::F32));
+        let h = to_vec(wrap::<R, 3>(h));
+        let tag = format!("{name}, geometry {geometry:?}");
+        assert_close(&format!("{tag}: y"), &y, &expected.0, tolerance_y);
+        assert_close(&format!("{tag}: state"), &h, &expected.1, 1e-5);
+    }
+}
+
+/// The scan over the grid: every sequence length, batch 1..4, channel counts that are
+/// not multiples of the cube's channel block, d_state 1..64 (and 256, the maximum), every
+/// combination of D, z, Δ bias and initial state on the short sequences.
+fn scan_grid<R: CubeRuntime>(device: &R::Device) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let shapes = [
+        (1usize, 3usize, 1usize),
+        (2, 37, 4),
+        (3, 19, 16),
+        (4, 5, 64),
+    ];
+    let mut cases = 0;
+    for &seq in &[1usize, 2, 7, 64, 1000, 5000] {
+        for &(batch, channels, state) in &shapes {
+            for options in 0..16u8 {
+                if seq > 64 && ![0u8, 5, 10, 15].contains(&options) {
+                    continue;
+                }
+                if seq == 5000 && state == 64 && options != 15 {
+                    continue; // keeps the f64 loop and the software rasteriser quick
+                }
+                let with = [0, 1, 2, 3].map(|bit| options & (1 << bit) != 0);
+                let mut p = Problem::random(&mut rng, batch, seq, channels, state, with);
+                let tag = format!(
+                    "seq {seq} batch {batch} channels {channels} state {state} D/z/bias/h0 {with:?}"
+                );
+                check_scan::<R>(&tag, &mut p, DType::F32, 1e-5, device);
+                cases += 1;
+            }
+        }
+    }
+    let mut p = Problem::random(&mut rng, 2, 7, 3, 256, [true; 4]);
+    check_scan::<R>("state 256", &mut p, DType::F32, 1e-5, device);
+    assert!(cases > 250, "{cases} cases");
+}
+
+/// The kernel behind `JambaBackend::selective_scan` agrees with the tensor-op path on the same
+/// device, and accepts strided views (the model passes slices of a projection).
+fn scan_matches_tensor_ops<R: CubeRuntime>(device: &R::Device) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let p = Problem::random(&mut rng, 2, 70, 24, 16, [true; 4]);
+    let ours = K::<R>::selective_scan(p.input(device));
+    let theirs = jamba::scan::selective_scan_reference(p.input::<K<R>>(device));
+    assert_close(
+        "kernel vs tensor ops: y",
+        &to_vec(ours.y),
+        &to_vec(theirs.y),
+        1e-5,
+    );
+    assert_close(
+        "kernel vs tensor ops: state",
+        &to_vec(ours.state),
+        &to_vec(theirs.state),
+        1e-5,
+    );
+
+    // z as a strided slice of a wider tensor, as in the mixer.
+    let mut input = p.input::<K<R>>(device);
+    let z = input.z.take().unwrap();
+    let wide = Tensor::cat(vec![z.clone(), z.clone() * 3.0], 2);
+    input.z = Some(wide.slice([0..2, 0..70, 0..24]));
+    let strided = K::<R>::selective_scan(input);
+    assert_close(
+        "strided z",
+        &to_vec(strided.y),
+        &to_vec(K::<R>::selective_scan(p.input(device)).y),
+        0.0,
+    );
+}
+
+/// The convolution as a host loop in f64.
+fn conv_expected(
+    x: &[f32],
+    prefix: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    [batch, seq, channels, k]: [usize; 4],
+    silu: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let at = |b: usize, p: usize, d: usize| -> f64 {
+        if p < k - 1 {
+            prefix[(b * (k - 1) + p) * channels + d] as f64
+        } else {
+            x[(b * seq + p - (k - 1)) * channels + d] as f64
+        }
+    };
+    let mut y = vec![0f32; batch * seq * channels];
+    let mut state = vec![0f32; batch * (k - 1) * channels];
+    for b in 0..batch {
+        for d in 0..channels {
+            for t in 0..seq {
+                let mut acc = bias.map_or(0.0, |v| v[d] as f64);
+                for j in 0..k {
+                    acc += weight[d * k + j] as f64 * at(b, t + j, d);
+                }
+                if silu {
+                    acc /= 1.0 + (-acc).exp();
+                }
+                y[(b * seq + t) * channels + d] = acc as f32;
+            }
+            for j in 0..k - 1 {
+                state[(b * (k - 1) + j) * channels + d] = at(b, seq + j, d) as f32;
+            }
+        }
+    }
+    (y, state)
+}
+
+fn conv_grid<R: CubeRuntime>(device: &R::Device) {
+    let mut seed = SplitMix64::new(common::fresh_seed());
+    let mut cases = 0;
+    for &seq in &[1usize, 2, 7, 64, 1000] {
+        for &(batch, channels, k) in &[(1usize, 5usize, 4usize), (2, 300, 2), (3, 33, 4)] {
+            for options in 0..8u8 {
+                let (with_bias, with_prefix, silu) =
+                    (options & 1 != 0, options & 2 != 0, options & 4 != 0);
+                let draw = |n: usize, seed: &mut SplitMix64| -> Vec<f32> {
+                    (0..n)
+                        .map(|_| (seed.next_f64() * 4.0 - 2.0) as f32)
+                        .collect()
+                };
+                let x = draw(batch * seq * channels, &mut seed);
+                let weight = draw(channels * k, &mut seed);
+                let bias = with_bias.then(|| draw(channels, &mut seed));
+                let prefix = if with_prefix {
+                    draw(batch * (k - 1) * channels, &mut seed)
+                } else {
+                    vec![0.0; batch * (k - 1) * channels]
+                };
+                let expected = conv_expected(
+                    &x,
+                    &prefix,
+                    &weight,
+                    bias.as_deref(),
+                    [batch, seq, channels, k],
+                    silu,
+                );
+                let t3 = |v: &Vec<f32>, s: [usize; 3]| {
+                    Tensor::<K<R>, 3>::from_data(TensorData::new(v.clone(), s), device)
+                };
+                let input = ConvInput {
+                    x: t3(&x, [batch, seq, channels]),
+                    weight: Tensor::from_data(TensorData::new(weight, [channels, k]), device),
+                    bias: bias.map(|b| Tensor::from_data(TensorData::new(b, [channels]), device)),
+                    prefix: with_prefix.then(|| t3(&prefix, [batch, k - 1, channels])),
+                    silu,
+                };
+                let tag = format!(
+                    "conv seq {seq} batch {batch} channels {channels} k {k} bias/prefix/silu {:?}",
+                    (with_bias, with_prefix, silu)
+                );
+                let y = poisoned::<R, 3>([batch, seq, channels], DType::F32, device);
+                let s = poisoned::<R, 3>([batch, k - 1, channels], DType::F32, device);
+                conv::causal_conv1d_into(cube::conv_tensors(input.clone()), y.clone(), s.clone());
+                let (y, s) = (to_vec(wrap::<R, 3>(y)), to_vec(wrap::<R, 3>(s)));
+                assert_close(&format!("{tag}: y"), &y, &expected.0, 1e-5);
+                assert_close(&format!("{tag}: state"), &s, &expected.1, 0.0);
+                let reference = causal_conv1d_tensor_ops(input);
+                assert_close(
+                    &format!("{tag}: vs tensor ops"),
+                    &y,
+                    &to_vec(reference.y),
+                    1e-5,
+                );
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases >= 120);
+}
+
+/// Every input's gradient through the scan, for the loss `Σ y·w`.
+fn scan_grads<B: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+    p: &Problem,
+    w: &[f32],
+    device: &B::Device,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let input = p.input::<B>(device);
+    let input = jamba::scan::ScanInput {
+        u: input.u.require_grad(),
+        delta: input.delta.require_grad(),
+        a: input.a.require_grad(),
+        b: input.b.require_grad(),
+        c: input.c.require_grad(),
+        d: input.d.map(|t| t.require_grad()),
+        z: input.z.map(|t| t.require_grad()),
+        delta_bias: input.delta_bias.map(|t| t.require_grad()),
+        initial_state: input.initial_state.map(|t| t.require_grad()),
+        ..input
+    };
+    let y = B::selective_scan(input.clone()).y;
+    let w = Tensor::<B, 3>::from_data(TensorData::new(w.to_vec(), y.dims()), device);
+    let grads = (y * w).sum().backward();
+    let g3 = |t: &Tensor<B, 3>| to_vec(t.grad(&grads).expect("tracked input has a gradient"));
+    let mut out = vec![
+        ("u", g3(&input.u)),
+        ("delta", g3(&input.delta)),
+        ("A", to_vec(input.a.grad(&grads).unwrap())),
+        ("B", g3(&input.b)),
+        ("C", g3(&input.c)),
+    ];
+    if let Some(d) = &input.d {
+        out.push(("D", to_vec(d.grad(&grads).unwrap())));
+    }
+    if let Some(z) = &input.z {
+        out.push(("z", g3(z)));
+    }
+    if let Some(bias) = &input.delta_bias {
+        out.push(("delta_bias", to_vec(bias.grad(&grads).unwrap())));
+    }
+    if let Some(h0) = &input.initial_state {
+        out.push(("initial_state", g3(h0)));
+    }
+    out
+}
+
+/// The backward kernel (through `Autodiff<CubeBackend>`) against autodiff of the tensor-op scan
+/// on the CPU, on fresh random inputs and output gradients.
+fn scan_backward_grid<R: CubeRuntime>(device: &R::Device) {
+    type Cpu = burn::backend::Autodiff<jamba::backends::Cpu>;
+    type Gpu<R> = burn::backend::Autodiff<K<R>>;
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let mut cases = 0;
+    for &seq in &[1usize, 2, 7, 64, 300] {
+        for &(batch, channels, state) in &[
+            (1usize, 3usize, 1usize),
+            (2, 37, 4),
+            (3, 19, 16),
+            (2, 5, 64),
+        ] {
+            for options in [0u8, 3, 5, 10, 15] {
+                let with = [0, 1, 2, 3].map(|bit| options & (1 << bit) != 0);
+                let p = Problem::random(&mut rng, batch, seq, channels, state, with);
+                let w = rng.normal(batch * seq * channels, 0.0, 1.0);
+                let ours = scan_grads::<Gpu<R>>(&p, &w, device);
+                let reference = scan_grads::<Cpu>(&p, &w, &Default::default());
+                assert_eq!(ours.len(), reference.len());
+                for ((name, g), (_, e)) in ours.iter().zip(&reference) {
+                    assert_close(
+                        &format!(
+                            "d{name}, seq {seq} batch {batch} channels {channels} state {state} D/z/bias/h0 {with:?}"
+                        ),
+                        g,
+                        e,
+                        1e-5,
+                    );
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert!(cases >= 100);
+}
+
+macro_rules! kernel_tests {
+    ($module:ident, $runtime:ty, $feature:literal) => {
+        #[cfg(feature = $feature)]
+        mod $module {
+            type R = $runtime;
+
+            #[test]
+            fn scan_kernel_matches_the_definition_over_the_grid() {
+                super::scan_grid::<R>(&Default::default());
+            }
+
+            #[test]
+            fn scan_kernel_matches_tensor_ops_and_takes_strided_views() {
+                super::scan_matches_tensor_ops::<R>(&Default::default());
+            }
+
+            #[test]
+            fn scan_backward_kernel_matches_autodiff_of_tensor_ops() {
+                super::scan_backward_grid::<R>(&Default::default());
+            }
+
+            #[test]
+            fn conv_kernel_matches_the_definition_over_the_grid() {
+                super::conv_grid::<R>(&Default::default());
+            }
+        }
+    };
+}
+
+kernel_tests!(wgpu, burn::backend::wgpu::WgpuRuntime, "wgpu");
+kernel_tests!(cuda, jamba::burn_cubecl::cubecl::cuda::CudaRuntime, "cuda");
+
+/// Half-precision inputs (f32 arithmetic inside): the state must match to f32 precision and `y`
+/// to the rounding of its half-precision store.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_scan_kernel_takes_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    let device = Default::default();
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    for (dtype, tolerance) in [(DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+        for &(batch, seq, channels, state) in &[
+            (1usize, 1usize, 7usize, 16usize),
+            (2, 300, 37, 16),
+            (3, 64, 19, 4),
+        ] {
+            let mut p = Problem::random(&mut rng, batch, seq, channels, state, [true; 4]);
+            check_scan::<R>(
+                &format!("{dtype:?} seq {seq}"),
+                &mut p,
+                dtype,
+                tolerance,
+                &device,
+            );
+        }
+    }
+}
