@@ -145,6 +145,43 @@ pub fn silu_f32(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
+/// Stages `B` and `C` of steps `t0 .. t0 + steps` of batch row `row` into shared memory as f32,
+/// `[tile, state]`, zeros past the end; the cube's units share the work.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn stage_bc<F: Float>(
+    bmat: &CubeArg<F>,
+    cmat: &CubeArg<F>,
+    s_b: &mut SharedMemory<f32>,
+    s_c: &mut SharedMemory<f32>,
+    row: usize,
+    t0: usize,
+    steps: usize,
+    #[comptime] tile: usize,
+    #[comptime] n_state: usize,
+    #[comptime] units: usize,
+) {
+    let mut i = UNIT_POS_X as usize;
+    while i < comptime!(tile * n_state) {
+        let t = i / n_state;
+        let nn = i % n_state;
+        let mut bv = 0.0f32;
+        let mut cv = 0.0f32;
+        if t < steps {
+            let tt = t0 + t;
+            bv = f32::cast_from(
+                bmat[row * bmat.stride(0) + tt * bmat.stride(1) + nn * bmat.stride(2)],
+            );
+            cv = f32::cast_from(
+                cmat[row * cmat.stride(0) + tt * cmat.stride(1) + nn * cmat.stride(2)],
+            );
+        }
+        s_b[i] = bv;
+        s_c[i] = cv;
+        i += units;
+    }
+}
+
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -210,8 +247,6 @@ fn scan_fwd_kernel<F: Float>(
 
     let (u0, u1, u2) = (u.stride(0), u.stride(1), u.stride(2));
     let (dl0, dl1, dl2) = (delta.stride(0), delta.stride(1), delta.stride(2));
-    let (b0, b1, b2) = (bmat.stride(0), bmat.stride(1), bmat.stride(2));
-    let (c0, c1, c2) = (cmat.stride(0), cmat.stride(1), cmat.stride(2));
     let (y0, y1, y2) = (y.stride(0), y.stride(1), y.stride(2));
 
     let mut t0 = 0usize;
@@ -238,21 +273,9 @@ fn scan_fwd_kernel<F: Float>(
             s_du[i] = duv;
             i += units;
         }
-        let mut i = tid;
-        while i < comptime!(tile * n_state) {
-            let t = i / n_state;
-            let nn = i % n_state;
-            let mut bv = 0.0f32;
-            let mut cv = 0.0f32;
-            if t < steps {
-                let tt = t0 + t;
-                bv = f32::cast_from(bmat[row * b0 + tt * b1 + nn * b2]);
-                cv = f32::cast_from(cmat[row * c0 + tt * c1 + nn * c2]);
-            }
-            s_b[i] = bv;
-            s_c[i] = cv;
-            i += units;
-        }
+        stage_bc::<F>(
+            bmat, cmat, &mut s_b, &mut s_c, row, t0, steps, tile, n_state, units,
+        );
         sync_cube();
 
         // The recurrence: `spu` register states per unit, their h·C summed in registers.

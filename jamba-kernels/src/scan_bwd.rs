@@ -26,7 +26,7 @@ use cubecl::ir::FastMath;
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
-use crate::scan::{ScanTensors, launch_fwd, padded_stride, softplus_f32, supports_state};
+use crate::scan::{ScanTensors, launch_fwd, padded_stride, softplus_f32, stage_bc, supports_state};
 
 /// Tile length of the backward: its shared memory holds four `[tile, channels, state]` blocks.
 pub fn backward_tile(state: usize) -> (usize, usize) {
@@ -145,25 +145,9 @@ fn scan_bwd_kernel<F: Float>(
             s_sig[i] = sg;
             i += units;
         }
-        let mut i = tid;
-        while i < comptime!(tile * n_state) {
-            let t = i / n_state;
-            let nn = i % n_state;
-            let mut bv = 0.0f32;
-            let mut cv = 0.0f32;
-            if t < steps {
-                let tt = t0 + t;
-                bv = f32::cast_from(
-                    bmat[row * bmat.stride(0) + tt * bmat.stride(1) + nn * bmat.stride(2)],
-                );
-                cv = f32::cast_from(
-                    cmat[row * cmat.stride(0) + tt * cmat.stride(1) + nn * cmat.stride(2)],
-                );
-            }
-            s_b[i] = bv;
-            s_c[i] = cv;
-            i += units;
-        }
+        stage_bc::<F>(
+            bmat, cmat, &mut s_b, &mut s_c, row, t0, steps, tile, n_state, units,
+        );
         sync_cube();
 
         // Recompute the tile's states from its checkpoint.
