@@ -150,8 +150,10 @@ impl<B: JambaBackend> Jamba<B> {
         options: &ForwardOptions,
     ) -> Result<JambaOutput<B>> {
         let [batch, seq] = input_ids.dims();
-        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref())?;
         let device = input_ids.device();
+        debug_sync::<B>(&device, "the input upload")?;
+        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref())?;
+        debug_sync::<B>(&device, "the input checks")?;
         let dtype = self.dtype();
 
         let padding = attention_mask.map(|m| m.equal_elem(0));
@@ -294,7 +296,7 @@ impl<B: JambaBackend> Jamba<B> {
 /// With `JAMBA_DEBUG_SYNC=1`, waits for the device after each stage of the forward and turns an
 /// asynchronous device error into an error that names the stage (GPU backends report errors
 /// at the next synchronisation, far from their cause).
-fn debug_sync<B: Backend>(device: &B::Device, stage: &str) -> Result<()> {
+pub fn debug_sync<B: Backend>(device: &B::Device, stage: &str) -> Result<()> {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if !*ON.get_or_init(|| std::env::var_os("JAMBA_DEBUG_SYNC").is_some_and(|v| v != "0")) {
         return Ok(());
