@@ -178,13 +178,7 @@ impl<B: JambaBackend> MambaMixer<B> {
             Some(state) => (Some(state.conv.clone()), Some(state.ssm.clone())),
             None => (None, None),
         };
-        let conv = B::causal_conv1d(ConvInput {
-            x: xs,
-            weight: self.conv_weight.val(),
-            bias: self.conv_bias.as_ref().map(|b| b.val()),
-            prefix,
-            silu: true,
-        });
+        let conv = B::causal_conv1d(self.conv_input(xs, prefix, true));
         let conv_state = conv.state;
         let u = masked(conv.y);
 
@@ -229,13 +223,23 @@ impl<B: JambaBackend> MambaMixer<B> {
         x: Tensor<B, 3>,
         prefix: Option<Tensor<B, 3>>,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let out = B::causal_conv1d(ConvInput {
+        let out = B::causal_conv1d(self.conv_input(x, prefix, false));
+        (out.y, out.state)
+    }
+
+    /// This mixer's convolution weights applied to `x` after `prefix`.
+    fn conv_input(
+        &self,
+        x: Tensor<B, 3>,
+        prefix: Option<Tensor<B, 3>>,
+        silu: bool,
+    ) -> ConvInput<B> {
+        ConvInput {
             x,
             weight: self.conv_weight.val(),
             bias: self.conv_bias.as_ref().map(|b| b.val()),
             prefix,
-            silu: false,
-        });
-        (out.y, out.state)
+            silu,
+        }
     }
 }
