@@ -126,13 +126,17 @@ mod wgpu {
     );
 }
 
-/// CUDA (run on the H200; CI has no GPU). Same reasoning as wgpu: fast-math `exp`.
+/// CUDA (run on the H200; CI has no GPU). CubeCL's CUDA matmul runs f32 products on TF32
+/// tensor cores: inputs rounded to a 10-bit mantissa (unit roundoff 2^-11 ≈ 4.9e-4), which gave
+/// relative errors of 4.5e-4 after the first layer growing to 1.4e-3 on the logits of
+/// tiny-jamba (H200, 2026-11-29). The bound is 500 × 1e-5 = 5e-3, ten unit roundoffs; the greedy
+/// checks stay exact. bf16 keeps its own bound (the tensor cores do not change it).
 #[cfg(feature = "cuda")]
 mod cuda {
     fixture_tests!(
         burn::backend::Cuda,
         burn::backend::cuda::CudaDevice::default(),
-        10.0
+        500.0
     );
 }
 

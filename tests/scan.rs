@@ -1,5 +1,6 @@
-//! The selective scan: both tensor-op forms against an independent f64 loop on the host, on fresh
-//! random inputs over a grid of shapes and options.
+//! The selective scan: both tensor-op forms and the CPU backends' host loop (`jamba::host`)
+//! against an independent f64 loop, on fresh random inputs over a grid of shapes and options;
+//! the host conv1d against an f64 loop.
 
 mod common;
 
@@ -48,6 +49,11 @@ fn both_forms_match_the_definition_over_a_grid() {
                 check(
                     &format!("reference, {tag}"),
                     selective_scan_reference(p.input::<B>(&Default::default())),
+                    &expected,
+                );
+                check(
+                    &format!("host loop, {tag}"),
+                    jamba::host::selective_scan_host(p.input::<B>(&Default::default())),
                     &expected,
                 );
                 for chunk in [None, Some(1), Some(5), Some(64)] {
@@ -106,4 +112,85 @@ fn state_carries_across_calls() {
     let y = Tensor::cat(vec![a.y, b.y], 1);
     assert!(rel_err(&to_vec(y), &to_vec(whole.y)) < 1e-6);
     assert!(rel_err(&to_vec(b.state), &to_vec(whole.state)) < 1e-6);
+}
+
+/// The convolution's host loop against an f64 loop, over lengths, widths (one and several
+/// threads' worth of channels), kernel sizes, with and without bias, prefix and SiLU.
+#[test]
+fn host_conv_matches_the_definition() {
+    use burn::tensor::TensorData;
+    use jamba::ops::ConvInput;
+    let mut seed = SplitMix64::new(common::fresh_seed());
+    let dev = Default::default();
+    let mut cases = 0;
+    for &seq in &[1usize, 2, 7, 300] {
+        for &(batch, channels, k) in &[(1usize, 5usize, 4usize), (2, 70, 2), (3, 33, 4)] {
+            for options in 0..8u8 {
+                let (with_bias, with_prefix, silu) =
+                    (options & 1 != 0, options & 2 != 0, options & 4 != 0);
+                let mut draw = |n: usize| -> Vec<f32> {
+                    (0..n)
+                        .map(|_| (seed.next_f64() * 4.0 - 2.0) as f32)
+                        .collect()
+                };
+                let x = draw(batch * seq * channels);
+                let weight = draw(channels * k);
+                let bias = draw(channels);
+                let prefix = draw(batch * (k - 1) * channels);
+                let at = |b: usize, p: usize, d: usize| -> f64 {
+                    if p < k - 1 {
+                        if with_prefix {
+                            prefix[(b * (k - 1) + p) * channels + d] as f64
+                        } else {
+                            0.0
+                        }
+                    } else {
+                        x[(b * seq + p - (k - 1)) * channels + d] as f64
+                    }
+                };
+                let (mut ey, mut es) = (Vec::new(), Vec::new());
+                for b in 0..batch {
+                    for t in 0..seq {
+                        for d in 0..channels {
+                            let mut acc = if with_bias { bias[d] as f64 } else { 0.0 };
+                            for j in 0..k {
+                                acc += weight[d * k + j] as f64 * at(b, t + j, d);
+                            }
+                            if silu {
+                                acc /= 1.0 + (-acc).exp();
+                            }
+                            ey.push(acc as f32);
+                        }
+                    }
+                    for j in 0..k - 1 {
+                        for d in 0..channels {
+                            es.push(at(b, seq + j, d) as f32);
+                        }
+                    }
+                }
+                let t3 = |v: &Vec<f32>, s: [usize; 3]| {
+                    Tensor::<B, 3>::from_data(TensorData::new(v.clone(), s), &dev)
+                };
+                let out = jamba::host::causal_conv1d_host(ConvInput {
+                    x: t3(&x, [batch, seq, channels]),
+                    weight: Tensor::from_data(TensorData::new(weight, [channels, k]), &dev),
+                    bias: with_bias
+                        .then(|| Tensor::from_data(TensorData::new(bias, [channels]), &dev)),
+                    prefix: with_prefix.then(|| t3(&prefix, [batch, k - 1, channels])),
+                    silu,
+                });
+                let tag =
+                    format!("seq {seq} batch {batch} channels {channels} k {k} options {options}");
+                let (y, s) = (to_vec(out.y), to_vec(out.state));
+                assert!(
+                    rel_err(&y, &ey) <= 1e-6,
+                    "{tag}: y rel. error {:.3e}",
+                    rel_err(&y, &ey)
+                );
+                assert_eq!(s, es, "{tag}: state");
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 96);
 }

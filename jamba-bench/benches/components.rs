@@ -1,18 +1,38 @@
-//! Criterion benches on the CPU backend: a full forward of `tiny-jamba` at 64, 256 and 1024
-//! tokens; the chunked scan against the sequential one; a decode step at growing contexts.
+//! Criterion benches of the components: a full forward of `tiny-jamba` at 64, 256 and 1024
+//! tokens; the selective scan (sequential and chunked tensor-op forms, and the backend's own:
+//! the host loop on CPU backends, the fused kernel on GPU ones); the causal conv1d (tensor ops
+//! against the backend's); the MoE block (dispatch to the routed experts against running every
+//! expert densely); an attention layer (prefill and one decode step over a long cache); and a
+//! decode step at growing contexts.
 //!
-//! `cargo bench -p jamba-bench --bench components`
+//! CPU (flex) by default; `--features cuda` or `--features wgpu` benches that GPU backend:
+//!
+//! ```text
+//! cargo bench -p jamba-bench --bench components
+//! cargo bench -p jamba-bench --bench components --features cuda
+//! ```
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::{Distribution, Int, Tensor};
+use burn::tensor::activation::softmax;
+use burn::tensor::{DType, Distribution, IndexingUpdateOp, Int, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use jamba::backends::Cpu as B;
+use jamba::attention::AttentionConfig;
+use jamba::cache::KvCache;
 use jamba::config::MixerKind;
 use jamba::layer::LayerMasks;
+use jamba::moe::{SparseMoe, SparseMoeConfig};
+use jamba::ops::{ConvInput, JambaBackend, causal_conv1d_tensor_ops};
 use jamba::scan::{ScanInput, selective_scan_chunked, selective_scan_reference};
 use jamba::{ForwardOptions, Jamba, LoadOptions};
+
+#[cfg(feature = "cuda")]
+type B = burn::backend::Cuda;
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+type B = burn::backend::Wgpu;
+#[cfg(not(any(feature = "cuda", feature = "wgpu")))]
+type B = jamba::backends::Cpu;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/tiny-jamba")
@@ -86,6 +106,107 @@ fn scan(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("chunked", len), &len, |b, _| {
             b.iter(|| selective_scan_chunked(input.clone(), None).y.into_data())
         });
+        group.bench_with_input(BenchmarkId::new("backend", len), &len, |b, _| {
+            b.iter(|| B::selective_scan(input.clone()).y.into_data())
+        });
+    }
+}
+
+fn conv1d(c: &mut Criterion) {
+    let dev = Default::default();
+    let mut group = c.benchmark_group("causal conv1d (batch 1, 1024 channels, k 4, SiLU)");
+    group.sample_size(10);
+    for len in [1, 256, 1024] {
+        let input = ConvInput::<B> {
+            x: Tensor::random([1, len, 1024], Distribution::Normal(0.0, 1.0), &dev),
+            weight: Tensor::random([1024, 4], Distribution::Normal(0.0, 0.5), &dev),
+            bias: Some(Tensor::random([1024], Distribution::Normal(0.0, 0.5), &dev)),
+            prefix: Some(Tensor::random(
+                [1, 3, 1024],
+                Distribution::Normal(0.0, 1.0),
+                &dev,
+            )),
+            silu: true,
+        };
+        group.bench_with_input(BenchmarkId::new("tensor ops", len), &len, |b, _| {
+            b.iter(|| causal_conv1d_tensor_ops(input.clone()).y.into_data())
+        });
+        group.bench_with_input(BenchmarkId::new("backend", len), &len, |b, _| {
+            b.iter(|| B::causal_conv1d(input.clone()).y.into_data())
+        });
+    }
+}
+
+/// Every expert on every token, weighted by the routing (zero where not selected): the
+/// baseline that dispatch avoids.
+fn moe_dense(moe: &SparseMoe<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [tokens, _] = x.dims();
+    let probs = softmax(moe.router.forward(x.clone()).cast(DType::F32), 1);
+    let (weights, selected) = probs.clone().topk_with_indices(moe.top_k, 1);
+    let combine = probs
+        .zeros_like()
+        .scatter(1, selected, weights, IndexingUpdateOp::Add)
+        .cast(x.dtype());
+    moe.experts
+        .iter()
+        .enumerate()
+        .fold(x.zeros_like(), |acc, (e, expert)| {
+            acc + expert.forward(x.clone()) * combine.clone().slice([0..tokens, e..e + 1])
+        })
+}
+
+fn moe(c: &mut Criterion) {
+    let dev = Default::default();
+    // bench-jamba-cpu's MoE: hidden 512, experts of width 1024, 8 experts, top 2.
+    let moe = SparseMoeConfig::new(512, 1024, 8, 2).init::<B>(&dev);
+    let mut group = c.benchmark_group("MoE (hidden 512, 8 experts of 1024, top 2)");
+    group.sample_size(10);
+    for tokens in [1, 16, 256] {
+        let x = Tensor::<B, 3>::random([1, tokens, 512], Distribution::Normal(0.0, 1.0), &dev);
+        group.bench_with_input(BenchmarkId::new("dispatch", tokens), &tokens, |b, _| {
+            b.iter(|| moe.forward(x.clone()).0.into_data())
+        });
+        let flat = x.clone().reshape([tokens, 512]);
+        group.bench_with_input(BenchmarkId::new("dense", tokens), &tokens, |b, _| {
+            b.iter(|| moe_dense(&moe, flat.clone()).into_data())
+        });
+    }
+}
+
+fn attention(c: &mut Criterion) {
+    let dev = Default::default();
+    // bench-jamba-cpu's attention: hidden 512, 8 query heads, 2 key/value heads.
+    let attn = AttentionConfig::new(512, 8, 2).init::<B>(&dev);
+    let mut group = c.benchmark_group("attention (hidden 512, 8 heads, 2 kv heads)");
+    group.sample_size(10);
+    for len in [256, 1024] {
+        let x = Tensor::<B, 3>::random([1, len, 512], Distribution::Normal(0.0, 1.0), &dev);
+        group.bench_with_input(BenchmarkId::new("prefill", len), &len, |b, _| {
+            b.iter(|| attn.forward(x.clone(), None, None).into_data())
+        });
+    }
+    for context in [1024, 8192] {
+        let mut cache = KvCache::new(256);
+        let prompt =
+            Tensor::<B, 3>::random([1, context, 512], Distribution::Normal(0.0, 1.0), &dev);
+        attn.forward(prompt, None, Some(&mut cache));
+        let x = Tensor::<B, 3>::random([1, 1, 512], Distribution::Normal(0.0, 1.0), &dev);
+        group.bench_with_input(
+            BenchmarkId::new("decode step", context),
+            &context,
+            |b, _| {
+                b.iter_custom(|iters| {
+                    // The first (untimed) step makes the private copy and any growth of the cache.
+                    let mut c = cache.clone();
+                    attn.forward(x.clone(), None, Some(&mut c));
+                    let start = Instant::now();
+                    for _ in 0..iters {
+                        attn.forward(x.clone(), None, Some(&mut c)).into_data();
+                    }
+                    start.elapsed()
+                })
+            },
+        );
     }
 }
 
@@ -160,5 +281,5 @@ fn decode_step(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, forward, scan, decode_step);
+criterion_group!(benches, forward, scan, conv1d, moe, attention, decode_step);
 criterion_main!(benches);

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|kernels|model|all]   (default all)
+# Usage: bash run-h200.sh [tests|kernels|model|paper|all]   (default all)
 set -u
 OUT=${OUT:-out}
 WHAT=${1:-all}
@@ -33,5 +33,11 @@ if [ "$WHAT" = model ] || [ "$WHAT" = all ]; then
   JAMBA_KERNELS=off ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
     --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
     --out "$OUT/h200-bench-jamba-1b-bf16-kernels-off.json" > /dev/null
+fi
+if [ "$WHAT" = paper ] || [ "$WHAT" = all ]; then
+  echo "== the paper's comparisons: hybrid vs all attention vs all Mamba, bf16 (jamba-bench paper)"
+  ./jamba-bench paper \
+    --configs configs/bench-jamba-1b.config.json,configs/bench-transformer-1b.config.json,configs/bench-mamba-1b.config.json \
+    --backend cuda --dtype bf16 --max-secs 120 --out "$OUT/h200-paper.json" 2>&1
 fi
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv

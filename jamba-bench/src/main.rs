@@ -20,6 +20,9 @@ use jamba::{ForwardOptions, Jamba, JambaConfig, JambaError};
 use serde::Serialize;
 
 mod kernels;
+mod paper;
+#[cfg(feature = "plot")]
+mod plot;
 
 #[derive(Parser)]
 #[command(name = "jamba-bench", version, about)]
@@ -37,6 +40,12 @@ enum Command {
     /// The selective scan, decoding state update and conv1d: the backend's path (fused kernels
     /// on CubeCL backends) against the tensor-op path, with bandwidth against the floor.
     Kernels(kernels::KernelArgs),
+    /// The paper's comparisons: prefill and decode throughput and cache bytes of several
+    /// configurations (hybrid, all attention, all Mamba) side by side.
+    Paper(paper::PaperArgs),
+    /// Draws the rows of `paper` as PNG and SVG figures.
+    #[cfg(feature = "plot")]
+    Plot(plot::PlotArgs),
 }
 
 #[derive(Args, Clone)]
@@ -114,11 +123,24 @@ fn main() {
             let a = args.clone();
             jamba::with_backend!(a.backend, |B, device| kernels::run::<B>(&args, &device))
         }
+        Command::Paper(args) => {
+            let a = args.clone();
+            jamba::with_backend!(a.backend, |B, device| paper::run::<B>(&args, &device))
+        }
+        #[cfg(feature = "plot")]
+        Command::Plot(args) => plot::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
+}
+
+/// `bench-jamba-1b` for `.../bench-jamba-1b.config.json`.
+pub(crate) fn config_name(path: &std::path::Path) -> String {
+    path.file_name()
+        .map(|f| f.to_string_lossy().replace(".config.json", ""))
+        .unwrap_or_default()
 }
 
 fn random_ids<B: Backend>(
@@ -185,11 +207,7 @@ fn throughput<B: jamba::JambaBackend>(
     let start = Instant::now();
     let model = Jamba::<B>::init(&config, device).cast(args.dtype);
     sync::<B>(device)?;
-    let name = args
-        .config
-        .file_name()
-        .map(|f| f.to_string_lossy().replace(".config.json", ""))
-        .unwrap_or_default();
+    let name = config_name(&args.config);
     eprintln!(
         "{name}: {:.2}B parameters ({:.2}B active), random weights, {:?} {:?}, built in {:.1?}",
         config.param_count().total as f64 / 1e9,
@@ -409,15 +427,13 @@ fn tables(args: &TablesArgs) -> jamba::Result<()> {
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
         .collect();
     entries.sort();
+    let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
+    let mut v01 = None;
     for path in entries {
         let config = JambaConfig::from_file(&path)?;
-        let name = path
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .replace(".config.json", "");
+        let name = config_name(&path);
         let p = config.param_count();
-        let gib = |ctx| config.cache_size(1, ctx, 2).kv_bytes as f64 / (1u64 << 30) as f64;
+        let kv = |ctx| gib(config.cache_size(1, ctx, 2).kv_bytes);
         let note = paper
             .iter()
             .find(|(n, _)| *n == name)
@@ -426,10 +442,44 @@ fn tables(args: &TablesArgs) -> jamba::Result<()> {
             "| {name} | {:.2}B | {:.2}B | {:.3} GiB | {:.2} GiB | {:.2} GiB | {:.1} MiB | {note} |",
             p.total as f64 / 1e9,
             p.active as f64 / 1e9,
-            gib(4096),
-            gib(32768),
-            gib(262144),
+            kv(4096),
+            kv(32768),
+            kv(262144),
             config.cache_size(1, 4096, 2).mamba_bytes() as f64 / (1u64 << 20) as f64
+        );
+        if name == "jamba-v0.1" {
+            v01 = Some(config);
+        }
+    }
+    // The paper's Table 1, next to the same arithmetic (2 · layers · kv_heads · head_dim · 2
+    // bytes per token) on each model's published attention shape.
+    println!();
+    println!(
+        "| model (paper, Table 1) | params | active | KV cache at 256K, paper | computed here |"
+    );
+    println!("|---|---|---|---|---|");
+    let kv_256k = |layers: u64, kv_heads: u64, head_dim: u64| {
+        gib(2 * layers * kv_heads * head_dim * 2 * 262_144)
+    };
+    for (model, params, active, paper_gb, layers, kv_heads) in [
+        ("Llama-2 (7B)", "6.7B", "6.7B", "128GB", 32, 32),
+        ("Mistral (7B)", "7.2B", "7.2B", "32GB", 32, 8),
+        ("Mixtral (8x7B)", "46.7B", "12.9B", "32GB", 32, 8),
+    ] {
+        println!(
+            "| {model} | {params} | {active} | {paper_gb} | {:.0} GiB |",
+            kv_256k(layers, kv_heads, 128)
+        );
+    }
+    if let Some(c) = v01 {
+        let size = c.cache_size(1, 262_144, 2);
+        let p = c.param_count();
+        println!(
+            "| Jamba (v0.1) | 52B | 12B | 4GB | {:.0} GiB KV (+ {:.1} MiB Mamba state); {:.1}B / {:.1}B params |",
+            gib(size.kv_bytes),
+            size.mamba_bytes() as f64 / (1u64 << 20) as f64,
+            p.total as f64 / 1e9,
+            p.active as f64 / 1e9
         );
     }
     Ok(())

@@ -337,8 +337,9 @@ fn scan_fwd_kernel<F: Float>(
     }
 }
 
-/// One decoding step (`seq == 1`): a unit per (row, channel) walks the state indices, so there
-/// is no tile to stage and no barrier; the state streams through once.
+/// One decoding step (`seq == 1`), memory-bound: the state streams through once, read and
+/// written with coalesced accesses. (The first version gave each unit a whole channel and
+/// walked its state indices: strided accesses, 880 GB/s; see `jamba-bench/RESULTS.md`.)
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -356,39 +357,50 @@ fn scan_step_kernel<F: Float>(
     h0: &CubeArg<f32>,
     y: &mut CubeArg<F>,
     h_out: &mut CubeArg<f32>,
-    batch: u32,
     channels: u32,
     #[comptime] n_state: usize,
+    #[comptime] channels_per_cube: usize,
     #[comptime] has_z: bool,
     #[comptime] softplus: bool,
     #[define(F)] _dtype: StorageType,
 ) {
+    // A unit per (row, channel, state index): the state, `A`, `B` and `C` are read and the new
+    // state written by consecutive units at consecutive addresses (one transaction per warp),
+    // and each unit does one `exp`. The `C` contraction is summed through shared memory.
     let channels = channels as usize;
-    let pos = ABSOLUTE_POS;
-    if pos >= batch as usize * channels {
-        terminate!();
-    }
-    let row = pos / channels;
-    let d = pos % channels;
-    let mut x = f32::cast_from(delta[row * delta.stride(0) + d * delta.stride(2)]) + bias[d];
-    if comptime!(softplus) {
-        x = softplus_f32(x);
-    }
-    let uv = f32::cast_from(u[row * u.stride(0) + d * u.stride(2)]);
-    let duv = x * uv;
-    let mut acc = 0.0f32;
-    for n in 0..n_state {
-        let hv = (x * a[d * a.stride(0) + n * a.stride(1)]).exp()
-            * h0[row * h0.stride(0) + d * h0.stride(1) + n * h0.stride(2)]
-            + duv * f32::cast_from(bmat[row * bmat.stride(0) + n * bmat.stride(2)]);
+    let n = UNIT_POS_X as usize;
+    let local = UNIT_POS_Y as usize;
+    let d = CUBE_POS_X as usize * channels_per_cube + local;
+    let row = CUBE_POS_Y as usize;
+    let mut partial = SharedMemory::<f32>::new(comptime!(n_state * channels_per_cube));
+    let active = d < channels;
+    let mut contribution = 0.0f32;
+    let mut uv = 0.0f32;
+    if active {
+        let mut x = f32::cast_from(delta[row * delta.stride(0) + d * delta.stride(2)]) + bias[d];
+        if comptime!(softplus) {
+            x = softplus_f32(x);
+        }
+        uv = f32::cast_from(u[row * u.stride(0) + d * u.stride(2)]);
+        let at = row * h0.stride(0) + d * h0.stride(1) + n * h0.stride(2);
+        let hv = (x * a[d * a.stride(0) + n * a.stride(1)]).exp() * h0[at]
+            + x * uv * f32::cast_from(bmat[row * bmat.stride(0) + n * bmat.stride(2)]);
         h_out[row * h_out.stride(0) + d * h_out.stride(1) + n * h_out.stride(2)] = hv;
-        acc += hv * f32::cast_from(cmat[row * cmat.stride(0) + n * cmat.stride(2)]);
+        contribution = hv * f32::cast_from(cmat[row * cmat.stride(0) + n * cmat.stride(2)]);
     }
-    acc += dskip[d] * uv;
-    if comptime!(has_z) {
-        acc *= silu_f32(f32::cast_from(z[row * z.stride(0) + d * z.stride(2)]));
+    partial[local * n_state + n] = contribution;
+    sync_cube();
+    if active && n == 0 {
+        let mut acc = 0.0f32;
+        for i in 0..n_state {
+            acc += partial[local * n_state + i];
+        }
+        acc += dskip[d] * uv;
+        if comptime!(has_z) {
+            acc *= silu_f32(f32::cast_from(z[row * z.stride(0) + d * z.stride(2)]));
+        }
+        y[row * y.stride(0) + d * y.stride(2)] = F::cast_from(acc);
     }
-    y[row * y.stride(0) + d * y.stride(2)] = F::cast_from(acc);
 }
 
 /// Whether [`selective_scan_fwd`] takes a state of this size.
@@ -467,14 +479,17 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
         contiguous(input.delta_bias),
     );
     if seq == 1 && checkpoints.is_none() {
-        let cube_dim = CubeDim::new_1d(128);
-        // SAFETY: every index is below the extent of the tensor it reads or writes: the unit
-        // count is guarded against `batch · channels`, and `n` runs below the state size the
-        // `a`, `b`, `c` and state tensors were checked to have.
+        let per_cube = (256 / state).max(1);
+        let cube_dim = CubeDim::new_2d(state as u32, per_cube as u32);
+        let cube_count = CubeCount::Static(channels.div_ceil(per_cube) as u32, batch as u32, 1);
+        // SAFETY: every index is below the extent of the tensor it reads or writes: units with
+        // a channel at or past `channels` only write their own shared-memory slot, `n` runs
+        // below the state size the `a`, `b`, `c` and state tensors were checked to have, and
+        // the cube grid's y is the batch.
         unsafe {
             scan_step_kernel::launch_unchecked::<R>(
                 &client,
-                cubecl::calculate_cube_count_elemwise(&client, batch * channels, cube_dim),
+                cube_count,
                 cube_dim,
                 u.into_tensor_arg(),
                 input.delta.into_tensor_arg(),
@@ -487,9 +502,9 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
                 input.state.into_tensor_arg(),
                 y.into_tensor_arg(),
                 state_out.into_tensor_arg(),
-                batch as u32,
                 channels as u32,
                 state,
+                per_cube,
                 has_z,
                 input.delta_softplus,
                 dtype.into(),

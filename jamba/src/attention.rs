@@ -3,11 +3,11 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor, backend::Backend};
 
 use crate::cache::KvCache;
+use crate::ops::JambaBackend;
 
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
@@ -80,7 +80,7 @@ impl AttentionConfig {
     }
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: JambaBackend> Attention<B> {
     /// Attends over `x` `[batch, seq, hidden]`, after the keys and values in `cache` if one is
     /// given (the new ones are appended to it).
     pub fn forward(
@@ -99,6 +99,9 @@ impl<B: Backend> Attention<B> {
             Some(cache) => cache.append(k, v),
             None => (k, v),
         };
+        if seq == 1 {
+            return self.o_proj.forward(self.attend_one(q, k, v, mask));
+        }
         // Burn's fused attention has no GQA broadcast: repeat each key/value head.
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
         let keys = k.dims()[2];
@@ -121,11 +124,47 @@ impl<B: Backend> Attention<B> {
             softcap: None,
             is_causal: true,
         };
-        let out = attention(q, k, v, mask, None, options);
+        let out = B::scaled_dot_product_attention(q, k, v, mask, options);
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
+    }
+
+    /// One new position per row (decoding). The query heads that share a key/value head become
+    /// that head's query rows, so the cached keys and values are read as they are instead of
+    /// being copied once per query head (`repeat_kv` would copy the whole cache every step).
+    /// With a single new position every cached key is causally visible: only padding is masked.
+    fn attend_one(
+        &self,
+        q: Tensor<B, 4>,
+        k: Tensor<B, 4>,
+        v: Tensor<B, 4>,
+        mask: Option<&AttentionMask<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, _, _, dim] = q.dims();
+        let (groups, rep) = (self.num_kv_heads, self.num_heads / self.num_kv_heads);
+        let keys = k.dims()[2];
+        let q = q.reshape([batch, groups, rep, dim]);
+        // As in the general path, a pad query keeps every key (its output is ignored).
+        let mask = mask.map(|m| {
+            let real_query = m.query_padding.clone().bool_not().reshape([batch, 1, 1, 1]);
+            m.key_padding
+                .clone()
+                .reshape([batch, 1, 1, keys])
+                .bool_and(real_query.expand([batch, 1, 1, keys]))
+                .expand([batch, groups, rep, keys])
+        });
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        B::scaled_dot_product_attention(q, k, v, mask, options).reshape([
+            batch,
+            1,
+            self.num_heads * dim,
+        ])
     }
 
     fn repeat_kv(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {

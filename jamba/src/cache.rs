@@ -158,6 +158,80 @@ impl<B: Backend> JambaCache<B> {
         }
     }
 
+    /// A cache as if `context` tokens had already been processed, holding random values.
+    ///
+    /// A decode step costs what the cached length makes it cost, whatever the tokens were, so
+    /// benchmarks use this to time decoding after 64K tokens without prefilling them first. Each
+    /// key/value cache has room for [`KV_BLOCK`] more positions before it grows.
+    ///
+    /// ```
+    /// use jamba::backends::Cpu;
+    /// use jamba::{JambaCache, JambaConfig};
+    /// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 8,
+    ///     "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 64}"#).unwrap();
+    /// let cache = JambaCache::<Cpu>::synthetic(&config, 2, 1000, burn::tensor::DType::F32,
+    ///     &Default::default());
+    /// assert_eq!(cache.seq_len(), 1000);
+    /// ```
+    pub fn synthetic(
+        config: &JambaConfig,
+        batch: usize,
+        context: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        use burn::tensor::Distribution;
+        let mut cache = Self::new(config, batch, dtype, device);
+        let random = |shape: [usize; 3], dtype: DType| {
+            Tensor::<B, 3>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+        };
+        let capacity = context.next_multiple_of(KV_BLOCK) + KV_BLOCK;
+        let kv_shape = [
+            batch,
+            config.num_key_value_heads(),
+            capacity,
+            config.head_dim(),
+        ];
+        for layer in &mut cache.layers {
+            match layer {
+                LayerCache::Attention(kv) if context > 0 => {
+                    let random4 = || {
+                        Tensor::<B, 4>::random(kv_shape, Distribution::Normal(0.0, 1.0), device)
+                            .cast(dtype)
+                    };
+                    kv.keys = Some(random4());
+                    kv.values = Some(random4());
+                    kv.len = context;
+                }
+                LayerCache::Attention(_) => {}
+                LayerCache::Mamba(s) => {
+                    s.conv = random(s.conv.dims(), dtype);
+                    s.ssm = random(s.ssm.dims(), DType::F32);
+                }
+            }
+        }
+        cache.seq_len = context;
+        cache
+    }
+
+    /// Bytes of what the cache holds now: the key/value positions in use (not the allocated
+    /// capacity that [`size_bytes`](Self::size_bytes) counts) plus the Mamba states.
+    pub fn used_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerCache::Attention(kv) => {
+                    let per_position = kv.keys.as_ref().map_or(0, |k| {
+                        let [b, h, _, d] = k.dims();
+                        (b * h * d * k.dtype().size()) as u64
+                    });
+                    2 * per_position * kv.len as u64
+                }
+                LayerCache::Mamba(s) => tensor_bytes(&s.conv) + tensor_bytes(&s.ssm),
+            })
+            .sum()
+    }
+
     /// Positions processed so far (padding included).
     pub fn seq_len(&self) -> usize {
         self.seq_len
@@ -244,15 +318,15 @@ impl<B: Backend> JambaCache<B> {
         if padding.is_none() && self.padding.is_none() {
             return None;
         }
-        let fill = |n: usize| {
-            Tensor::<B, 2, Bool>::from_data(
-                burn::tensor::TensorData::new(vec![false; batch * n], [batch, n]),
-                device,
-            )
-        };
-        let previous = self.padding.take().unwrap_or_else(|| fill(old));
+        // Never materialise a zero-width tensor: CUDA's pitched layout gives `[batch, 0]` a zero
+        // row stride, which cubecl rejects at upload (`UnsupportedStrides`, reported later).
+        let fill = |n: usize| Tensor::<B, 2, Int>::zeros([batch, n], device).equal_elem(1);
         let current = padding.unwrap_or_else(|| fill(new));
-        let all = Tensor::cat(vec![previous, current], 1);
+        let previous = self.padding.take().or_else(|| (old > 0).then(|| fill(old)));
+        let all = match previous {
+            Some(previous) => Tensor::cat(vec![previous, current], 1),
+            None => current,
+        };
         self.padding = Some(all.clone());
         Some(all)
     }

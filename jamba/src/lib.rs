@@ -28,6 +28,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod generation;
+pub mod host;
 pub mod layer;
 pub mod loading;
 pub mod mamba;

@@ -76,6 +76,31 @@ pub trait JambaBackend: Backend {
     ) -> Option<ScanGrads<Self>> {
         None
     }
+
+    /// Scaled dot-product attention (Burn's `attention` module op): `[batch, heads, queries,
+    /// dim]` queries against `[batch, heads, keys, dim]` keys and values; `mask` is `true` where
+    /// a key is hidden from a query.
+    ///
+    /// CubeCL backends override it so that an f32 model gets f32 attention (the unfused form):
+    /// their autotuner may otherwise pick a tensor-core flash kernel that rounds f32 inputs to a
+    /// 10-bit mantissa (relative errors of 2e-2 measured on the fixtures' logits on CUDA).
+    fn scaled_dot_product_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Option<Tensor<Self, 4, burn::tensor::Bool>>,
+        options: burn::tensor::ops::AttentionModuleOptions,
+    ) -> Tensor<Self, 4> {
+        burn::tensor::module::attention(q, k, v, mask, None, options)
+    }
+
+    /// Bytes the backend's allocator holds on `device` now, where it reports them (CubeCL
+    /// backends: the memory pools' reservation, which only grows between
+    /// [`Backend::memory_cleanup`] calls, so it is the peak since the last cleanup). Benchmarks
+    /// use it; `None` elsewhere.
+    fn device_memory_reserved(_device: &Self::Device) -> Option<u64> {
+        None
+    }
 }
 
 /// Gradients of a selective scan, one per input of [`ScanInput`], each in its input's dtype.
@@ -138,16 +163,41 @@ pub fn causal_conv1d_tensor_ops<B: Backend>(input: ConvInput<B>) -> ConvOutput<B
     ConvOutput { y, state }
 }
 
-#[cfg(feature = "ndarray")]
-impl JambaBackend for burn::backend::NdArray<f32> {}
+/// CPU backends run the scan and the convolution as host loops ([`crate::host`]); the
+/// tensor-op forms stay reachable with `JAMBA_KERNELS=off`.
+macro_rules! host_backend {
+    ($backend:ty) => {
+        impl JambaBackend for $backend {
+            fn selective_scan(input: ScanInput<Self>) -> ScanOutput<Self> {
+                if kernels_enabled() {
+                    crate::host::selective_scan_host(input)
+                } else {
+                    crate::scan::selective_scan_tensor_ops(input)
+                }
+            }
+
+            fn causal_conv1d(input: ConvInput<Self>) -> ConvOutput<Self> {
+                if kernels_enabled() {
+                    crate::host::causal_conv1d_host(input)
+                } else {
+                    causal_conv1d_tensor_ops(input)
+                }
+            }
+        }
+    };
+}
 
 #[cfg(feature = "ndarray")]
-impl JambaBackend for burn::backend::NdArray<f64> {}
+host_backend!(burn::backend::NdArray<f32>);
+
+#[cfg(feature = "ndarray")]
+host_backend!(burn::backend::NdArray<f64>);
 
 #[cfg(feature = "flex")]
-impl JambaBackend for burn::backend::Flex {}
+host_backend!(burn::backend::Flex);
 
-/// Whether the fused kernels are enabled (`JAMBA_KERNELS=off` disables them, for comparisons).
+/// Whether the fused kernels (and, on CPU backends, the host loops of [`crate::host`]) are
+/// enabled (`JAMBA_KERNELS=off` falls back to the tensor-op forms, for comparisons).
 pub fn kernels_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| {
@@ -258,6 +308,39 @@ pub mod cube {
 
         fn has_fused_scan_backward(state: usize) -> bool {
             kernels_enabled() && scan::supports_state(state)
+        }
+
+        fn scaled_dot_product_attention(
+            q: Tensor<Self, 4>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            mask: Option<Tensor<Self, 4, burn::tensor::Bool>>,
+            options: burn::tensor::ops::AttentionModuleOptions,
+        ) -> Tensor<Self, 4> {
+            use burn_cubecl::kernel::attention::{AttentionStrategy, attention};
+            if q.dtype() != DType::F32 {
+                return burn::tensor::module::attention(q, k, v, mask, None, options);
+            }
+            // The unfused form: softmax of `QKᵀ` through the backend's matmul, in f32. (cubek's
+            // f32 flash kernel on plain units, `FlashUnit`, failed the fixtures on wgpu.)
+            let out = attention(
+                prim(q),
+                prim(k),
+                prim(v),
+                mask.map(|m| m.into_primitive()),
+                None,
+                options,
+                AttentionStrategy::Fallback,
+            )
+            .expect("the unfused attention always sets up");
+            wrap(out)
+        }
+
+        fn device_memory_reserved(device: &Self::Device) -> Option<u64> {
+            R::client(device)
+                .memory_usage()
+                .ok()
+                .map(|m| m.bytes_reserved)
         }
 
         fn selective_scan_backward(
@@ -481,5 +564,10 @@ mod autodiff {
         fn has_fused_scan_backward(_state: usize) -> bool {
             false // no fused double backward
         }
+
+        fn device_memory_reserved(device: &Self::Device) -> Option<u64> {
+            B::device_memory_reserved(device)
+        }
+        // `scaled_dot_product_attention` stays Burn's: autodiff differentiates it; the override is for inference.
     }
 }

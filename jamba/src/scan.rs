@@ -165,10 +165,12 @@ pub fn selective_scan_chunked<B: Backend>(
     let padded = chunks * chunk;
     let device = p.u.device();
 
-    // The big [.., D, N] tensors are laid out [batch, step-in-chunk, chunk, D, N], so that one
-    // step of every chunk is one contiguous block: only the small [batch, seq, D] inputs are
-    // permuted. Padding steps have Δ = 0, so exp(Δ·A) = 1 and Δ·B·u = 0: they leave the state
-    // unchanged.
+    // The big [.., D, N] tensors are laid out [step-in-chunk, batch, chunk, D, N]: one step of
+    // every chunk is one contiguous block at the front, so the per-step slices below are plain
+    // sub-buffers (CPU backends run element-wise ops on them at full speed; a slice along an
+    // inner dimension is a strided view that takes their slow path). Only the small
+    // [batch, seq, D] inputs are permuted. Padding steps have Δ = 0, so exp(Δ·A) = 1 and
+    // Δ·B·u = 0: they leave the state unchanged.
     let by_step = |x: Tensor<B, 3>| {
         let [b, _, w] = x.dims();
         let x = if padded == seq {
@@ -182,23 +184,27 @@ pub fn selective_scan_chunked<B: Backend>(
                 1,
             )
         };
-        // [b, T, chunks, w], materialised: merging the swapped dims cannot be a view, so every
-        // backend copies here once, instead of re-walking a strided view in every later slice.
+        // [T, b, chunks, w], materialised: merging the permuted dims cannot be a view.
         x.reshape([b, chunks, chunk, w])
-            .swap_dims(1, 2)
-            .reshape([b, chunk * chunks, w])
-            .reshape([b, chunk, chunks, w])
+            .permute([2, 0, 1, 3])
+            .reshape([chunk * b * chunks, w])
+            .reshape([chunk, b, chunks, w])
     };
-    let delta = by_step(p.delta).unsqueeze_dim::<5>(4); // [b, T, chunks, D, 1]
-    let u5 = by_step(p.u.clone()).unsqueeze_dim::<5>(4);
-    let b5 = by_step(p.b).unsqueeze_dim::<5>(3); // [b, T, chunks, 1, N]
-    let c5 = by_step(p.c).unsqueeze_dim::<5>(3);
+    let delta = by_step(p.delta); // [T, b, chunks, D]
+    let u = by_step(p.u.clone());
+    let rows = chunk * batch * chunks;
+    let b3 = by_step(p.b).reshape([rows, 1, state_size]);
+    let c4 = by_step(p.c).reshape([chunk, batch * chunks, state_size, 1]);
     let a = p.a.reshape([1, 1, 1, channels, state_size]);
-    let decay = (delta.clone() * a).exp(); // [b, T, chunks, D, N]
-    let drive = delta * u5 * b5;
+    let decay = (delta.clone().unsqueeze_dim::<5>(4) * a).exp(); // [T, b, chunks, D, N]
+    // Δ·u ⊗ B as a batched outer product (a matmul with inner size 1, not a broadcast).
+    let drive = (delta * u)
+        .reshape([rows, channels, 1])
+        .matmul(b3)
+        .reshape([chunk, batch, chunks, channels, state_size]);
 
     // 1. Every chunk from a zero state; `cumulative` is the product of decays since chunk start.
-    let at = |x: &Tensor<B, 5>, t: usize| x.clone().slice([0..batch, t..t + 1]);
+    let at = |x: &Tensor<B, 5>, t: usize| x.clone().slice([t..t + 1]);
     let mut h = at(&drive, 0);
     let mut cumulative = at(&decay, 0);
     let mut hs = Vec::with_capacity(chunk);
@@ -215,26 +221,36 @@ pub fn selective_scan_chunked<B: Backend>(
     drop((decay, drive));
 
     // 2. Carry the boundary states across chunks: `h` and `cumulative` now hold each chunk's
-    //    end state and total decay, [b, 1, chunks, D, N].
-    let mut carry = p.state.reshape([batch, 1, 1, channels, state_size]);
+    //    end state and total decay, [1, b, chunks, D, N].
+    let mut carry = p.state.reshape([1, batch, 1, channels, state_size]);
     let mut carried = Vec::with_capacity(chunks);
     for c in 0..chunks {
         carried.push(carry.clone());
-        let pick = |x: &Tensor<B, 5>| x.clone().slice([0..batch, 0..1, c..c + 1]);
+        let pick = |x: &Tensor<B, 5>| x.clone().slice([0..1, 0..batch, c..c + 1]);
         carry = pick(&cumulative) * carry + pick(&h);
     }
-    let carried = Tensor::cat(carried, 2); // [b, 1, chunks, D, N]
+    let carried = Tensor::cat(carried, 2); // [1, b, chunks, D, N]
 
-    // 3. Every position adds its carried-in state, decayed to it, and contracts with C.
-    let ys: Vec<Tensor<B, 5>> = hs
+    // 3. Every position adds its carried-in state, decayed to it, and contracts with C (a
+    //    batched matrix-vector product).
+    let ys: Vec<Tensor<B, 3>> = hs
         .into_iter()
         .zip(cs)
-        .zip(0..chunk)
-        .map(|((h, cum), t)| ((h + cum * carried.clone()) * at(&c5, t)).sum_dim(4))
+        .enumerate()
+        .map(|(t, (h, cum))| {
+            let c_t = c4
+                .clone()
+                .slice([t..t + 1])
+                .reshape([batch * chunks, state_size, 1]);
+            (h + cum * carried.clone())
+                .reshape([batch * chunks, channels, state_size])
+                .matmul(c_t)
+                .reshape([1, batch * chunks, channels])
+        })
         .collect();
-    let y = Tensor::cat(ys, 1) // [b, T, chunks, D, 1]
-        .reshape([batch, chunk, chunks, channels])
-        .swap_dims(1, 2)
+    let y = Tensor::cat(ys, 0) // [T, b · chunks, D]
+        .reshape([chunk, batch, chunks, channels])
+        .permute([1, 2, 0, 3])
         .reshape([batch, padded, channels])
         .slice([0..batch, 0..seq]);
     let state = carry.reshape([batch, channels, state_size]);
