@@ -137,10 +137,12 @@ pub fn selective_scan_reference<B: Backend>(input: ScanInput<B>) -> ScanOutput<B
     }
 }
 
-/// A chunk length that balances the two sequential loops of the chunked scan (`T` steps inside
-/// the chunks, `seq / T` across them): about √seq.
+/// A chunk length for the chunked scan: about 2·√seq. The two sequential loops (`T` steps inside
+/// the chunks, `seq / T` across them) balance at √seq, but the steps inside the chunks work on
+/// one contiguous block each while the carry steps slice across chunks, so longer chunks win
+/// (measured on flex at 1,024 steps: chunks of 64 beat chunks of 32 by 1.2×).
 pub fn default_chunk_len(seq: usize) -> usize {
-    ((seq as f64).sqrt().ceil() as usize).clamp(1, 256)
+    ((2.0 * (seq as f64).sqrt()).ceil() as usize).clamp(1, 256)
 }
 
 /// The parallel scan in chunks of `chunk_len` steps (`None`: [`default_chunk_len`]).
