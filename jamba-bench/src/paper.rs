@@ -257,6 +257,16 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                 row
             })
         };
+        let measured =
+            |row: PaperRow, tokens: usize, secs: f64, (allocated, used): (u64, u64)| PaperRow {
+                tokens,
+                median_secs: secs,
+                tokens_per_sec: tokens as f64 / secs,
+                cache_bytes: allocated,
+                cache_used_bytes: used,
+                device_reserved_bytes: B::device_memory_reserved(device),
+                ..row
+            };
         let fail = |mut row: PaperRow, e: JambaError| {
             let text = e.to_string();
             row.status = if is_memory_error(&text) {
@@ -316,15 +326,7 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                     Ok(()) => {
                         let secs = median(times);
                         too_slow = args.max_secs.is_some_and(|m| secs > m);
-                        PaperRow {
-                            tokens: len,
-                            median_secs: secs,
-                            tokens_per_sec: len as f64 / secs,
-                            cache_bytes: cache_bytes.0,
-                            cache_used_bytes: cache_bytes.1,
-                            device_reserved_bytes: B::device_memory_reserved(device),
-                            ..row
-                        }
+                        measured(row, len, secs, cache_bytes)
                     }
                     Err(e) => fail(row, e),
                 }
@@ -369,20 +371,11 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                         sync::<B>(device)?;
                         Ok((
                             t.elapsed().as_secs_f64(),
-                            cache.size_bytes(),
-                            cache.used_bytes(),
+                            (cache.size_bytes(), cache.used_bytes()),
                         ))
                     });
                     match result {
-                        Ok((secs, allocated, used)) => PaperRow {
-                            tokens: batch * args.decode_steps,
-                            median_secs: secs,
-                            tokens_per_sec: (batch * args.decode_steps) as f64 / secs,
-                            cache_bytes: allocated,
-                            cache_used_bytes: used,
-                            device_reserved_bytes: B::device_memory_reserved(device),
-                            ..row
-                        },
+                        Ok((secs, cache)) => measured(row, batch * args.decode_steps, secs, cache),
                         Err(e) => fail(row, e),
                     }
                 };

@@ -61,55 +61,60 @@ pub fn run(args: &PlotArgs) -> jamba::Result<()> {
         .collect::<jamba::Result<_>>()?;
     crate::paper::print_summary(&rows);
     std::fs::create_dir_all(&args.out_dir).map_err(io(&args.out_dir))?;
-    let figures: [(&str, &dyn Fn(&Canvas) -> Res); 4] = [
-        ("prefill-throughput", &|c| prefill_figure(c, &rows)),
-        ("decode-throughput-vs-context", &|c| {
-            decode_vs_context(c, &rows)
-        }),
-        ("decode-throughput-vs-batch", &|c| decode_vs_batch(c, &rows)),
-        ("cache-vs-context", &|c| cache_figure(c, &rows, &configs)),
+    let figures = [
+        ("prefill-throughput", prefill_figure(&rows)),
+        (
+            "decode-throughput-vs-context",
+            decode_panels(
+                &rows,
+                |r| r.batch,
+                |r| r.context,
+                "batch",
+                "context (tokens)",
+            ),
+        ),
+        (
+            "decode-throughput-vs-batch",
+            decode_panels(&rows, |r| r.context, |r| r.batch, "context", "batch size"),
+        ),
+        ("cache-vs-context", cache_figure(&rows, &configs)),
     ];
-    for (name, draw) in figures {
+    for (name, panels) in figures {
         let base = args.out_dir.join(format!("{}-{name}", args.prefix));
         let png = base.with_extension("png");
         let svg = base.with_extension("svg");
-        draw(&Canvas::Png(&png))
-            .and_then(|_| draw(&Canvas::Svg(&svg)))
+        draw(BitMapBackend::new(&png, SIZE).into_drawing_area(), &panels)
+            .and_then(|_| draw(SVGBackend::new(&svg, SIZE).into_drawing_area(), &panels))
             .map_err(|e| JambaError::Input(format!("drawing {}: {e}", base.display())))?;
         eprintln!("wrote {} and {}", png.display(), svg.display());
     }
     Ok(())
 }
 
-/// Where a figure goes: both formats are drawn by the same code.
-pub enum Canvas<'a> {
-    Png(&'a Path),
-    Svg(&'a Path),
-}
-
 const SIZE: (u32, u32) = (1200, 520);
 
-impl Canvas<'_> {
-    fn draw(
-        &self,
-        f: impl Fn(DrawingArea<BitMapBackend, Shift>) -> Res,
-        g: impl Fn(DrawingArea<SVGBackend, Shift>) -> Res,
-    ) -> Res {
-        match self {
-            Canvas::Png(p) => {
-                let root = BitMapBackend::new(p, SIZE).into_drawing_area();
-                root.fill(&WHITE).map_err(err)?;
-                f(root.clone())?;
-                root.present().map_err(err)
-            }
-            Canvas::Svg(p) => {
-                let root = SVGBackend::new(p, SIZE).into_drawing_area();
-                root.fill(&WHITE).map_err(err)?;
-                g(root.clone())?;
-                root.present().map_err(err)
-            }
-        }
+/// One log-log chart of a figure; a figure is one or more side by side.
+struct Panel {
+    title: String,
+    x_label: &'static str,
+    y_label: &'static str,
+    x_ticks: Vec<usize>,
+    series: Vec<Series>,
+}
+
+/// Draws `panels` side by side on `root` (any plotters backend: PNG and SVG share this code).
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, panels: &[Panel]) -> Res {
+    root.fill(&WHITE).map_err(err)?;
+    if panels.is_empty() {
+        root.titled("no data", ("sans-serif", 18)).map_err(err)?;
     }
+    for (panel, area) in panels
+        .iter()
+        .zip(root.split_evenly((1, panels.len().max(1))))
+    {
+        chart(&area, panel)?;
+    }
+    root.present().map_err(err)
 }
 
 fn configs_of(rows: &[PaperRow]) -> Vec<String> {
@@ -160,14 +165,14 @@ struct Series {
 }
 
 /// A log-log line chart in `area`, with x ticks at the given values.
-fn chart<DB: DrawingBackend>(
-    area: &DrawingArea<DB, Shift>,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-    x_ticks: &[usize],
-    series: &[Series],
-) -> Res {
+fn chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, panel: &Panel) -> Res {
+    let Panel {
+        title,
+        x_label,
+        y_label,
+        x_ticks,
+        series,
+    } = panel;
     let all: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
@@ -200,8 +205,8 @@ fn chart<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .light_line_style(TRANSPARENT)
-        .x_desc(x_label)
-        .y_desc(y_label)
+        .x_desc(*x_label)
+        .y_desc(*y_label)
         .x_labels(((hi - lo).ceil() as usize + 1).max(2))
         .x_label_formatter(&move |x| {
             ticks
@@ -284,131 +289,75 @@ fn failures(rows: &[&PaperRow], what: impl Fn(&PaperRow) -> usize) -> String {
     }
 }
 
-fn prefill_figure(canvas: &Canvas, rows: &[PaperRow]) -> Res {
-    let prefill: Vec<&PaperRow> = rows.iter().filter(|r| r.phase == "prefill").collect();
-    let ticks = distinct(prefill.iter().map(|r| r.context));
-    let series: Vec<Series> = configs_of(rows)
+/// Tokens/s against `x_of` of `points`, a line per configuration of `rows` (in their order),
+/// its label naming the points that could not run.
+fn throughput_series(
+    rows: &[PaperRow],
+    points: &[&PaperRow],
+    x_of: fn(&PaperRow) -> usize,
+) -> Vec<Series> {
+    configs_of(rows)
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let mine: Vec<&PaperRow> = prefill.iter().copied().filter(|r| &r.config == c).collect();
+            let mine: Vec<&PaperRow> = points.iter().copied().filter(|r| &r.config == c).collect();
             Series {
-                label: format!("{c}{}", failures(&mine, |r| r.context)),
+                label: format!("{c}{}", failures(&mine, x_of)),
                 color: color(i),
                 points: mine
                     .iter()
                     .filter(|r| r.status == "ok")
-                    .map(|r| (r.context as f64, r.tokens_per_sec))
+                    .map(|r| (x_of(r) as f64, r.tokens_per_sec))
                     .collect(),
                 markers: true,
             }
         })
-        .collect();
-    let title = format!("Prefill throughput, batch 1 ({})", subtitle(rows));
-    canvas.draw(
-        |a| {
-            chart(
-                &a,
-                &title,
-                "prompt length (tokens)",
-                "tokens/s",
-                &ticks,
-                &series,
-            )
-        },
-        |a| {
-            chart(
-                &a,
-                &title,
-                "prompt length (tokens)",
-                "tokens/s",
-                &ticks,
-                &series,
-            )
-        },
-    )
+        .collect()
+}
+
+fn prefill_figure(rows: &[PaperRow]) -> Vec<Panel> {
+    let prefill: Vec<&PaperRow> = rows.iter().filter(|r| r.phase == "prefill").collect();
+    vec![Panel {
+        title: format!("Prefill throughput, batch 1 ({})", subtitle(rows)),
+        x_label: "prompt length (tokens)",
+        y_label: "tokens/s",
+        x_ticks: distinct(prefill.iter().map(|r| r.context)),
+        series: throughput_series(rows, &prefill, |r| r.context),
+    }]
 }
 
 /// Small multiples: one panel per value of `panel_of`, x = `x_of`, a line per configuration.
-fn decode_panels<DB: DrawingBackend>(
-    area: DrawingArea<DB, Shift>,
+fn decode_panels(
     rows: &[PaperRow],
     panel_of: fn(&PaperRow) -> usize,
     x_of: fn(&PaperRow) -> usize,
     panel_name: &str,
-    x_label: &str,
-) -> Res {
+    x_label: &'static str,
+) -> Vec<Panel> {
     let decode: Vec<&PaperRow> = rows.iter().filter(|r| r.phase == "decode").collect();
     let panels = distinct(decode.iter().map(|r| panel_of(r)));
     let ticks = distinct(decode.iter().map(|r| x_of(r)));
-    if panels.is_empty() {
-        return area
-            .titled("no decode rows", ("sans-serif", 18))
-            .map(|_| ())
-            .map_err(err);
-    }
-    let areas = area.split_evenly((1, panels.len()));
-    for (p, a) in panels.iter().zip(areas) {
-        let series: Vec<Series> = configs_of(rows)
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let mine: Vec<&PaperRow> = decode
-                    .iter()
-                    .copied()
-                    .filter(|r| &r.config == c && panel_of(r) == *p)
-                    .collect();
-                Series {
-                    label: format!("{c}{}", failures(&mine, x_of)),
-                    color: color(i),
-                    points: mine
-                        .iter()
-                        .filter(|r| r.status == "ok")
-                        .map(|r| (x_of(r) as f64, r.tokens_per_sec))
-                        .collect(),
-                    markers: true,
-                }
-            })
-            .collect();
-        let title = format!("decode, {panel_name} {} ({})", k_label(*p), subtitle(rows));
-        chart(&a, &title, x_label, "tokens/s", &ticks, &series)?;
-    }
-    Ok(())
+    panels
+        .iter()
+        .map(|p| {
+            let mine: Vec<&PaperRow> = decode
+                .iter()
+                .copied()
+                .filter(|r| panel_of(r) == *p)
+                .collect();
+            let series = throughput_series(rows, &mine, x_of);
+            Panel {
+                title: format!("decode, {panel_name} {} ({})", k_label(*p), subtitle(rows)),
+                x_label,
+                y_label: "tokens/s",
+                x_ticks: ticks.clone(),
+                series,
+            }
+        })
+        .collect()
 }
 
-fn decode_vs_context(canvas: &Canvas, rows: &[PaperRow]) -> Res {
-    canvas.draw(
-        |a| {
-            decode_panels(
-                a,
-                rows,
-                |r| r.batch,
-                |r| r.context,
-                "batch",
-                "context (tokens)",
-            )
-        },
-        |a| {
-            decode_panels(
-                a,
-                rows,
-                |r| r.batch,
-                |r| r.context,
-                "batch",
-                "context (tokens)",
-            )
-        },
-    )
-}
-
-fn decode_vs_batch(canvas: &Canvas, rows: &[PaperRow]) -> Res {
-    canvas.draw(
-        |a| decode_panels(a, rows, |r| r.context, |r| r.batch, "context", "batch size"),
-        |a| decode_panels(a, rows, |r| r.context, |r| r.batch, "context", "batch size"),
-    )
-}
-
-fn cache_figure(canvas: &Canvas, rows: &[PaperRow], configs: &[(String, JambaConfig)]) -> Res {
+fn cache_figure(rows: &[PaperRow], configs: &[(String, JambaConfig)]) -> Vec<Panel> {
     let dtype_bytes = match rows.first().map(|r| r.dtype.as_str()) {
         Some("f32") => 4,
         _ => 2,
@@ -446,10 +395,13 @@ fn cache_figure(canvas: &Canvas, rows: &[PaperRow], configs: &[(String, JambaCon
             });
         }
     }
-    let title =
-        format!("Cache bytes for one sequence ({dtype_bytes}-byte keys and values, f32 SSM state)");
-    canvas.draw(
-        |a| chart(&a, &title, "context (tokens)", "bytes", &ticks, &series),
-        |a| chart(&a, &title, "context (tokens)", "bytes", &ticks, &series),
-    )
+    vec![Panel {
+        title: format!(
+            "Cache bytes for one sequence ({dtype_bytes}-byte keys and values, f32 SSM state)"
+        ),
+        x_label: "context (tokens)",
+        y_label: "bytes",
+        x_ticks: ticks,
+        series,
+    }]
 }
