@@ -139,13 +139,14 @@ pub fn selective_scan_host<B: Backend>(input: ScanInput<B>) -> ScanOutput<B> {
     let d = input.d.map(values);
     let z = input.z.map(values);
     let bias = input.delta_bias.map(values);
-    let mut h = match input.initial_state {
+    let h_in = match input.initial_state {
         Some(s) => values(s),
         None => vec![0.0; batch * channels * state],
     };
+    // Every (row, channel, state) of `h` and (row, step, channel) of `y` is written below.
+    let mut h = vec![0.0f32; batch * channels * state];
     let mut y = vec![0.0f32; batch * seq * channels];
     let (y_out, h_out) = (Shared(y.as_mut_ptr()), Shared(h.as_mut_ptr()));
-    let h_in = h.clone();
     for_channel_ranges(channels, |range| {
         let mut hb = vec![0.0f32; BLOCK * state];
         let mut decay = vec![0.0f32; state];
