@@ -85,12 +85,7 @@ fn main() -> jamba::Result<()> {
         &dev,
     );
     let head = time(&mut || {
-        model
-            .lm_head
-            .as_ref()
-            .unwrap()
-            .forward(h.clone())
-            .into_data();
+        jamba::ops::project(model.lm_head.as_ref().unwrap(), h.clone()).into_data();
     });
     println!(
         "lm_head: {head:.3} ms\nwhole step: {whole:.3} ms = {:.1} tokens/s",

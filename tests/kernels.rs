@@ -10,8 +10,8 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use common::scan_problem::{Problem, Rng};
 use jamba::burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
 use jamba::generation::SplitMix64;
-use jamba::kernels::{conv, scan};
-use jamba::ops::{ConvInput, JambaBackend, causal_conv1d_tensor_ops, cube};
+use jamba::kernels::{conv, norm, scan};
+use jamba::ops::{ConvInput, JambaBackend, causal_conv1d_tensor_ops, cube, rms_norm_tensor_ops};
 use jamba::reference::{rel_err, to_vec};
 
 type K<R> = CubeBackend<R, f32, i32, u32>;
@@ -263,6 +263,65 @@ fn conv_grid<R: CubeRuntime>(device: &R::Device) {
     assert!(cases >= 120);
 }
 
+/// RMSNorm as a host loop in f64 (the f32 kernel's only rounding is its f32 arithmetic).
+fn rms_norm_expected(x: &[f32], weight: &[f32], width: usize, eps: f64) -> Vec<f32> {
+    x.chunks_exact(width)
+        .flat_map(|row| {
+            let mean = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / width as f64;
+            let scale = 1.0 / (mean + eps).sqrt();
+            row.iter()
+                .zip(weight)
+                .map(move |(&v, &w)| (v as f64 * scale * w as f64) as f32)
+        })
+        .collect()
+}
+
+/// The fused RMSNorm over widths from 1 to 4096 (one unit per element up to many elements per
+/// unit), rows of one and many, and a strided view (a column window of a wider tensor, as the
+/// Mamba mixer's `dt`/`B`/`C` slices are).
+fn rms_norm_grid<R: CubeRuntime>(device: &R::Device) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    for &(batch, seq, width, extra) in &[
+        (1usize, 1usize, 1usize, 0usize),
+        (2, 3, 16, 0),
+        (1, 5, 64, 3),
+        (3, 7, 1000, 0),
+        (2, 2, 4096, 0),
+        (1, 300, 37, 5),
+        (4, 1, 257, 1),
+    ] {
+        let eps = 1e-6;
+        let full = width + extra;
+        let x = rng.normal(batch * seq * full, 0.3, 2.0);
+        let weight = rng.normal(width, 1.0, 0.5);
+        let x_t =
+            Tensor::<K<R>, 3>::from_data(TensorData::new(x.clone(), [batch, seq, full]), device)
+                .slice([0..batch, 0..seq, extra..full]);
+        let window: Vec<f32> = x
+            .chunks_exact(full)
+            .flat_map(|r| r[extra..].to_vec())
+            .collect();
+        let w_t = Tensor::<K<R>, 1>::from_data(TensorData::new(weight.clone(), [width]), device);
+        let out = poisoned::<R, 3>([batch, seq, width], DType::F32, device);
+        norm::rms_norm_into(prim(x_t.clone()), prim(w_t.clone()), eps, out.clone());
+        let ours = to_vec(wrap::<R, 3>(out));
+        let tag = format!("rms_norm batch {batch} seq {seq} width {width} offset {extra}");
+        assert_close(
+            &tag,
+            &ours,
+            &rms_norm_expected(&window, &weight, width, eps),
+            1e-5,
+        );
+        let reference = rms_norm_tensor_ops(x_t, w_t, eps);
+        assert_close(
+            &format!("{tag} vs tensor ops"),
+            &ours,
+            &to_vec(reference),
+            1e-5,
+        );
+    }
+}
+
 /// Every input's gradient through the scan, for the loss `Σ y·w`.
 fn scan_grads<B: burn::tensor::backend::AutodiffBackend + JambaBackend>(
     p: &Problem,
@@ -368,6 +427,11 @@ macro_rules! kernel_tests {
             }
 
             #[test]
+            fn rms_norm_kernel_matches_the_definition() {
+                super::rms_norm_grid::<R>(&Default::default());
+            }
+
+            #[test]
             fn conv_kernel_matches_the_definition_over_the_grid() {
                 super::conv_grid::<R>(&Default::default());
             }
@@ -377,6 +441,45 @@ macro_rules! kernel_tests {
 
 kernel_tests!(wgpu, burn::backend::wgpu::WgpuRuntime, "wgpu");
 kernel_tests!(cuda, jamba::burn_cubecl::cubecl::cuda::CudaRuntime, "cuda");
+
+/// Half-precision RMSNorm against the tensor-op form on the same device: both round the
+/// normalised value and the product to the half type; only the order of the f32 sum differs, so
+/// at most a rare last-bit flip (bf16's unit roundoff is 3.9e-3, f16's 4.9e-4).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_rms_norm_kernel_takes_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    let device = Default::default();
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    for (dtype, tolerance) in [(DType::BF16, 1e-3), (DType::F16, 2e-4)] {
+        for &(batch, seq, width) in &[(1usize, 1usize, 1024usize), (2, 33, 16), (3, 5, 2048)] {
+            let x = Tensor::<K<R>, 3>::from_data(
+                TensorData::new(
+                    rng.normal(batch * seq * width, 0.0, 1.5),
+                    [batch, seq, width],
+                ),
+                &device,
+            )
+            .cast(dtype);
+            let w = Tensor::<K<R>, 1>::from_data(
+                TensorData::new(rng.normal(width, 1.0, 0.5), [width]),
+                &device,
+            )
+            .cast(dtype);
+            let ours = to_vec(
+                wrap::<R, 3>(norm::rms_norm(prim(x.clone()), prim(w.clone()), 1e-6))
+                    .cast(DType::F32),
+            );
+            let reference = to_vec(rms_norm_tensor_ops(x, w, 1e-6).cast(DType::F32));
+            assert_close(
+                &format!("{dtype:?} rms_norm {batch}x{seq}x{width}"),
+                &ours,
+                &reference,
+                tolerance,
+            );
+        }
+    }
+}
 
 /// Half-precision inputs (f32 arithmetic inside): the state must match to f32 precision and `y`
 /// to the rounding of its half-precision store.

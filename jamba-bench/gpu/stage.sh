@@ -8,17 +8,17 @@ set -eu
 cd "$(dirname "$0")/../.."
 export CUDARC_CUDA_VERSION=13000
 cargo build --release --features cuda -p jamba-cli -p jamba-bench --target-dir target-cuda
-cargo test --release --features cuda --no-run --test kernels --test parity --target-dir target-cuda
+cargo test --release --features cuda --no-run --test kernels --test parity --test backends_agree --target-dir target-cuda
 mkdir -p .device
 rm -f .device/*.xz
 for bin in jamba jamba-bench; do
   strip -o ".device/$bin" "target-cuda/release/$bin"
 done
-for t in kernels parity; do
+for t in kernels parity backends_agree; do
   exe=$(ls -t target-cuda/release/deps/$t-* | grep -v '\.d$' | head -1)
   strip -o ".device/$t" "$exe"
 done
-(cd .device && for f in jamba jamba-bench kernels parity; do xz -T2 -6 -f "$f"; done)
+(cd .device && for f in jamba jamba-bench kernels parity backends_agree; do xz -T2 -6 -f "$f"; done)
 rm -rf .device/fixtures .device/configs
 cp -r ../shared/fixtures ../shared/configs .device/
 cp jamba-bench/gpu/run-h200.sh .device/

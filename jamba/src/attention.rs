@@ -7,7 +7,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor, backend::Backend};
 
 use crate::cache::KvCache;
-use crate::ops::JambaBackend;
+use crate::ops::{JambaBackend, project};
 
 /// Configuration of [`Attention`].
 #[derive(Config, Debug)]
@@ -92,15 +92,15 @@ impl<B: JambaBackend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(self.q_proj.forward(x.clone()), self.num_heads);
-        let k = heads(self.k_proj.forward(x.clone()), self.num_kv_heads);
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = heads(project(&self.q_proj, x.clone()), self.num_heads);
+        let k = heads(project(&self.k_proj, x.clone()), self.num_kv_heads);
+        let v = heads(project(&self.v_proj, x), self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),
         };
         if seq == 1 {
-            return self.o_proj.forward(self.attend_one(q, k, v, mask));
+            return project(&self.o_proj, self.attend_one(q, k, v, mask));
         }
         // Burn's fused attention has no GQA broadcast: repeat each key/value head.
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
@@ -128,7 +128,7 @@ impl<B: JambaBackend> Attention<B> {
         let out = out
             .swap_dims(1, 2)
             .reshape([batch, seq, self.num_heads * self.head_dim]);
-        self.o_proj.forward(out)
+        project(&self.o_proj, out)
     }
 
     /// One new position per row (decoding). The query heads that share a key/value head become

@@ -58,6 +58,81 @@ impl Shared {
     }
 }
 
+/// Rows up to which [`projection_flex`] runs its own loop (decoding: a row per sequence).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+/// `x [batch, seq, in] · weight [in, out] (+ bias)` on flex. For a few rows (decoding), a
+/// threaded loop that streams the weight once: flex's GEMM (single-threaded without its `rayon`
+/// feature, and tuned for large products) left one core reading the weights while the other
+/// waited. Each thread owns a contiguous band of the weight's input rows and accumulates into
+/// its own output rows; the partial outputs are summed. More rows, other dtypes, a weight that
+/// is not one contiguous buffer, or `JAMBA_HOST_GEMV=off` (for comparisons) take Burn's `linear`.
+#[cfg(feature = "flex")]
+pub fn projection_flex(
+    x: Tensor<burn::backend::Flex, 3>,
+    weight: Tensor<burn::backend::Flex, 2>,
+    bias: Option<Tensor<burn::backend::Flex, 1>>,
+) -> Tensor<burn::backend::Flex, 3> {
+    use rayon::prelude::*;
+    let [batch, seq, inputs] = x.dims();
+    let outputs = weight.dims()[1];
+    let rows = batch * seq;
+    if rows > GEMV_MAX_ROWS
+        || x.dtype() != DType::F32
+        || weight.dtype() != DType::F32
+        || !crate::ops::kernels_enabled()
+        || std::env::var("JAMBA_HOST_GEMV").as_deref() == Ok("off")
+    {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let w_prim = weight.clone().into_primitive().tensor();
+    let Some(w) = w_prim
+        .as_slice::<f32>()
+        .filter(|w| w.len() == inputs * outputs)
+    else {
+        return burn::tensor::module::linear(x, weight, bias);
+    };
+    let device = x.device();
+    let xv = values(x);
+    // Bands of at least 64K weights: below that a thread costs more than it saves.
+    let bands = threads()
+        .min((inputs * outputs).div_ceil(1 << 16))
+        .clamp(1, inputs.max(1));
+    let per = inputs.div_ceil(bands);
+    let band = |lo: usize, hi: usize| {
+        let mut acc = vec![0.0f32; rows * outputs];
+        for i in lo..hi {
+            let wi = &w[i * outputs..(i + 1) * outputs];
+            for r in 0..rows {
+                let xv = xv[r * inputs + i];
+                for (a, &wv) in acc[r * outputs..(r + 1) * outputs].iter_mut().zip(wi) {
+                    *a += xv * wv;
+                }
+            }
+        }
+        acc
+    };
+    let mut out = if bands == 1 {
+        band(0, inputs)
+    } else {
+        (0..bands)
+            .into_par_iter()
+            .map(|t| band((t * per).min(inputs), ((t + 1) * per).min(inputs)))
+            .reduce_with(|mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            })
+            .unwrap_or_else(|| vec![0.0; rows * outputs])
+    };
+    if let Some(bias) = bias {
+        let bv = values(bias);
+        for row in out.chunks_exact_mut(outputs) {
+            row.iter_mut().zip(&bv).for_each(|(o, b)| *o += b);
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [batch, seq, outputs]), &device)
+}
+
 /// `exp(x)` to about 2e-7 relative error, in a form the compiler vectorises (the standard
 /// library's `exp` is a call per element): `2^k · e^r` with `k = round(x / ln 2)` and a degree-6
 /// polynomial for `e^r`, `|r| ≤ ln 2 / 2`. Clamps its argument to [−87, 88] (below, it returns

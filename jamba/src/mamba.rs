@@ -3,12 +3,11 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
 
 use crate::cache::MambaState;
 use crate::norm::{RmsNorm, RmsNormConfig};
-use crate::ops::{ConvInput, JambaBackend};
+use crate::ops::{ConvInput, JambaBackend, project};
 use crate::scan::{ScanInput, selective_scan};
 
 /// Configuration of [`MambaMixer`].
@@ -170,7 +169,7 @@ impl<B: JambaBackend> MambaMixer<B> {
             Some(k) => t * k.clone(),
             None => t,
         };
-        let projected = self.in_proj.forward(masked(x));
+        let projected = project(&self.in_proj, masked(x));
         let xs = projected.clone().slice([0..batch, 0..seq, 0..inner]);
         let z = projected.slice([0..batch, 0..seq, inner..2 * inner]);
 
@@ -183,7 +182,7 @@ impl<B: JambaBackend> MambaMixer<B> {
         let u = masked(conv.y);
 
         let (r, n) = (self.dt_rank, self.d_state);
-        let dbc = self.x_proj.forward(u.clone());
+        let dbc = project(&self.x_proj, u.clone());
         let dt = self
             .dt_layernorm
             .forward(dbc.clone().slice([0..batch, 0..seq, 0..r]));
@@ -193,7 +192,7 @@ impl<B: JambaBackend> MambaMixer<B> {
         let c = self
             .c_layernorm
             .forward(dbc.slice([0..batch, 0..seq, r + n..r + 2 * n]));
-        let delta = linear(dt, self.dt_proj.weight.val(), None);
+        let delta = B::projection(dt, self.dt_proj.weight.val(), None);
         let a = self.a_log.val().cast(DType::F32).exp().neg();
 
         let out = selective_scan(ScanInput {
@@ -212,7 +211,7 @@ impl<B: JambaBackend> MambaMixer<B> {
             state.conv = conv_state;
             state.ssm = out.state;
         }
-        self.out_proj.forward(out.y.cast(dtype))
+        project(&self.out_proj, out.y.cast(dtype))
     }
 
     /// Depthwise causal convolution over time (plus bias, no activation), continuing from

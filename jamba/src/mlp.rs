@@ -5,6 +5,8 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
+use crate::ops::{JambaBackend, project};
+
 /// Configuration of [`Mlp`].
 #[derive(Config, Debug)]
 pub struct MlpConfig {
@@ -47,10 +49,10 @@ impl MlpConfig {
     }
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: JambaBackend> Mlp<B> {
     /// Applies the MLP to the last dimension.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate.mul(self.up_proj.forward(x)))
+        let gate = silu(project(&self.gate_proj, x.clone()));
+        project(&self.down_proj, gate.mul(project(&self.up_proj, x)))
     }
 }

@@ -1,10 +1,9 @@
 //! The Jamba causal language model (`JambaForCausalLM`): embedding, decoder layers, final norm
 //! and language-model head.
 
-use crate::ops::JambaBackend;
+use crate::ops::{JambaBackend, project};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{DType, ElementConversion, Int, Tensor, backend::Backend};
 
 use crate::attention::AttentionMask;
@@ -209,8 +208,8 @@ impl<B: JambaBackend> Jamba<B> {
             _ => x,
         };
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
-            None => linear(x, self.embed_tokens.weight.val().transpose(), None),
+            Some(head) => project(head, x),
+            None => B::projection(x, self.embed_tokens.weight.val().transpose(), None),
         };
         let aux_loss = if options.output_router_logits {
             let logits: Vec<_> = router_logits.iter().map(|(_, l)| l.clone()).collect();

@@ -3,11 +3,10 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{
-    DType, IndexingUpdateOp, Int, Tensor, TensorData, activation::softmax, backend::Backend,
-};
+use burn::tensor::{DType, Int, Tensor, TensorData, activation::softmax, backend::Backend};
 
 use crate::mlp::{Mlp, MlpConfig};
+use crate::ops::{JambaBackend, project};
 
 /// Configuration of [`SparseMoe`].
 #[derive(Config, Debug)]
@@ -25,8 +24,9 @@ pub struct SparseMoeConfig {
 /// A bias-free softmax router over SwiGLU experts, top-k per token, with the selected weights
 /// **not** renormalised (they are the softmax probabilities themselves).
 ///
-/// Each expert runs only on the tokens routed to it (gather, compute, scatter-add). The routing is
-/// read back to the host once per call to build those token lists.
+/// Each expert runs only on the tokens routed to it: the (token, slot) pairs are gathered in
+/// expert order, each expert runs on its block, and the results are gathered back and weighted.
+/// The routing is read back to the host once per call to build that order.
 ///
 /// ```
 /// use jamba::backends::Cpu;
@@ -62,7 +62,7 @@ impl SparseMoeConfig {
     }
 }
 
-impl<B: Backend> SparseMoe<B> {
+impl<B: JambaBackend> SparseMoe<B> {
     /// Number of experts.
     pub fn num_experts(&self) -> usize {
         self.experts.len()
@@ -74,7 +74,7 @@ impl<B: Backend> SparseMoe<B> {
         let [batch, seq, hidden] = x.dims();
         let tokens = batch * seq;
         let flat = x.reshape([tokens, hidden]);
-        let router_logits = self.router.forward(flat.clone());
+        let router_logits = project(&self.router, flat.clone());
         let probs = softmax(router_logits.clone().cast(DType::F32), 1);
         let (weights, selected) = probs.topk_with_indices(self.top_k, 1);
         let weights = weights.cast(flat.dtype()).reshape([tokens * self.top_k]);
@@ -84,31 +84,43 @@ impl<B: Backend> SparseMoe<B> {
             .convert::<i64>()
             .into_vec()
             .expect("top-k indices are integers");
-        let mut routed: Vec<(Vec<i64>, Vec<i64>)> =
-            vec![(Vec::new(), Vec::new()); self.num_experts()];
-        for (slot, &expert) in selected.iter().enumerate() {
-            let (token_ids, slots) = &mut routed[expert as usize];
-            token_ids.push((slot / self.top_k) as i64);
-            slots.push(slot as i64);
+        // The (token, slot) pairs sorted by expert, so that each expert's rows are one
+        // contiguous block of a single gathered matrix; `back[slot]` is where that slot's row
+        // lands in the sorted order. One upload, one gather, a block per expert, one gather
+        // back: launches do not grow with the number of active experts beyond the experts'
+        // own products (a GPU decoding step is bound by launches).
+        let slots = tokens * self.top_k;
+        let mut order: Vec<usize> = (0..slots).collect();
+        order.sort_by_key(|&slot| selected[slot]);
+        let mut back = vec![0i64; slots];
+        for (position, &slot) in order.iter().enumerate() {
+            back[slot] = position as i64;
         }
+        let mut index: Vec<i64> = order.iter().map(|&s| (s / self.top_k) as i64).collect();
+        index.extend_from_slice(&back);
+        let index =
+            Tensor::<B, 1, Int>::from_data(TensorData::new(index, [2 * slots]), &flat.device());
+        let rows = index.clone().slice([0..slots]);
+        let back = index.slice([slots..2 * slots]);
+        let sorted = flat.select(0, rows);
 
-        let device = flat.device();
-        let index = |v: Vec<i64>| {
-            let n = v.len();
-            Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), &device)
-        };
-        let mut out = flat.zeros_like();
-        for (expert, (token_ids, slots)) in self.experts.iter().zip(routed) {
-            if token_ids.is_empty() {
-                continue;
+        let mut outputs = Vec::new();
+        let mut start = 0;
+        for (expert, mlp) in self.experts.iter().enumerate() {
+            let count = order[start..]
+                .iter()
+                .take_while(|&&slot| selected[slot] == expert as i64)
+                .count();
+            if count > 0 {
+                outputs.push(mlp.forward(sorted.clone().slice([start..start + count])));
             }
-            let token_ids = index(token_ids);
-            let gate = weights.clone().select(0, index(slots)).unsqueeze_dim(1);
-            let y = expert
-                .forward(flat.clone().select(0, token_ids.clone()))
-                .mul(gate);
-            out = out.select_assign(0, token_ids, y, IndexingUpdateOp::Add);
+            start += count;
         }
+        let per_slot = Tensor::cat(outputs, 0).select(0, back);
+        // Weighted sum over each token's `top_k` experts, in slot order.
+        let out = (per_slot.reshape([tokens, self.top_k, hidden])
+            * weights.reshape([tokens, self.top_k, 1]))
+        .sum_dim(1);
         (out.reshape([batch, seq, hidden]), router_logits)
     }
 }

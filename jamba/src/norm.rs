@@ -2,7 +2,9 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Tensor, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
+
+use crate::ops::{JambaBackend, rms_norm_tensor_ops};
 
 /// Configuration of [`RmsNorm`].
 #[derive(Config, Debug)]
@@ -54,15 +56,17 @@ impl<B: Backend> RmsNorm<B> {
             eps,
         }
     }
+}
 
-    /// Normalises over the last dimension.
+impl<B: JambaBackend> RmsNorm<B> {
+    /// Normalises over the last dimension. Rank-3 inputs (every norm of the model) go through
+    /// [`JambaBackend::rms_norm`], one fused kernel on GPU backends.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x32 = x.cast(DType::F32);
-        let variance = x32.clone().square().mean_dim(D - 1);
-        let normed = x32
-            .mul(variance.add_scalar(self.eps).sqrt().recip())
-            .cast(dtype);
-        normed.mul(self.weight.val().unsqueeze())
+        if D != 3 {
+            return rms_norm_tensor_ops(x, self.weight.val(), self.eps);
+        }
+        // Same primitive, same rank: only the const parameter is restated.
+        let x3 = Tensor::<B, 3>::from_primitive(x.into_primitive());
+        Tensor::from_primitive(B::rms_norm(x3, self.weight.val(), self.eps).into_primitive())
     }
 }

@@ -19,7 +19,7 @@
 //! assert_eq!(out.state.dims(), [1, 3, 8]);
 //! ```
 
-use burn::tensor::{Tensor, activation::silu, backend::Backend};
+use burn::tensor::{DType, Tensor, activation::silu, backend::Backend};
 
 use crate::scan::{ScanInput, ScanOutput};
 
@@ -94,6 +94,29 @@ pub trait JambaBackend: Backend {
         burn::tensor::module::attention(q, k, v, mask, None, options)
     }
 
+    /// `x [batch, seq, in] · weight [in, out] (+ bias)`: every projection of the model.
+    ///
+    /// CubeCL backends override it so that an f32 model multiplies in f32: their tensor-core
+    /// kernels otherwise round f32 inputs to TF32, which flips a router's top-k choice at
+    /// near-ties (see `jamba_kernels::matmul`). `JAMBA_ALLOW_TF32=1` keeps Burn's choice.
+    fn projection(
+        x: Tensor<Self, 3>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, 3> {
+        burn::tensor::module::linear(x, weight, bias)
+    }
+
+    /// RMSNorm of `x` `[batch, seq, width]` over its last dimension with `weight` `[width]`
+    /// (see [`crate::norm::RmsNorm`]): statistics in f32, the normalised value rounded to the
+    /// dtype of `x` before the weight multiplies it.
+    ///
+    /// CubeCL backends run it as one kernel instead of eight tensor operations (a decoding
+    /// step is bound by launches on a GPU, and Mamba layers have five norms each).
+    fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+        rms_norm_tensor_ops(x, weight, eps)
+    }
+
     /// Bytes the backend's allocator holds on `device` now, where it reports them (CubeCL
     /// backends: the memory pools' reservation, which only grows between
     /// [`Backend::memory_cleanup`] calls, so it is the peak since the last cleanup). Benchmarks
@@ -124,6 +147,99 @@ pub struct ScanGrads<B: Backend> {
     pub delta_bias: Tensor<B, 1>,
     /// `∂` initial state.
     pub initial_state: Tensor<B, 3>,
+}
+
+/// Applies `layer` to the last dimension of `x` through [`JambaBackend::projection`] (what
+/// `Linear::forward` does, with the backend's choice of product).
+///
+/// ```
+/// use burn::nn::LinearConfig;
+/// use burn::tensor::Tensor;
+/// use jamba::backends::Cpu;
+/// let device = Default::default();
+/// let layer = LinearConfig::new(4, 3).init::<Cpu>(&device);
+/// let x = Tensor::<Cpu, 2>::ones([5, 4], &device);
+/// assert_eq!(jamba::ops::project(&layer, x).dims(), [5, 3]);
+/// ```
+pub fn project<B: JambaBackend, const D: usize>(
+    layer: &burn::nn::Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let weight = layer.weight.val();
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if D == 3 {
+        // Same primitive, same rank: only the const parameter is restated.
+        let x3 = Tensor::<B, 3>::from_primitive(x.into_primitive());
+        return Tensor::from_primitive(B::projection(x3, weight, bias).into_primitive());
+    }
+    let mut dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let y = B::projection(x.reshape([1, rows, dims[D - 1]]), weight.clone(), bias);
+    dims[D - 1] = weight.dims()[1];
+    y.reshape(dims)
+}
+
+/// Whether f32 products may run on TF32 tensor cores (`JAMBA_ALLOW_TF32=1`; off by default,
+/// as in PyTorch).
+pub fn tf32_allowed() -> bool {
+    static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        matches!(
+            std::env::var("JAMBA_ALLOW_TF32").as_deref(),
+            Ok("1" | "on" | "true" | "yes")
+        )
+    })
+}
+
+/// Scaled dot-product attention composed of two matrix products given by `matmul` (Burn's
+/// unfused form, `attention_fallback`, with the product chosen by the caller): `mask` is `true`
+/// where a key is hidden; a causal mask aligns the last query with the last key; a row with
+/// every key hidden gives zeros instead of NaN.
+pub fn attention_with<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, burn::tensor::Bool>>,
+    options: burn::tensor::ops::AttentionModuleOptions,
+    matmul: impl Fn(Tensor<B, 4>, Tensor<B, 4>) -> Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    use burn::tensor::Int;
+    let [batch, heads, queries, dim] = q.dims();
+    let keys = k.dims()[2];
+    let device = q.device();
+    let scale = options.scale.unwrap_or(1.0 / (dim as f64).sqrt());
+    let mut scores = matmul(q, k.swap_dims(2, 3)).mul_scalar(scale);
+    if let Some(mask) = mask {
+        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
+    }
+    if options.is_causal {
+        let rows = Tensor::<B, 1, Int>::arange(0..queries as i64, &device)
+            .add_scalar(keys as i64 - queries as i64)
+            .reshape([queries, 1]);
+        let cols = Tensor::<B, 1, Int>::arange(0..keys as i64, &device).reshape([1, keys]);
+        let future = rows
+            .lower(cols)
+            .reshape([1, 1, queries, keys])
+            .expand([batch, heads, queries, keys]);
+        scores = scores.mask_fill(future, f32::NEG_INFINITY);
+    }
+    let max = scores.clone().max_dim(3).clamp_min(f32::MIN);
+    let numerator = (scores - max).exp();
+    let sum = numerator.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+    matmul(numerator / sum, v)
+}
+
+/// RMSNorm in tensor ops over the last dimension (any rank).
+pub fn rms_norm_tensor_ops<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, D> {
+    let dtype = x.dtype();
+    let x32 = x.cast(DType::F32);
+    let variance = x32.clone().square().mean_dim(D - 1);
+    let normed = x32.mul(variance.add_scalar(eps).sqrt().recip()).cast(dtype);
+    normed.mul(weight.unsqueeze())
 }
 
 /// The convolution in tensor ops: `d_conv` shifted multiply-adds.
@@ -164,10 +280,27 @@ pub fn causal_conv1d_tensor_ops<B: Backend>(input: ConvInput<B>) -> ConvOutput<B
 }
 
 /// CPU backends run the scan and the convolution as host loops ([`crate::host`]); the
-/// tensor-op forms stay reachable with `JAMBA_KERNELS=off`.
+/// tensor-op forms stay reachable with `JAMBA_KERNELS=off`. On flex, the projections of a
+/// decoding step (a few rows) are threaded host loops too ([`crate::host::projection_flex`]).
 macro_rules! host_backend {
     ($backend:ty) => {
+        host_backend!($backend, {});
+    };
+    ($backend:ty, flex) => {
+        host_backend!($backend, {
+            fn projection(
+                x: Tensor<Self, 3>,
+                weight: Tensor<Self, 2>,
+                bias: Option<Tensor<Self, 1>>,
+            ) -> Tensor<Self, 3> {
+                crate::host::projection_flex(x, weight, bias)
+            }
+        });
+    };
+    ($backend:ty, { $($extra:item)* }) => {
         impl JambaBackend for $backend {
+            $($extra)*
+
             fn selective_scan(input: ScanInput<Self>) -> ScanOutput<Self> {
                 if kernels_enabled() {
                     crate::host::selective_scan_host(input)
@@ -194,7 +327,7 @@ host_backend!(burn::backend::NdArray<f32>);
 host_backend!(burn::backend::NdArray<f64>);
 
 #[cfg(feature = "flex")]
-host_backend!(burn::backend::Flex);
+host_backend!(burn::backend::Flex, flex);
 
 /// Whether the fused kernels (and, on CPU backends, the host loops of [`crate::host`]) are
 /// enabled (`JAMBA_KERNELS=off` falls back to the tensor-op forms, for comparisons).
@@ -213,7 +346,7 @@ pub fn kernels_enabled() -> bool {
 pub mod cube {
     use burn::tensor::{DType, Tensor, TensorPrimitive};
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-    use jamba_kernels::{conv, scan, scan_bwd};
+    use jamba_kernels::{conv, matmul, norm, scan, scan_bwd};
 
     use super::{ConvInput, ConvOutput, JambaBackend, ScanGrads, kernels_enabled};
     use crate::scan::{ScanInput, ScanOutput};
@@ -317,23 +450,47 @@ pub mod cube {
             mask: Option<Tensor<Self, 4, burn::tensor::Bool>>,
             options: burn::tensor::ops::AttentionModuleOptions,
         ) -> Tensor<Self, 4> {
-            use burn_cubecl::kernel::attention::{AttentionStrategy, attention};
             if q.dtype() != DType::F32 {
                 return burn::tensor::module::attention(q, k, v, mask, None, options);
             }
-            // The unfused form: softmax of `QKᵀ` through the backend's matmul, in f32. (cubek's
-            // f32 flash kernel on plain units, `FlashUnit`, failed the fixtures on wgpu.)
-            let out = attention(
-                prim(q),
-                prim(k),
-                prim(v),
-                mask.map(|m| m.into_primitive()),
-                None,
-                options,
-                AttentionStrategy::Fallback,
-            )
-            .expect("the unfused attention always sets up");
-            wrap(out)
+            // The unfused form, softmax of `QKᵀ`, with f32 products. (cubek's f32 flash kernel
+            // on plain units, `FlashUnit`, failed the fixtures on wgpu; its tensor-core ones
+            // round to TF32.)
+            super::attention_with(q, k, v, mask, options, |a, b| {
+                if super::tf32_allowed() {
+                    a.matmul(b)
+                } else {
+                    wrap(matmul::matmul_f32(prim(a), prim(b)))
+                }
+            })
+        }
+
+        fn projection(
+            x: Tensor<Self, 3>,
+            weight: Tensor<Self, 2>,
+            bias: Option<Tensor<Self, 1>>,
+        ) -> Tensor<Self, 3> {
+            if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || super::tf32_allowed() {
+                return burn::tensor::module::linear(x, weight, bias);
+            }
+            let [batch, seq, inputs] = x.dims();
+            let outputs = weight.dims()[1];
+            let y: Tensor<Self, 2> = wrap(matmul::matmul_f32(
+                prim(x.reshape([batch * seq, inputs])),
+                prim(weight),
+            ));
+            let y = match bias {
+                Some(b) => y + b.cast(DType::F32).unsqueeze(),
+                None => y,
+            };
+            y.reshape([batch, seq, outputs])
+        }
+
+        fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
+            if !kernels_enabled() || weight.dtype() != x.dtype() {
+                return super::rms_norm_tensor_ops(x, weight, eps);
+            }
+            wrap(norm::rms_norm(prim(x), prim(weight), eps))
         }
 
         fn device_memory_reserved(device: &Self::Device) -> Option<u64> {

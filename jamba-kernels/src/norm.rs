@@ -1,0 +1,130 @@
+//! RMSNorm over the last dimension in one launch: `weight · cast(x / sqrt(mean(x²) + eps))`,
+//! statistics in f32 whatever the dtype of `x`, the normalised value rounded to that dtype
+//! before the weight multiplies it (as transformers' `JambaRMSNorm` does).
+//!
+//! In tensor ops this is eight launches (cast, square, mean, add, sqrt, reciprocal, multiply,
+//! cast, multiply); a Jamba decoding step runs five norms per Mamba layer, so on a GPU, where a
+//! decoding step is launch-bound, the norms were about half of all launches.
+
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_dtype, tensor::CubeTensor};
+use cubecl::prelude::Tensor as CubeArg;
+use cubecl::prelude::*;
+
+/// Largest number of units that share one row.
+const MAX_UNITS: usize = 256;
+/// Cubes along x before rows continue along y (wgpu allows 65,535 per dimension).
+const MAX_CUBES_X: usize = 65_535;
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_kernel<F: Float>(
+    x: &CubeArg<F>,
+    weight: &CubeArg<F>,
+    out: &mut CubeArg<F>,
+    rows: u32,
+    seq: u32,
+    width: u32,
+    eps: f32,
+    #[comptime] units: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    // A cube per row: its units stride over the row, sum their squares, and reduce through
+    // shared memory; then each writes its elements. The exit below is uniform over the cube.
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    if row >= rows as usize {
+        terminate!();
+    }
+    let (seq, width) = (seq as usize, width as usize);
+    let unit = UNIT_POS_X as usize;
+    let (b, t) = (row / seq, row % seq);
+    let base = b * x.stride(0) + t * x.stride(1);
+    let step = x.stride(2);
+    let mut acc = 0.0f32;
+    let mut j = unit;
+    while j < width {
+        let v = f32::cast_from(x[base + j * step]);
+        acc += v * v;
+        j += units;
+    }
+    let mut partial = SharedMemory::<f32>::new(units);
+    partial[unit] = acc;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if unit < half {
+            partial[unit] = partial[unit] + partial[unit + half];
+        }
+        sync_cube();
+        half = half / 2;
+    }
+    let scale = 1.0f32 / f32::sqrt(partial[0] / f32::cast_from(width) + eps);
+    let out_base = b * out.stride(0) + t * out.stride(1);
+    let mut j = unit;
+    while j < width {
+        let normed = F::cast_from(f32::cast_from(x[base + j * step]) * scale);
+        out[out_base + j * out.stride(2)] =
+            F::cast_from(f32::cast_from(normed) * f32::cast_from(weight[j * weight.stride(0)]));
+        j += units;
+    }
+}
+
+/// Units per row for a row of `width`: a power of two from 32 to [`MAX_UNITS`].
+fn units_for(width: usize) -> usize {
+    width.next_power_of_two().clamp(32, MAX_UNITS)
+}
+
+/// RMSNorm of `x` `[batch, seq, width]` (any float dtype, may be a strided view) with `weight`
+/// `[width]` in the dtype of `x`; returns `[batch, seq, width]` in that dtype.
+pub fn rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+) -> CubeTensor<R> {
+    let shape = x.meta.shape().clone();
+    let out = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+    rms_norm_into(x, weight, eps, out.clone());
+    out
+}
+
+/// [`rms_norm`] writing into `out` (`[batch, seq, width]` in the dtype of `x`, any strides, not
+/// aliasing `x`).
+pub fn rms_norm_into<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+    out: CubeTensor<R>,
+) {
+    let shape = x.meta.shape().clone();
+    let (batch, seq, width) = (shape[0], shape[1], shape[2]);
+    let rows = batch * seq;
+    if rows == 0 || width == 0 {
+        return;
+    }
+    let units = units_for(width);
+    let count = CubeCount::Static(
+        rows.min(MAX_CUBES_X) as u32,
+        rows.div_ceil(MAX_CUBES_X) as u32,
+        1,
+    );
+    let client = x.client.clone();
+    let dtype = x.dtype;
+    // SAFETY: a cube whose row is past the end returns before touching memory; every other
+    // index is an element of its row in a tensor of that shape, and `units` matches the cube
+    // dimension and the shared buffer.
+    unsafe {
+        rms_norm_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            CubeDim::new_1d(units as u32),
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            out.into_tensor_arg(),
+            rows as u32,
+            seq as u32,
+            width as u32,
+            eps as f32,
+            units,
+            dtype.into(),
+        )
+    };
+}
