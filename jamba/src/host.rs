@@ -81,7 +81,7 @@ pub fn projection_flex(
         || x.dtype() != DType::F32
         || weight.dtype() != DType::F32
         || !crate::ops::kernels_enabled()
-        || std::env::var("JAMBA_HOST_GEMV").as_deref() == Ok("off")
+        || !host_gemv_enabled()
     {
         return burn::tensor::module::linear(x, weight, bias);
     }
@@ -131,6 +131,14 @@ pub fn projection_flex(
         }
     }
     Tensor::from_data(TensorData::new(out, [batch, seq, outputs]), &device)
+}
+
+/// `JAMBA_HOST_GEMV=off` turns [`projection_flex`]'s loop off (read once: it is on the path of
+/// every decoding projection).
+#[cfg(feature = "flex")]
+fn host_gemv_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| crate::ops::env_switch("JAMBA_HOST_GEMV", true))
 }
 
 /// `exp(x)` to about 2e-7 relative error, in a form the compiler vectorises (the standard

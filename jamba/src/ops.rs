@@ -183,12 +183,7 @@ pub fn project<B: JambaBackend, const D: usize>(
 /// as in PyTorch).
 pub fn tf32_allowed() -> bool {
     static ALLOWED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ALLOWED.get_or_init(|| {
-        matches!(
-            std::env::var("JAMBA_ALLOW_TF32").as_deref(),
-            Ok("1" | "on" | "true" | "yes")
-        )
-    })
+    *ALLOWED.get_or_init(|| env_switch("JAMBA_ALLOW_TF32", false))
 }
 
 /// Scaled dot-product attention composed of two matrix products given by `matmul` (Burn's
@@ -333,12 +328,17 @@ host_backend!(burn::backend::Flex, flex);
 /// enabled (`JAMBA_KERNELS=off` falls back to the tensor-op forms, for comparisons).
 pub fn kernels_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| {
-        !matches!(
-            std::env::var("JAMBA_KERNELS").as_deref(),
-            Ok("off" | "0" | "false" | "no")
-        )
-    })
+    *ENABLED.get_or_init(|| env_switch("JAMBA_KERNELS", true))
+}
+
+/// An on/off environment switch: `on`, `1`, `true`, `yes` or `off`, `0`, `false`, `no`;
+/// `default` when unset or anything else. Callers read it once (a `OnceLock`), not per call.
+pub(crate) fn env_switch(name: &str, default: bool) -> bool {
+    match std::env::var(name).as_deref() {
+        Ok("on" | "1" | "true" | "yes") => true,
+        Ok("off" | "0" | "false" | "no") => false,
+        _ => default,
+    }
 }
 
 /// The bridge from Burn tensors to the kernels' arguments (with the `kernels` feature).
