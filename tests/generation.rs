@@ -245,3 +245,37 @@ fn cache_reports_size_resets_and_selects_rows() {
             .is_err()
     );
 }
+
+/// The device argmax (two stages for large vocabularies) agrees with the host loop, the first
+/// index on ties, on random logits and on rows with the maximum repeated across blocks.
+#[test]
+fn device_argmax_matches_the_host_loop() {
+    let device = Default::default();
+    let mut rng = SplitMix64::new(common::fresh_seed());
+    for &(batch, seq, vocab) in &[(2usize, 3usize, 65_536usize), (3, 1, 4096), (1, 2, 5003), (2, 1, 100)] {
+        let mut values: Vec<f32> = (0..batch * seq * vocab)
+            .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
+            .collect();
+        // Ties: the row maximum repeated later in the same row (another block, and the same one).
+        for row in values.chunks_exact_mut(vocab) {
+            let best = jamba::generation::argmax(row) as usize;
+            let v = row[best];
+            row[(best + vocab / 2) % vocab] = v;
+            row[(best + 1) % vocab] = v;
+        }
+        let expected: Vec<i64> = values
+            .chunks_exact(vocab)
+            .map(|row| jamba::generation::argmax(row) as i64)
+            .collect();
+        let logits = burn::tensor::Tensor::<B, 3>::from_data(
+            burn::tensor::TensorData::new(values, [batch, seq, vocab]),
+            &device,
+        );
+        let got = jamba::generation::argmax_last(logits)
+            .into_data()
+            .convert::<i64>()
+            .into_vec::<i64>()
+            .unwrap();
+        assert_eq!(got, expected, "batch {batch} seq {seq} vocab {vocab}");
+    }
+}

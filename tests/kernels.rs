@@ -68,25 +68,34 @@ fn check_scan<R: CubeRuntime>(
         }
     }
     let expected = p.expected();
-    // The default geometry, then every number of state indices per unit that divides the
-    // state size (the default picks more than one only for large problems).
-    let mut geometries = vec![None];
+    // The default plan; the tiled kernel with every number of state indices per unit that
+    // divides the state size (the default picks more than one only for large problems); the
+    // chunked kernel with one chunk, with chunks that do not divide the length, and with more
+    // chunks than steps.
+    let mut plans = vec![None];
     for spu in [1usize, 2, 4] {
         if p.state % spu == 0 {
-            geometries.push(Some(scan::ScanGeometry::with_states_per_unit(p.state, spu)));
+            plans.push(Some(scan::ScanPlan::Tiled(
+                scan::ScanGeometry::with_states_per_unit(p.state, spu),
+            )));
         }
     }
-    for geometry in geometries {
+    if jamba::kernels::scan_chunked::supports_state(p.state) {
+        for chunks in [1usize, 3, 8] {
+            plans.push(Some(scan::ScanPlan::Chunked { chunks }));
+        }
+    }
+    for plan in plans {
         let y = poisoned::<R, 3>([p.batch, p.seq, p.channels], dtype, device);
         let h = poisoned::<R, 3>([p.batch, p.channels, p.state], DType::F32, device);
         let tensors = cube::scan_tensors(input.clone());
-        match geometry {
+        match plan {
             None => scan::selective_scan_fwd_into(tensors, y.clone(), h.clone()),
-            Some(g) => scan::selective_scan_fwd_with(tensors, y.clone(), h.clone(), g),
+            Some(plan) => scan::selective_scan_fwd_with(tensors, y.clone(), h.clone(), plan),
         }
         let y = to_vec(wrap::<R, 3>(y).cast(DType::F32));
         let h = to_vec(wrap::<R, 3>(h));
-        let tag = format!("{name}, geometry {geometry:?}");
+        let tag = format!("{name}, plan {plan:?}");
         assert_close(&format!("{tag}: y"), &y, &expected.0, tolerance_y);
         assert_close(&format!("{tag}: state"), &h, &expected.1, 1e-5);
     }

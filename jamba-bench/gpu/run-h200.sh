@@ -2,7 +2,8 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|model|paper|paper-decode|all]   (default all)
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|ncu|model|paper|paper-decode|all]
+#   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
 WHAT=${1:-all}
@@ -36,6 +37,51 @@ fi
 if [ "$WHAT" = scan ]; then
   echo "== kernels only (no tensor-op baseline), 9 repetitions"
   ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --reps 9 --out "$OUT/h200-kernels.json" 2>&1
+fi
+if [ "$WHAT" = sweep ]; then
+  echo "== scan kernels: tiled vs chunked, and the chunked kernel's chunk count"
+  JAMBA_SCAN_KERNEL=tiled ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan,update \
+    --reps 7 --out "$OUT/sweep-tiled.json" 2>&1 | sed 's/^/tiled   /'
+  ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan,update --reps 7 \
+    --out "$OUT/sweep-default.json" 2>&1 | sed 's/^/default /'
+  for k in ${CHUNKS:-1 8 16 32 64 128}; do
+    JAMBA_SCAN_CHUNKS=$k ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan --reps 5 \
+      2>&1 | sed "s/^/K=$k  /"
+  done
+  for cube in 64 256; do
+    JAMBA_SCAN_CUBE=$cube ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan,update --reps 5 \
+      2>&1 | sed "s/^/cube=$cube  /"
+  done
+  for tile in 8 64; do
+    JAMBA_SCAN_BC_TILE=$tile ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan --reps 5 \
+      2>&1 | sed "s/^/tile=$tile  /"
+  done
+fi
+if [ "$WHAT" = ncu ]; then
+  echo "== ncu: device time, throughput and occupancy of the scan kernels (clocks left alone)"
+  for dt in bf16 f32; do
+    ncu --clock-control none --kernel-name regex:scan --launch-count 40 \
+      --metrics gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
+      ./jamba-bench kernels --backend cuda --dtypes $dt --shapes 1x8192x4096,4x2048x1024 --ops scan,update \
+      --tensor-ops-max 0 --reps 1 --min-ms 0 2>&1 | grep -E "scan|gpu__time|throughput|registers|warps_active|grid_size|==PROF==|error" | head -80
+  done
+fi
+if [ "$WHAT" = ncu-model ]; then
+  # Each measurement profiled twice, the second with one more repetition: the difference
+  # (ncu_summary.py --minus) is one steady-state prefill / 8 decode steps, without the model's
+  # initialisation and the matmul autotuning of the first repetition.
+  echo "== ncu: device time of every kernel of a 2048-token prefill, and of 8 decode steps (b1)"
+  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-decode-1.csv" $B --reps 1 --prefill 0 --decode-context 512 --decode-steps 4 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-decode-2.csv" $B --reps 1 --prefill 0 --decode-context 512 --decode-steps 12 > /dev/null 2>&1
+  if command -v python3 > /dev/null && [ -f ncu_summary.py ]; then
+    python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 15
+    python3 ncu_summary.py "$OUT/ncu-decode-2.csv" --minus "$OUT/ncu-decode-1.csv" --top 15
+  fi
+  (cd "$OUT" && xz -6 ncu-*.csv)
 fi
 if [ "$WHAT" = model ] || [ "$WHAT" = all ]; then
   echo "== bench-jamba-1b, bf16 (kernels on)"

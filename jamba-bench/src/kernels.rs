@@ -53,6 +53,9 @@ pub struct KernelArgs {
     /// 4,270 measured).
     #[arg(long, default_value_t = 4270.0)]
     pub peak_gbps: f64,
+    /// Which measurements to run: any of scan, conv, update.
+    #[arg(long, value_delimiter = ',', default_values_t = ["scan".to_string(), "conv".to_string(), "update".to_string()])]
+    pub ops: Vec<String>,
     /// Write rows here as JSON (and CSV beside it).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -182,7 +185,7 @@ pub fn run<B: JambaBackend>(args: &KernelArgs, device: &B::Device) -> jamba::Res
                     }
                 });
             let mut paths: Vec<(&'static str, Box<dyn Fn()>)> = Vec::new();
-            {
+            if args.ops.iter().any(|o| o == "scan") {
                 let input = input.clone();
                 paths.push((
                     "backend",
@@ -191,7 +194,7 @@ pub fn run<B: JambaBackend>(args: &KernelArgs, device: &B::Device) -> jamba::Res
                     }),
                 ));
             }
-            if batch * channels * seq <= args.tensor_ops_max {
+            if args.ops.iter().any(|o| o == "scan") && batch * channels * seq <= args.tensor_ops_max {
                 let input = input.clone();
                 paths.push((
                     "tensor-ops",
@@ -232,7 +235,12 @@ pub fn run<B: JambaBackend>(args: &KernelArgs, device: &B::Device) -> jamba::Res
                 silu: true,
             };
             let conv_floor = (2 * size * batch * channels * seq) as u64;
-            for (path, tensor_ops) in [("backend", false), ("tensor-ops", true)] {
+            let conv_paths = if args.ops.iter().any(|o| o == "conv") {
+                &[("backend", false), ("tensor-ops", true)][..]
+            } else {
+                &[]
+            };
+            for &(path, tensor_ops) in conv_paths {
                 let ms = time_ms::<B>(device, args.reps, args.min_ms, || {
                     let input = conv(x.clone());
                     let _ = if tensor_ops {
@@ -261,6 +269,9 @@ pub fn run<B: JambaBackend>(args: &KernelArgs, device: &B::Device) -> jamba::Res
         }
 
         // One decoding step: the state update (state read and written in f32).
+        if !args.ops.iter().any(|o| o == "update") {
+            continue;
+        }
         let [batch, channels] = parse_shape::<2>(&args.step)?;
         let input = scan_input::<B>([batch, channels, 1], args.d_state, dtype, device);
         let floor = (2 * 4 * batch * channels * args.d_state + 4 * size * batch * channels) as u64;

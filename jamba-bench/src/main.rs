@@ -59,7 +59,7 @@ struct ThroughputArgs {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     dtype: DType,
-    /// Prompt lengths for prefill.
+    /// Prompt lengths for prefill (0: none).
     #[arg(long, value_delimiter = ',', default_values_t = [512usize])]
     prefill: Vec<usize>,
     /// Batch size of the prefill runs.
@@ -74,7 +74,7 @@ struct ThroughputArgs {
     /// Context (prompt tokens in the cache) before the timed decode steps.
     #[arg(long, value_delimiter = ',', default_values_t = [512usize])]
     decode_context: Vec<usize>,
-    /// Timed decode steps per measurement.
+    /// Timed decode steps per measurement (0: no decode measurement).
     #[arg(long, default_value_t = 32)]
     decode_steps: usize,
     /// Timed repetitions (the median is reported).
@@ -242,6 +242,10 @@ fn throughput<B: jamba::JambaBackend>(
     let total = args.prefill.len() + args.decode_batch.len() * args.decode_context.len();
     let bar = ProgressBar::new(total as u64);
     for &len in &args.prefill {
+        if len == 0 {
+            bar.inc(1);
+            continue; // `--prefill 0`: decode only
+        }
         let mut times = Vec::new();
         let mut cache_bytes = 0;
         let mut error = None;
@@ -257,7 +261,7 @@ fn throughput<B: jamba::JambaBackend>(
                 args.prefill_chunk,
             )
             .and_then(|logits| {
-                let _ = logits.argmax(2).into_data(); // the first token is part of prefill
+                let _ = jamba::generation::argmax_last(logits).into_data(); // the first token is part of prefill
                 sync::<B>(device)
             });
             if let Err(e) = result {
@@ -289,6 +293,10 @@ fn throughput<B: jamba::JambaBackend>(
     }
     for &context in &args.decode_context {
         for &batch in &args.decode_batch {
+            if args.decode_steps == 0 {
+                bar.inc(1);
+                continue; // `--decode-steps 0`: prefill only
+            }
             let mut times = Vec::new();
             let mut cache_bytes = 0;
             let mut error = None;
@@ -303,7 +311,7 @@ fn throughput<B: jamba::JambaBackend>(
                         context,
                         args.prefill_chunk.or(Some(2048)),
                     )?;
-                    let mut next = logits.argmax(2).reshape([batch, 1]);
+                    let mut next = jamba::generation::argmax_last(logits).reshape([batch, 1]);
                     let _ = next.to_data();
                     let keep = ForwardOptions {
                         logits_to_keep: Some(1),
@@ -313,7 +321,7 @@ fn throughput<B: jamba::JambaBackend>(
                     for _ in 0..args.decode_steps {
                         let logits = model.forward(next, None, Some(&mut cache), &keep)?.logits;
                         // As in generation: the chosen ids come back to the host every step.
-                        next = logits.argmax(2).reshape([batch, 1]);
+                        next = jamba::generation::argmax_last(logits).reshape([batch, 1]);
                         let ids = next.to_data();
                         next = Tensor::from_data(ids, device);
                     }

@@ -313,7 +313,7 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                             len,
                             Some(args.prefill_chunk),
                         )?;
-                        let _ = logits.argmax(2).into_data();
+                        let _ = jamba::generation::argmax_last(logits).into_data();
                         sync::<B>(device)?;
                         if rep >= warmup {
                             times.push(t.elapsed().as_secs_f64());
@@ -357,7 +357,7 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                         let step = |next: Tensor<B, 2, Int>, cache: &mut JambaCache<B>| {
                             let logits = model.forward(next, None, Some(cache), &keep)?.logits;
                             // As in generation: the chosen ids come back to the host each step.
-                            let ids = logits.argmax(2).reshape([batch, 1]).into_data();
+                            let ids = jamba::generation::argmax_last(logits).reshape([batch, 1]).into_data();
                             Ok::<_, JambaError>(Tensor::<B, 2, Int>::from_data(ids, device))
                         };
                         for _ in 0..args.decode_warmup {

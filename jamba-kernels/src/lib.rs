@@ -3,7 +3,9 @@
 //! - [`scan::selective_scan_fwd`]: the fused selective scan (softplus(δ + bias), exp(Δ·A),
 //!   Δ·B·u, the recurrence, the C contraction, the D skip and the SiLU(z) gate in one pass),
 //!   taking an initial state and returning the final one. A length-1 sequence is the decoding
-//!   state update.
+//!   state update. Jamba's state size runs the time-chunked kernel of [`scan_chunked`]
+//!   (a unit per channel and chunk of time, the chunks chained by their end states); other
+//!   sizes the tiled kernel.
 //! - [`scan_bwd::selective_scan_bwd`]: its backward, recomputing the states from tile
 //!   checkpoints instead of storing `[seq, state]` per channel.
 //! - [`conv::causal_conv1d`]: depthwise causal conv1d + bias + SiLU over a sequence, continuing
@@ -20,3 +22,4 @@ pub mod matmul;
 pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
+pub mod scan_chunked;

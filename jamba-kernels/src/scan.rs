@@ -11,6 +11,10 @@
 //!
 //! The `exp` per (channel, state, step) is the bound, as in mamba_ssm: on CUDA it is compiled
 //! with reduced-precision intrinsics (`__expf`, relative error ~1e-7 on the range `Δ·A ≤ 0`).
+//!
+//! [`ScanPlan`] picks the kernel: state sizes up to 16 (Jamba's) run the time-chunked kernel of
+//! [`crate::scan_chunked`], which keeps the GPU full at batch 1; this tiled kernel serves larger
+//! states and the backward's checkpointing forward.
 
 use burn_cubecl::{
     CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor,
@@ -111,6 +115,43 @@ impl ScanGeometry {
             states_per_unit,
             channels_per_cube,
             tile,
+        }
+    }
+}
+
+/// Which forward kernel runs, and how it is cut up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanPlan {
+    /// The tiled kernel: a unit per (channel, state indices) walks the whole sequence
+    /// ([`ScanGeometry`]). Any state size up to [`MAX_STATE`].
+    Tiled(ScanGeometry),
+    /// The chunked kernel ([`crate::scan_chunked`]): a unit per (channel, chunk of time) with
+    /// every state index in registers, time cut into about `chunks` chunks. State sizes up to
+    /// [`crate::scan_chunked::MAX_CHUNKED_STATE`].
+    Chunked {
+        /// Chunks of time (clamped to the sequence length).
+        chunks: usize,
+    },
+}
+
+impl ScanPlan {
+    /// The plan for a problem: the chunked kernel where the state fits its registers (Jamba's
+    /// 16 does), with [`crate::scan_chunked::default_chunks`]; the tiled one otherwise.
+    /// `JAMBA_SCAN_KERNEL=tiled` forces the tiled kernel (for comparison).
+    ///
+    /// ```
+    /// use jamba_kernels::scan::ScanPlan;
+    /// assert!(matches!(ScanPlan::new(1, 8192, 4096, 16), ScanPlan::Chunked { .. }));
+    /// assert!(matches!(ScanPlan::new(1, 64, 100, 64), ScanPlan::Tiled(_)));
+    /// ```
+    pub fn new(batch: usize, channels: usize, seq: usize, state: usize) -> Self {
+        let tiled = std::env::var("JAMBA_SCAN_KERNEL").is_ok_and(|v| v == "tiled");
+        if !tiled && crate::scan_chunked::supports_state(state) {
+            ScanPlan::Chunked {
+                chunks: crate::scan_chunked::default_chunks(batch, channels, seq),
+            }
+        } else {
+            ScanPlan::Tiled(ScanGeometry::new(batch, channels, state))
         }
     }
 }
@@ -439,35 +480,51 @@ pub fn selective_scan_fwd_into<R: CubeRuntime>(
     launch_fwd(input, y, state_out, None, 0, None);
 }
 
-/// [`selective_scan_fwd_into`] with a chosen geometry instead of [`ScanGeometry::new`]'s (for
-/// tests and tuning; `seq == 1` still takes the decoding kernel).
+/// [`selective_scan_fwd_into`] with a chosen plan instead of [`ScanPlan::new`]'s (for tests and
+/// tuning; with a tiled plan, `seq == 1` takes the tiled kernel's decoding variant).
+///
+/// # Panics
+/// If the plan does not take the state size (a chunked plan above
+/// [`crate::scan_chunked::MAX_CHUNKED_STATE`], a geometry whose states per unit do not divide it).
 pub fn selective_scan_fwd_with<R: CubeRuntime>(
     input: ScanTensors<R>,
     y: CubeTensor<R>,
     state_out: CubeTensor<R>,
-    geometry: ScanGeometry,
+    plan: ScanPlan,
 ) {
-    launch_fwd(input, y, state_out, None, 0, Some(geometry));
+    launch_fwd(input, y, state_out, None, 0, Some(plan));
 }
 
 /// The forward launch; with `checkpoints` (`[batch, ceil(seq / every), channels, state]`, f32)
-/// it also records the state before every `every`-th step, for the backward's recompute.
+/// it also records the state before every `every`-th step, for the backward's recompute (the
+/// tiled kernel, whatever the plan).
 pub(crate) fn launch_fwd<R: CubeRuntime>(
     input: ScanTensors<R>,
     y: CubeTensor<R>,
     state_out: CubeTensor<R>,
     checkpoints: Option<CubeTensor<R>>,
     every: usize,
-    geometry: Option<ScanGeometry>,
+    plan: Option<ScanPlan>,
 ) {
-    let u = input.u;
-    let shape = u.meta.shape().clone();
+    let shape = input.u.meta.shape().clone();
     let (batch, seq, channels) = (shape[0], shape[1], shape[2]);
     let state = input.a.meta.shape()[1];
     assert!(supports_state(state), "d_state {state} above {MAX_STATE}");
     if batch == 0 || channels == 0 {
         return;
     }
+    let plan = match (plan, &checkpoints) {
+        (_, Some(_)) => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
+        (Some(plan), None) => plan,
+        (None, None) => ScanPlan::new(batch, channels, seq, state),
+    };
+    let geometry = match plan {
+        ScanPlan::Chunked { chunks } => {
+            return crate::scan_chunked::launch(input, y, state_out, chunks);
+        }
+        ScanPlan::Tiled(geometry) => geometry,
+    };
+    let u = input.u;
     let client = u.client.clone();
     let dtype = u.dtype;
     let has_z = input.z.is_some();
@@ -512,7 +569,6 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
         }
         return;
     }
-    let geometry = geometry.unwrap_or_else(|| ScanGeometry::new(batch, channels, state));
     assert!(
         geometry.states_per_unit >= 1 && state % geometry.states_per_unit == 0,
         "states per unit {} must divide d_state {state}",

@@ -1,0 +1,513 @@
+//! The selective scan split over time: a unit per (row, channel, chunk of time), every state
+//! index of its channel in registers.
+//!
+//! The tiled kernel of [`crate::scan`] walks the whole sequence in one unit per (channel, state
+//! index), so a problem has only `batch · channels · d_state` units: at batch 1 with 8,192
+//! channels that is one partly filled wave, every barrier and global load of which stalls the
+//! whole GPU. Here time is cut into `K` chunks and the scan runs in three launches:
+//!
+//! 1. **ends**: every chunk but the last runs the recurrence from a zero state (chunk 0 from the
+//!    initial state) and records its end state `Eₖ` and `Sₖ = Σ Δ` over the chunk. No output.
+//! 2. **carries**: one unit per (row, channel, state index) chains them, `Hₖ = e^{A·Sₖ}·Hₖ₋₁ +
+//!    Eₖ` (the decay over a chunk is `Π e^{AΔₜ} = e^{A·ΣΔₜ}`), in place of `Eₖ`.
+//! 3. **output**: every chunk runs again from its true initial state `Hₖ₋₁`, producing `y`; the
+//!    last one writes the final state.
+//!
+//! The `exp` per (channel, state, step) is done twice (steps 1 and 3), which is the price of
+//! enough units to fill the device; with `K = 1` (large batches, and the decoding step) only
+//! step 3 runs. A unit owning all the state indices of its channel computes `softplus` and the
+//! gate once per (channel, step) and sums the `C` contraction in registers (no shared-memory
+//! reduction, no barrier per step); its `Δ`, `u` and `z` loads are coalesced across units
+//! (consecutive channels) and issued one step ahead. `B` and `C` are common to the cube and
+//! staged through shared memory a tile at a time.
+
+use burn_cubecl::{
+    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor,
+};
+use cubecl::prelude::*;
+use cubecl::{ir::FastMath, prelude::Tensor as CubeArg};
+
+use crate::scan::{ScanTensors, silu_f32, softplus_f32};
+
+/// The largest `d_state` of the chunked kernel (a unit keeps `2·d_state` floats in registers).
+pub const MAX_CHUNKED_STATE: usize = 16;
+
+/// Channels (units) per cube; `JAMBA_SCAN_CUBE` overrides it (a multiple of 32 up to 1024, for
+/// tuning).
+fn channels_per_cube() -> usize {
+    tuning("JAMBA_SCAN_CUBE", 128, |v| v % 32 == 0 && (32..=1024).contains(&v))
+}
+
+/// Steps of `B` and `C` staged per barrier pair; `JAMBA_SCAN_BC_TILE` overrides it (1 to 128,
+/// for tuning).
+fn bc_tile() -> usize {
+    tuning("JAMBA_SCAN_BC_TILE", 32, |v| (1..=128).contains(&v))
+}
+
+fn tuning(name: &str, default: usize, valid: impl Fn(usize) -> bool) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| valid(v))
+        .unwrap_or(default)
+}
+
+/// The shortest chunk the default plan makes: shorter ones spend more on the carries than they
+/// gain in parallelism.
+const MIN_CHUNK: usize = 32;
+
+/// The number of units the default plan aims for: two waves of the H200 (132 multiprocessors,
+/// 1,024 resident units each at this kernel's register use).
+const TARGET_UNITS: usize = 1 << 18;
+
+/// How many chunks to cut a `[batch, seq, channels]` problem into: enough for about
+/// `TARGET_UNITS` units, none shorter than `MIN_CHUNK` steps. `JAMBA_SCAN_CHUNKS` forces a
+/// count (for tuning).
+pub fn default_chunks(batch: usize, channels: usize, seq: usize) -> usize {
+    if let Some(k) = std::env::var("JAMBA_SCAN_CHUNKS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&k| k >= 1)
+    {
+        return k;
+    }
+    let rows = (batch * channels).max(1);
+    TARGET_UNITS
+        .div_ceil(rows)
+        .clamp(1, seq.div_ceil(MIN_CHUNK).max(1))
+}
+
+/// The chunk length and the number of non-empty chunks when `seq` is cut into about `chunks`.
+fn chunk_layout(seq: usize, chunks: usize) -> (usize, usize) {
+    let len = seq.div_ceil(chunks.clamp(1, seq.max(1))).max(1);
+    (len, seq.div_ceil(len).max(1))
+}
+
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+fn scan_chunk_kernel<F: Float>(
+    u: &CubeArg<F>,
+    delta: &CubeArg<F>,
+    z: &CubeArg<F>,
+    bmat: &CubeArg<F>,
+    cmat: &CubeArg<F>,
+    a: &CubeArg<f32>,
+    dskip: &CubeArg<f32>,
+    bias: &CubeArg<f32>,
+    h0: &CubeArg<f32>,
+    ends: &mut CubeArg<f32>,
+    sums: &mut CubeArg<f32>,
+    y: &mut CubeArg<F>,
+    h_out: &mut CubeArg<f32>,
+    seq: u32,
+    channels: u32,
+    chunk_len: u32,
+    chunks: u32,
+    #[comptime] n_state: usize,
+    #[comptime] cb: usize,
+    #[comptime] tile: usize,
+    #[comptime] has_z: bool,
+    #[comptime] softplus: bool,
+    #[comptime] ends_only: bool,
+    #[comptime] direct_bc: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let seq = seq as usize;
+    let channels = channels as usize;
+    let chunk_len = chunk_len as usize;
+    let chunks = chunks as usize;
+    let row = CUBE_POS_Y as usize;
+    let k = CUBE_POS_Z as usize;
+    let tid = UNIT_POS_X as usize;
+    let d = CUBE_POS_X as usize * cb + tid;
+    let active = d < channels;
+    let t_begin = k * chunk_len;
+    let t_end = min(seq, t_begin + chunk_len);
+    let (b0, b1, b2) = (bmat.stride(0), bmat.stride(1), bmat.stride(2));
+    let (c0, c1, c2) = (cmat.stride(0), cmat.stride(1), cmat.stride(2));
+
+    // The chunk's initial state: the scan's for chunk 0; the carry for the others (the output
+    // pass), zero for the others (the ends pass). The branches sit outside the unrolled loops
+    // so that each loop's loads are issued together.
+    let mut a_n = Array::<f32>::new(n_state);
+    let mut h = Array::<f32>::new(n_state);
+    let (e0, e1, e2, e3) = (ends.stride(0), ends.stride(1), ends.stride(2), ends.stride(3));
+    #[unroll]
+    for n in 0..n_state {
+        a_n[n] = 0.0;
+        h[n] = 0.0;
+    }
+    let mut bias_d = 0.0f32;
+    let mut skip_d = 0.0f32;
+    if active {
+        #[unroll]
+        for n in 0..n_state {
+            a_n[n] = a[d * a.stride(0) + n * a.stride(1)];
+        }
+        if k == 0 {
+            let at = row * h0.stride(0) + d * h0.stride(1);
+            #[unroll]
+            for n in 0..n_state {
+                h[n] = h0[at + n * h0.stride(2)];
+            }
+        } else if comptime!(!ends_only) {
+            let at = row * e0 + (k - 1) * e1 + d * e2;
+            #[unroll]
+            for n in 0..n_state {
+                h[n] = ends[at + n * e3];
+            }
+        }
+        bias_d = bias[d];
+        skip_d = dskip[d];
+    }
+
+    let (u1, dl1, z1, y1) = (u.stride(1), delta.stride(1), z.stride(1), y.stride(1));
+    let u_at = row * u.stride(0) + d * u.stride(2);
+    let dl_at = row * delta.stride(0) + d * delta.stride(2);
+    let z_at = row * z.stride(0) + d * z.stride(2);
+    let y_at = row * y.stride(0) + d * y.stride(2);
+
+    // The next step's Δ, u, z, loaded a step ahead and kept in the input dtype: converting
+    // right after the load would wait for it there, and the prefetch would hide nothing.
+    let mut next_dl = F::new(0.0);
+    let mut next_u = F::new(0.0);
+    let mut next_z = F::new(0.0);
+    if active && t_begin < t_end {
+        next_dl = delta[dl_at + t_begin * dl1];
+        next_u = u[u_at + t_begin * u1];
+        if comptime!(has_z && !ends_only) {
+            next_z = z[z_at + t_begin * z1];
+        }
+    }
+
+    // B and C of a tile go through shared memory; the next tile's are loaded into registers
+    // while this one is computed. (One decoding step reads them directly: nothing to overlap.)
+    let staged = comptime!(if direct_bc { 1 } else { tile * n_state });
+    let per_unit = comptime!(staged.div_ceil(cb));
+    let mut s_b = SharedMemory::<f32>::new(staged);
+    let mut s_c = SharedMemory::<f32>::new(staged);
+    let mut r_b = Array::<F>::new(per_unit);
+    let mut r_c = Array::<F>::new(per_unit);
+    if comptime!(!direct_bc) {
+        load_bc_tile::<F>(
+            bmat, cmat, &mut r_b, &mut r_c, row, t_begin, t_end, b0, b1, b2, c0, c1, c2, tid, n_state,
+            cb, tile, ends_only,
+        );
+    }
+
+    let mut sum_dt = 0.0f32;
+    let mut t0 = t_begin;
+    while t0 < t_end {
+        let steps = min(tile, t_end - t0);
+        if comptime!(!direct_bc) {
+            #[unroll]
+            for j in 0..per_unit {
+                let i = tid + j * cb;
+                if i < staged {
+                    s_b[i] = f32::cast_from(r_b[j]);
+                    s_c[i] = f32::cast_from(r_c[j]);
+                }
+            }
+            sync_cube();
+            load_bc_tile::<F>(
+                bmat, cmat, &mut r_b, &mut r_c, row, t0 + tile, t_end, b0, b1, b2, c0, c1, c2,
+                tid, n_state, cb, tile, ends_only,
+            );
+        }
+
+        for t in 0..steps {
+            let tt = t0 + t;
+            // Copies, then the conversion: a same-type cast may alias its input, and the
+            // input is overwritten by the next prefetch.
+            let dl_raw = next_dl;
+            let u_raw = next_u;
+            let z_raw = next_z;
+            if active && tt + 1 < t_end {
+                next_dl = delta[dl_at + (tt + 1) * dl1];
+                next_u = u[u_at + (tt + 1) * u1];
+                if comptime!(has_z && !ends_only) {
+                    next_z = z[z_at + (tt + 1) * z1];
+                }
+            }
+            let dl = f32::cast_from(dl_raw);
+            let uv = f32::cast_from(u_raw);
+            let zv = f32::cast_from(z_raw);
+            if active {
+                let mut x = dl + bias_d;
+                if comptime!(softplus) {
+                    x = softplus_f32(x);
+                }
+                let xu = x * uv;
+                sum_dt += x;
+                let mut acc = 0.0f32;
+                #[unroll]
+                for n in 0..n_state {
+                    let bv = if comptime!(direct_bc) {
+                        f32::cast_from(bmat[row * b0 + tt * b1 + n * b2])
+                    } else {
+                        s_b[t * n_state + n]
+                    };
+                    let cv = if comptime!(ends_only) {
+                        f32::new(0.0)
+                    } else if comptime!(direct_bc) {
+                        f32::cast_from(cmat[row * c0 + tt * c1 + n * c2])
+                    } else {
+                        s_c[t * n_state + n]
+                    };
+                    let hn = (x * a_n[n]).exp() * h[n] + xu * bv;
+                    h[n] = hn;
+                    if comptime!(!ends_only) {
+                        acc += hn * cv;
+                    }
+                }
+                if comptime!(!ends_only) {
+                    acc += skip_d * uv;
+                    if comptime!(has_z) {
+                        acc *= silu_f32(zv);
+                    }
+                    y[y_at + tt * y1] = F::cast_from(acc);
+                }
+            }
+        }
+        if comptime!(!direct_bc) {
+            sync_cube();
+        }
+        t0 += tile;
+    }
+
+    if active {
+        if comptime!(ends_only) {
+            #[unroll]
+            for n in 0..n_state {
+                ends[row * e0 + k * e1 + d * e2 + n * e3] = h[n];
+            }
+            sums[row * sums.stride(0) + k * sums.stride(1) + d * sums.stride(2)] = sum_dt;
+        } else if k + 1 == chunks {
+            #[unroll]
+            for n in 0..n_state {
+                h_out[row * h_out.stride(0) + d * h_out.stride(1) + n * h_out.stride(2)] = h[n];
+            }
+        }
+    }
+}
+
+/// Loads this unit's share of `B` and `C` for the tile of steps from `t0` (zeros past `t_end`)
+/// into registers, in the input dtype; the loads are issued together and not waited for here.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_bc_tile<F: Float>(
+    bmat: &CubeArg<F>,
+    cmat: &CubeArg<F>,
+    r_b: &mut Array<F>,
+    r_c: &mut Array<F>,
+    row: usize,
+    t0: usize,
+    t_end: usize,
+    b0: usize,
+    b1: usize,
+    b2: usize,
+    c0: usize,
+    c1: usize,
+    c2: usize,
+    tid: usize,
+    #[comptime] n_state: usize,
+    #[comptime] cb: usize,
+    #[comptime] tile: usize,
+    #[comptime] ends_only: bool,
+) {
+    let staged = comptime!(tile * n_state);
+    #[unroll]
+    for j in 0..comptime!(staged.div_ceil(cb)) {
+        let i = tid + j * cb;
+        let tt = t0 + i / n_state;
+        let n = i % n_state;
+        r_b[j] = F::new(0.0);
+        r_c[j] = F::new(0.0);
+        if i < staged && tt < t_end {
+            r_b[j] = bmat[row * b0 + tt * b1 + n * b2];
+            if comptime!(!ends_only) {
+                r_c[j] = cmat[row * c0 + tt * c1 + n * c2];
+            }
+        }
+    }
+}
+
+/// Chains the chunk end states into true ones, in place: `ends[k] ← e^{A·sums[k]}·ends[k − 1] +
+/// ends[k]` for `k ≥ 1` (`ends[0]` already started from the scan's initial state).
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+fn scan_carry_kernel(
+    a: &CubeArg<f32>,
+    ends: &mut CubeArg<f32>,
+    sums: &CubeArg<f32>,
+    channels: u32,
+    entries: u32,
+    #[comptime] n_state: usize,
+    #[comptime] group: usize,
+) {
+    let channels = channels as usize;
+    let entries = entries as usize;
+    let row = CUBE_POS_Y as usize;
+    let i = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    let d = i / n_state;
+    let n = i % n_state;
+    if d < channels {
+        let a_dn = a[d * a.stride(0) + n * a.stride(1)];
+        let (e1, s1) = (ends.stride(1), sums.stride(1));
+        let e_at = row * ends.stride(0) + d * ends.stride(2) + n * ends.stride(3);
+        let s_at = row * sums.stride(0) + d * sums.stride(2);
+        let mut h = ends[e_at];
+        let mut k = 1usize;
+        while k < entries {
+            // A group's loads first, then its stores: the loads do not wait on each other.
+            let mut e = Array::<f32>::new(group);
+            let mut s = Array::<f32>::new(group);
+            #[unroll]
+            for g in 0..group {
+                e[g] = 0.0;
+                s[g] = 0.0;
+                if k + g < entries {
+                    e[g] = ends[e_at + (k + g) * e1];
+                    s[g] = sums[s_at + (k + g) * s1];
+                }
+            }
+            #[unroll]
+            for g in 0..group {
+                if k + g < entries {
+                    h = (a_dn * s[g]).exp() * h + e[g];
+                    ends[e_at + (k + g) * e1] = h;
+                }
+            }
+            k += group;
+        }
+    }
+}
+
+/// Whether the chunked kernel takes a state of this size.
+pub fn supports_state(state: usize) -> bool {
+    (1..=MAX_CHUNKED_STATE).contains(&state)
+}
+
+/// The chunked scan into `y` and `state_out` (see the module documentation), time cut into about
+/// `chunks` chunks. The state size must satisfy [`supports_state`].
+pub(crate) fn launch<R: CubeRuntime>(
+    input: ScanTensors<R>,
+    y: CubeTensor<R>,
+    state_out: CubeTensor<R>,
+    chunks: usize,
+) {
+    let shape = input.u.meta.shape().clone();
+    let (batch, seq, channels) = (shape[0], shape[1], shape[2]);
+    let state = input.a.meta.shape()[1];
+    assert!(supports_state(state), "chunked scan: d_state {state} above {MAX_CHUNKED_STATE}");
+    if batch == 0 || channels == 0 || seq == 0 {
+        return;
+    }
+    let (chunk_len, chunks) = chunk_layout(seq, chunks);
+    let client = input.u.client.clone();
+    let device = input.u.device.clone();
+    let f32_dtype = input.state.dtype;
+    let dtype = input.u.dtype;
+    let has_z = input.z.is_some();
+    let z = input.z.clone().unwrap_or_else(|| input.u.clone());
+    let (a, d, bias) = (
+        into_contiguous(input.a),
+        into_contiguous(input.d),
+        into_contiguous(input.delta_bias),
+    );
+    let cb = channels_per_cube();
+    let tile = bc_tile();
+    let cubes_x = channels.div_ceil(cb) as u32;
+    let cube_dim = CubeDim::new_1d(cb as u32);
+    let entries = chunks - 1;
+    let (ends, sums) = if entries > 0 {
+        (
+            empty_device_dtype(
+                client.clone(),
+                device.clone(),
+                [batch, entries, channels, state].into(),
+                f32_dtype,
+            ),
+            empty_device_dtype(
+                client.clone(),
+                device.clone(),
+                [batch, entries, channels].into(),
+                f32_dtype,
+            ),
+        )
+    } else {
+        // Unread one-element placeholders: the output pass of a single chunk starts from `h0`.
+        (
+            empty_device_dtype(client.clone(), device.clone(), [1, 1, 1, 1].into(), f32_dtype),
+            empty_device_dtype(client.clone(), device.clone(), [1, 1, 1].into(), f32_dtype),
+        )
+    };
+
+    let pass = |ends_only: bool, count: usize| {
+        // SAFETY: units index channels below `channels` (guarded by `active`), steps below
+        // `seq` (chunks end at `min(seq, ..)`), state indices below the state size of `a`,
+        // `h0`, `B`, `C` and the state buffers, chunk entries below `entries` (the ends pass
+        // writes `k < chunks − 1`, the output pass reads `k − 1`), and shared memory within the
+        // comptime sizes it was declared with.
+        unsafe {
+            scan_chunk_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(cubes_x, batch as u32, count as u32),
+                cube_dim,
+                input.u.clone().into_tensor_arg(),
+                input.delta.clone().into_tensor_arg(),
+                z.clone().into_tensor_arg(),
+                input.b.clone().into_tensor_arg(),
+                input.c.clone().into_tensor_arg(),
+                a.clone().into_tensor_arg(),
+                d.clone().into_tensor_arg(),
+                bias.clone().into_tensor_arg(),
+                input.state.clone().into_tensor_arg(),
+                ends.clone().into_tensor_arg(),
+                sums.clone().into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                state_out.clone().into_tensor_arg(),
+                seq as u32,
+                channels as u32,
+                chunk_len as u32,
+                chunks as u32,
+                state,
+                cb,
+                tile,
+                has_z,
+                input.delta_softplus,
+                ends_only,
+                seq == 1,
+                dtype.into(),
+            );
+        }
+    };
+
+    if entries > 0 {
+        pass(true, entries);
+        let units = channels * state;
+        let per_cube = 256usize;
+        // SAFETY: `i = d·state + n` is checked against `channels` before any access, the row
+        // is the grid's y, and entries run below the `entries` the buffers were made with.
+        unsafe {
+            scan_carry_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(units.div_ceil(per_cube) as u32, batch as u32, 1),
+                CubeDim::new_1d(per_cube as u32),
+                a.clone().into_tensor_arg(),
+                ends.clone().into_tensor_arg(),
+                sums.clone().into_tensor_arg(),
+                channels as u32,
+                entries as u32,
+                state,
+                8,
+            );
+        }
+    }
+    pass(false, chunks);
+}
