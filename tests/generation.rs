@@ -252,7 +252,12 @@ fn cache_reports_size_resets_and_selects_rows() {
 fn device_argmax_matches_the_host_loop() {
     let device = Default::default();
     let mut rng = SplitMix64::new(common::fresh_seed());
-    for &(batch, seq, vocab) in &[(2usize, 3usize, 65_536usize), (3, 1, 4096), (1, 2, 5003), (2, 1, 100)] {
+    for &(batch, seq, vocab) in &[
+        (2usize, 3usize, 65_536usize),
+        (3, 1, 4096),
+        (1, 2, 5003),
+        (2, 1, 100),
+    ] {
         let mut values: Vec<f32> = (0..batch * seq * vocab)
             .map(|_| (rng.next_f64() * 8.0 - 4.0) as f32)
             .collect();

@@ -194,7 +194,8 @@ pub fn run<B: JambaBackend>(args: &KernelArgs, device: &B::Device) -> jamba::Res
                     }),
                 ));
             }
-            if args.ops.iter().any(|o| o == "scan") && batch * channels * seq <= args.tensor_ops_max {
+            if args.ops.iter().any(|o| o == "scan") && batch * channels * seq <= args.tensor_ops_max
+            {
                 let input = input.clone();
                 paths.push((
                     "tensor-ops",

@@ -357,7 +357,9 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                         let step = |next: Tensor<B, 2, Int>, cache: &mut JambaCache<B>| {
                             let logits = model.forward(next, None, Some(cache), &keep)?.logits;
                             // As in generation: the chosen ids come back to the host each step.
-                            let ids = jamba::generation::argmax_last(logits).reshape([batch, 1]).into_data();
+                            let ids = jamba::generation::argmax_last(logits)
+                                .reshape([batch, 1])
+                                .into_data();
                             Ok::<_, JambaError>(Tensor::<B, 2, Int>::from_data(ids, device))
                         };
                         for _ in 0..args.decode_warmup {

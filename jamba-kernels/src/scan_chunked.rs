@@ -32,10 +32,12 @@ use crate::scan::{ScanTensors, silu_f32, softplus_f32};
 /// The largest `d_state` of the chunked kernel (a unit keeps `2·d_state` floats in registers).
 pub const MAX_CHUNKED_STATE: usize = 16;
 
-/// Channels (units) per cube; `JAMBA_SCAN_CUBE` overrides it (a multiple of 32 up to 1024, for
-/// tuning).
+/// Channels (units) per cube; `JAMBA_SCAN_CUBE` overrides it (a multiple of 32 up to 512, for
+/// tuning; above 128 the shared memory exceeds WebGPU's guaranteed 16 KiB).
 fn channels_per_cube() -> usize {
-    tuning("JAMBA_SCAN_CUBE", 128, |v| v % 32 == 0 && (32..=1024).contains(&v))
+    tuning("JAMBA_SCAN_CUBE", 128, |v| {
+        v % 32 == 0 && (32..=512).contains(&v)
+    })
 }
 
 /// Steps of `B` and `C` staged per barrier pair; `JAMBA_SCAN_BC_TILE` overrides it (1 to 128,
@@ -129,37 +131,71 @@ fn scan_chunk_kernel<F: Float>(
     let (b0, b1, b2) = (bmat.stride(0), bmat.stride(1), bmat.stride(2));
     let (c0, c1, c2) = (cmat.stride(0), cmat.stride(1), cmat.stride(2));
 
-    // The chunk's initial state: the scan's for chunk 0; the carry for the others (the output
-    // pass), zero for the others (the ends pass). The branches sit outside the unrolled loops
-    // so that each loop's loads are issued together.
+    // `A` and the chunk's initial state (the scan's for chunk 0; the carry for the others in
+    // the output pass, zero in the ends pass) pass through shared memory: the cube reads its
+    // `[cb, n_state]` block with consecutive units on consecutive addresses, then each unit
+    // takes its channel's row. (Read directly, every load instruction of a warp would touch
+    // 32 cache lines; the decoding step, which does little else, spent most of its time there.)
+    let d0 = CUBE_POS_X as usize * cb;
+    let row_stride = comptime!(if n_state % 2 == 0 {
+        n_state + 1
+    } else {
+        n_state
+    });
+    let mut s_rows = SharedMemory::<f32>::new(comptime!(cb * row_stride));
+    let (e0, e1, e2, e3) = (
+        ends.stride(0),
+        ends.stride(1),
+        ends.stride(2),
+        ends.stride(3),
+    );
     let mut a_n = Array::<f32>::new(n_state);
     let mut h = Array::<f32>::new(n_state);
-    let (e0, e1, e2, e3) = (ends.stride(0), ends.stride(1), ends.stride(2), ends.stride(3));
+    #[unroll]
+    for j in 0..n_state {
+        let e = j * cb + tid;
+        let dd = d0 + e / n_state;
+        let n = e % n_state;
+        let mut v = 0.0f32;
+        if dd < channels {
+            v = a[dd * a.stride(0) + n * a.stride(1)];
+        }
+        s_rows[(e / n_state) * row_stride + n] = v;
+    }
+    sync_cube();
     #[unroll]
     for n in 0..n_state {
-        a_n[n] = 0.0;
-        h[n] = 0.0;
+        a_n[n] = s_rows[tid * row_stride + n];
+    }
+    sync_cube();
+    let from_h0 = k == 0;
+    let mut from_ends = false;
+    if comptime!(!ends_only) {
+        from_ends = k > 0;
+    }
+    #[unroll]
+    for j in 0..n_state {
+        let e = j * cb + tid;
+        let dd = d0 + e / n_state;
+        let n = e % n_state;
+        let mut v = 0.0f32;
+        if dd < channels {
+            if from_h0 {
+                v = h0[row * h0.stride(0) + dd * h0.stride(1) + n * h0.stride(2)];
+            } else if from_ends {
+                v = ends[row * e0 + (k - 1) * e1 + dd * e2 + n * e3];
+            }
+        }
+        s_rows[(e / n_state) * row_stride + n] = v;
+    }
+    sync_cube();
+    #[unroll]
+    for n in 0..n_state {
+        h[n] = s_rows[tid * row_stride + n];
     }
     let mut bias_d = 0.0f32;
     let mut skip_d = 0.0f32;
     if active {
-        #[unroll]
-        for n in 0..n_state {
-            a_n[n] = a[d * a.stride(0) + n * a.stride(1)];
-        }
-        if k == 0 {
-            let at = row * h0.stride(0) + d * h0.stride(1);
-            #[unroll]
-            for n in 0..n_state {
-                h[n] = h0[at + n * h0.stride(2)];
-            }
-        } else if comptime!(!ends_only) {
-            let at = row * e0 + (k - 1) * e1 + d * e2;
-            #[unroll]
-            for n in 0..n_state {
-                h[n] = ends[at + n * e3];
-            }
-        }
         bias_d = bias[d];
         skip_d = dskip[d];
     }
@@ -193,8 +229,8 @@ fn scan_chunk_kernel<F: Float>(
     let mut r_c = Array::<F>::new(per_unit);
     if comptime!(!direct_bc) {
         load_bc_tile::<F>(
-            bmat, cmat, &mut r_b, &mut r_c, row, t_begin, t_end, b0, b1, b2, c0, c1, c2, tid, n_state,
-            cb, tile, ends_only,
+            bmat, cmat, &mut r_b, &mut r_c, row, t_begin, t_end, b0, b1, b2, c0, c1, c2, tid,
+            n_state, cb, tile, ends_only,
         );
     }
 
@@ -213,8 +249,24 @@ fn scan_chunk_kernel<F: Float>(
             }
             sync_cube();
             load_bc_tile::<F>(
-                bmat, cmat, &mut r_b, &mut r_c, row, t0 + tile, t_end, b0, b1, b2, c0, c1, c2,
-                tid, n_state, cb, tile, ends_only,
+                bmat,
+                cmat,
+                &mut r_b,
+                &mut r_c,
+                row,
+                t0 + tile,
+                t_end,
+                b0,
+                b1,
+                b2,
+                c0,
+                c1,
+                c2,
+                tid,
+                n_state,
+                cb,
+                tile,
+                ends_only,
             );
         }
 
@@ -278,17 +330,36 @@ fn scan_chunk_kernel<F: Float>(
         t0 += tile;
     }
 
-    if active {
-        if comptime!(ends_only) {
-            #[unroll]
-            for n in 0..n_state {
-                ends[row * e0 + k * e1 + d * e2 + n * e3] = h[n];
+    // The end state back through shared memory, stored with consecutive units on consecutive
+    // addresses (the branch is uniform over the cube, so its barrier is reached by all).
+    let mut store_end = k + 1 == chunks;
+    if comptime!(ends_only) {
+        store_end = true;
+    }
+    if store_end {
+        sync_cube();
+        #[unroll]
+        for n in 0..n_state {
+            s_rows[tid * row_stride + n] = h[n];
+        }
+        sync_cube();
+        #[unroll]
+        for j in 0..n_state {
+            let e = j * cb + tid;
+            let dd = d0 + e / n_state;
+            let n = e % n_state;
+            if dd < channels {
+                let v = s_rows[(e / n_state) * row_stride + n];
+                if comptime!(ends_only) {
+                    ends[row * e0 + k * e1 + dd * e2 + n * e3] = v;
+                } else {
+                    h_out[row * h_out.stride(0) + dd * h_out.stride(1) + n * h_out.stride(2)] = v;
+                }
             }
-            sums[row * sums.stride(0) + k * sums.stride(1) + d * sums.stride(2)] = sum_dt;
-        } else if k + 1 == chunks {
-            #[unroll]
-            for n in 0..n_state {
-                h_out[row * h_out.stride(0) + d * h_out.stride(1) + n * h_out.stride(2)] = h[n];
+        }
+        if comptime!(ends_only) {
+            if active {
+                sums[row * sums.stride(0) + k * sums.stride(1) + d * sums.stride(2)] = sum_dt;
             }
         }
     }
@@ -404,7 +475,10 @@ pub(crate) fn launch<R: CubeRuntime>(
     let shape = input.u.meta.shape().clone();
     let (batch, seq, channels) = (shape[0], shape[1], shape[2]);
     let state = input.a.meta.shape()[1];
-    assert!(supports_state(state), "chunked scan: d_state {state} above {MAX_CHUNKED_STATE}");
+    assert!(
+        supports_state(state),
+        "chunked scan: d_state {state} above {MAX_CHUNKED_STATE}"
+    );
     if batch == 0 || channels == 0 || seq == 0 {
         return;
     }
@@ -443,7 +517,12 @@ pub(crate) fn launch<R: CubeRuntime>(
     } else {
         // Unread one-element placeholders: the output pass of a single chunk starts from `h0`.
         (
-            empty_device_dtype(client.clone(), device.clone(), [1, 1, 1, 1].into(), f32_dtype),
+            empty_device_dtype(
+                client.clone(),
+                device.clone(),
+                [1, 1, 1, 1].into(),
+                f32_dtype,
+            ),
             empty_device_dtype(client.clone(), device.clone(), [1, 1, 1].into(), f32_dtype),
         )
     };
