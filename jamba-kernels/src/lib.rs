@@ -23,3 +23,13 @@ pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
 pub mod scan_chunked;
+
+/// A numeric tuning knob from the environment (`JAMBA_SCAN_CHUNKS` and the like), parsed once
+/// per process into `cell`: the scan reads its knobs on every launch, a decoding step launches
+/// it once per Mamba layer.
+pub(crate) fn env_usize(
+    cell: &'static std::sync::OnceLock<Option<usize>>,
+    name: &str,
+) -> Option<usize> {
+    *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()))
+}

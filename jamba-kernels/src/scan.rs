@@ -90,9 +90,8 @@ impl ScanGeometry {
     /// 16 KiB (WebGPU's guaranteed minimum). `JAMBA_SCAN_STATES_PER_UNIT` overrides the choice
     /// (for tuning).
     pub fn new(batch: usize, channels: usize, state: usize) -> Self {
-        let forced = std::env::var("JAMBA_SCAN_STATES_PER_UNIT")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
+        static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let forced = crate::env_usize(&FORCED, "JAMBA_SCAN_STATES_PER_UNIT")
             .filter(|&g| g >= 1 && state % g == 0);
         let states_per_unit = forced.unwrap_or_else(|| {
             [4usize, 2]
@@ -145,7 +144,9 @@ impl ScanPlan {
     /// assert!(matches!(ScanPlan::new(1, 64, 100, 64), ScanPlan::Tiled(_)));
     /// ```
     pub fn new(batch: usize, channels: usize, seq: usize, state: usize) -> Self {
-        let tiled = std::env::var("JAMBA_SCAN_KERNEL").is_ok_and(|v| v == "tiled");
+        static TILED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let tiled =
+            *TILED.get_or_init(|| std::env::var("JAMBA_SCAN_KERNEL").is_ok_and(|v| v == "tiled"));
         if !tiled && crate::scan_chunked::supports_state(state) {
             ScanPlan::Chunked {
                 chunks: crate::scan_chunked::default_chunks(batch, channels, seq),

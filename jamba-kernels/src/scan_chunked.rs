@@ -27,6 +27,9 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 use cubecl::{ir::FastMath, prelude::Tensor as CubeArg};
 
+use std::sync::OnceLock;
+
+use crate::env_usize;
 use crate::scan::{ScanTensors, silu_f32, softplus_f32};
 
 /// The largest `d_state` of the chunked kernel (a unit keeps `2·d_state` floats in registers).
@@ -35,23 +38,19 @@ pub const MAX_CHUNKED_STATE: usize = 16;
 /// Channels (units) per cube; `JAMBA_SCAN_CUBE` overrides it (a multiple of 32 up to 512, for
 /// tuning; above 128 the shared memory exceeds WebGPU's guaranteed 16 KiB).
 fn channels_per_cube() -> usize {
-    tuning("JAMBA_SCAN_CUBE", 128, |v| {
-        v % 32 == 0 && (32..=512).contains(&v)
-    })
+    static CUBE: OnceLock<Option<usize>> = OnceLock::new();
+    env_usize(&CUBE, "JAMBA_SCAN_CUBE")
+        .filter(|&v| v % 32 == 0 && (32..=512).contains(&v))
+        .unwrap_or(128)
 }
 
 /// Steps of `B` and `C` staged per barrier pair; `JAMBA_SCAN_BC_TILE` overrides it (1 to 128,
 /// for tuning).
 fn bc_tile() -> usize {
-    tuning("JAMBA_SCAN_BC_TILE", 32, |v| (1..=128).contains(&v))
-}
-
-fn tuning(name: &str, default: usize, valid: impl Fn(usize) -> bool) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&v| valid(v))
-        .unwrap_or(default)
+    static TILE: OnceLock<Option<usize>> = OnceLock::new();
+    env_usize(&TILE, "JAMBA_SCAN_BC_TILE")
+        .filter(|v| (1..=128).contains(v))
+        .unwrap_or(32)
 }
 
 /// The shortest chunk the default plan makes: shorter ones spend more on the carries than they
@@ -66,11 +65,8 @@ const TARGET_UNITS: usize = 1 << 18;
 /// `TARGET_UNITS` units, none shorter than `MIN_CHUNK` steps. `JAMBA_SCAN_CHUNKS` forces a
 /// count (for tuning).
 pub fn default_chunks(batch: usize, channels: usize, seq: usize) -> usize {
-    if let Some(k) = std::env::var("JAMBA_SCAN_CHUNKS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&k| k >= 1)
-    {
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    if let Some(k) = env_usize(&FORCED, "JAMBA_SCAN_CHUNKS").filter(|&k| k >= 1) {
         return k;
     }
     let rows = (batch * channels).max(1);
