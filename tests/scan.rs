@@ -30,7 +30,14 @@ fn both_forms_match_the_definition_over_a_grid() {
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
     let mut cases = 0;
     for &seq in &[1usize, 2, 7, 64, 300] {
-        for &(batch, channels, state) in &[(1usize, 3usize, 1usize), (2, 17, 4), (3, 5, 16)] {
+        // (2, 70, 16) at 300 steps is enough work for the host loop to split channels across
+        // threads (a range ending inside a block of 16).
+        for &(batch, channels, state) in &[
+            (1usize, 3usize, 1usize),
+            (2, 17, 4),
+            (3, 5, 16),
+            (2, 70, 16),
+        ] {
             for options in 0..16u8 {
                 if seq > 64 && options % 5 != 0 {
                     continue; // the long cases with a few option sets keep the test fast
@@ -124,7 +131,13 @@ fn host_conv_matches_the_definition() {
     let dev = Default::default();
     let mut cases = 0;
     for &seq in &[1usize, 2, 7, 300] {
-        for &(batch, channels, k) in &[(1usize, 5usize, 4usize), (2, 70, 2), (3, 33, 4)] {
+        // (2, 150, 4) at 300 steps is enough work to split channels across threads.
+        for &(batch, channels, k) in &[
+            (1usize, 5usize, 4usize),
+            (2, 70, 2),
+            (3, 33, 4),
+            (2, 150, 4),
+        ] {
             for options in 0..8u8 {
                 let (with_bias, with_prefix, silu) =
                     (options & 1 != 0, options & 2 != 0, options & 4 != 0);
@@ -192,5 +205,5 @@ fn host_conv_matches_the_definition() {
             }
         }
     }
-    assert_eq!(cases, 96);
+    assert_eq!(cases, 128);
 }

@@ -5,16 +5,24 @@
 //! registers does `L·D·N` exponentials and nothing else, where the tensor-op forms
 //! ([`crate::scan::selective_scan_chunked`]) materialise several `[L, D, N]` tensors through
 //! broadcasts. Channels are split across threads (the recurrence is independent per channel);
-//! within a thread a block of channels walks time together, so each step reads a contiguous run
-//! of every input.
+//! within a thread a block of [`BLOCK`] channels walks time together, the lanes of a SIMD
+//! register: every loop over a block is a fixed-length loop over contiguous `f32`s, and the
+//! transcendental functions are polynomial forms the compiler vectorises. The loops are compiled
+//! for AVX-512 and for AVX2 + FMA and picked at run time ([`simd_dispatch`]): the baseline
+//! x86-64 target stops at SSE2.
 
 use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 
 use crate::ops::{ConvInput, ConvOutput};
 use crate::scan::{ScanInput, ScanOutput};
 
-/// Channels a thread advances together through time (16 f32 = one cache line per input row).
+/// Channels a thread advances together through time: one AVX-512 register of f32, two AVX2.
 const BLOCK: usize = 16;
+
+/// Work (multiply-adds or state updates) below which a loop runs on the calling thread: a
+/// decoding step's scan (a few thousand channels × 16 states) takes microseconds, less than
+/// starting a thread.
+const THREAD_MIN_WORK: usize = 1 << 18;
 
 fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.cast(DType::F32)
@@ -27,11 +35,19 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Splits `channels` into `threads()` contiguous ranges (block-aligned) and runs `f` on each in
-/// its own scoped thread; `f` gets the channel range.
-fn for_channel_ranges(channels: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+/// Splits `channels` into up to `threads()` contiguous ranges (block-aligned) and runs `f` on
+/// each in its own scoped thread; `f` gets the channel range. One range on the calling thread
+/// when the loop's `work` is too small to pay for threads.
+fn for_channel_ranges(channels: usize, work: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
     let blocks = channels.div_ceil(BLOCK);
-    let workers = threads().min(blocks).max(1);
+    let workers = if work < THREAD_MIN_WORK {
+        1
+    } else {
+        threads().min(blocks).max(1)
+    };
+    if workers == 1 {
+        return f(0..channels);
+    }
     let per = blocks.div_ceil(workers);
     std::thread::scope(|s| {
         for w in 0..workers {
@@ -43,6 +59,42 @@ fn for_channel_ranges(channels: usize, f: impl Fn(std::ops::Range<usize>) + Sync
             }
         }
     });
+}
+
+/// Defines `fn $name(args)` whose body is compiled three times, for AVX-512, for AVX2 + FMA and
+/// for the baseline target, and runs the best one the CPU supports (detected once; the check is
+/// an atomic load). The body must call only `#[inline(always)]` helpers so that they are
+/// compiled with the same features.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has the features `avx512` is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
 }
 
 /// A shared output buffer that threads write at disjoint indices.
@@ -153,40 +205,139 @@ fn exp_fast(x: f32) -> f32 {
     // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer without a libm call.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let k = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let k = shifted - ROUND;
     let r = x - k * LN2_HI - k * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((k as i32 + 127) << 23) as u32) * p
+    // `shifted`'s low mantissa bits hold k itself (its bits are those of ROUND plus k): an
+    // integer read of them vectorises, where `k as i32` (a saturating conversion) does not.
+    let k_int = shifted.to_bits() as i32 - ROUND.to_bits() as i32;
+    f32::from_bits(((k_int + 127) << 23) as u32) * p
 }
 
-/// `Σ a·b` in four independent lanes (a sequential sum would not vectorise).
+/// `ln(1 + t)` for `t ∈ [0, 1]` to about 1.5e-7 relative error, vectorisable:
+/// `2·atanh(s)` with `s = t / (2 + t) ≤ 1/3`, the odd series to `s^11` (accurate for tiny `t`
+/// too, where `ln(1 + t)` through `1 + t` would round to zero).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0.0f32; 4];
-    let (a4, b4) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f32 = a4
-        .remainder()
-        .iter()
-        .zip(b4.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a4.zip(b4) {
-        for l in 0..4 {
-            lanes[l] += x[l] * y[l];
+fn ln_1p_unit(t: f32) -> f32 {
+    let s = t / (2.0 + t);
+    let s2 = s * s;
+    2.0 * s
+        * (1.0
+            + s2 * (1.0 / 3.0
+                + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0 + s2 * (1.0 / 11.0))))))
+}
+
+/// `ln(1 + e^x)`, as `max(x, 0) + ln(1 + e^−|x|)` (no overflow, no cancellation).
+#[inline(always)]
+fn softplus(x: f32) -> f32 {
+    x.max(0.0) + ln_1p_unit(exp_fast(-x.abs()))
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp_fast(-x))
+}
+
+/// The host scan's inputs as f32 slices, and its outputs.
+struct ScanArgs<'a> {
+    u: &'a [f32],
+    delta: &'a [f32],
+    z: Option<&'a [f32]>,
+    b: &'a [f32],
+    c: &'a [f32],
+    a: &'a [f32],
+    d: Option<&'a [f32]>,
+    bias: Option<&'a [f32]>,
+    h_in: &'a [f32],
+    softplus: bool,
+    batch: usize,
+    seq: usize,
+    channels: usize,
+    state: usize,
+    y: &'a Shared,
+    h: &'a Shared,
+}
+
+simd_dispatch! {
+    /// The recurrence for the channels in `range`, every row, all steps.
+    fn scan_channels(p: &ScanArgs<'_>, range: std::ops::Range<usize>) {
+        const W: usize = BLOCK;
+        let (seq, channels, n_state) = (p.seq, p.channels, p.state);
+        // State-major within a block: `h[n]` holds state n of the block's W channels, so every
+        // update below is one W-wide operation.
+        let mut h = vec![[0.0f32; W]; n_state];
+        let mut at = vec![[0.0f32; W]; n_state];
+        for b in 0..p.batch {
+            for lo in range.clone().step_by(W) {
+                let width = W.min(range.end - lo);
+                // Lanes past `width` run with A = 0, Δu = 0: a state that stays zero.
+                let (mut bias, mut dskip) = ([0.0f32; W], [0.0f32; W]);
+                for n in 0..n_state {
+                    h[n] = [0.0; W];
+                    at[n] = [0.0; W];
+                }
+                for j in 0..width {
+                    let ch = lo + j;
+                    bias[j] = p.bias.map_or(0.0, |v| v[ch]);
+                    dskip[j] = p.d.map_or(0.0, |v| v[ch]);
+                    for n in 0..n_state {
+                        at[n][j] = p.a[ch * n_state + n];
+                        h[n][j] = p.h_in[(b * channels + ch) * n_state + n];
+                    }
+                }
+                for t in 0..seq {
+                    let row = (b * seq + t) * channels + lo;
+                    let (mut dt, mut x, mut gate) = ([0.0f32; W], [0.0f32; W], [1.0f32; W]);
+                    dt[..width].copy_from_slice(&p.delta[row..row + width]);
+                    x[..width].copy_from_slice(&p.u[row..row + width]);
+                    if let Some(z) = p.z {
+                        gate[..width].copy_from_slice(&z[row..row + width]);
+                        for g in &mut gate {
+                            *g = silu(*g);
+                        }
+                    }
+                    for (d, bv) in dt.iter_mut().zip(&bias) {
+                        *d += bv;
+                    }
+                    if p.softplus {
+                        for d in &mut dt {
+                            *d = softplus(*d);
+                        }
+                    }
+                    let mut du = [0.0f32; W];
+                    for j in 0..W {
+                        du[j] = dt[j] * x[j];
+                    }
+                    let bt = &p.b[(b * seq + t) * n_state..][..n_state];
+                    let ct = &p.c[(b * seq + t) * n_state..][..n_state];
+                    let mut acc = [0.0f32; W];
+                    for n in 0..n_state {
+                        let (bn, cn, hn, an) = (bt[n], ct[n], &mut h[n], &at[n]);
+                        for j in 0..W {
+                            hn[j] = exp_fast(dt[j] * an[j]) * hn[j] + du[j] * bn;
+                            acc[j] += hn[j] * cn;
+                        }
+                    }
+                    for j in 0..width {
+                        let v = (acc[j] + dskip[j] * x[j]) * gate[j];
+                        // SAFETY: (b, t, ch) with ch in this thread's range: written once.
+                        unsafe { p.y.write(row + j, v) };
+                    }
+                }
+                for j in 0..width {
+                    let dst = (b * channels + lo + j) * n_state;
+                    for n in 0..n_state {
+                        // SAFETY: this thread's channels only.
+                        unsafe { p.h.write(dst + n, h[n][j]) };
+                    }
+                }
+            }
         }
     }
-    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + tail
-}
-
-fn softplus(x: f32) -> f32 {
-    if x > 20.0 { x } else { x.exp().ln_1p() }
-}
-
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 /// [`crate::scan`]'s recurrence in one pass over time on the host, f32 throughout. `y` comes
@@ -230,63 +381,79 @@ pub fn selective_scan_host<B: Backend>(input: ScanInput<B>) -> ScanOutput<B> {
     let mut h = vec![0.0f32; batch * channels * state];
     let mut y = vec![0.0f32; batch * seq * channels];
     let (y_out, h_out) = (Shared(y.as_mut_ptr()), Shared(h.as_mut_ptr()));
-    for_channel_ranges(channels, |range| {
-        let mut hb = vec![0.0f32; BLOCK * state];
-        let mut decay = vec![0.0f32; state];
-        for b in 0..batch {
-            for lo in range.clone().step_by(BLOCK) {
-                let width = BLOCK.min(range.end - lo);
-                for j in 0..width {
-                    let src = (b * channels + lo + j) * state;
-                    hb[j * state..(j + 1) * state].copy_from_slice(&h_in[src..src + state]);
-                }
-                for t in 0..seq {
-                    let row = (b * seq + t) * channels;
-                    let (bt, ct) = (
-                        &bm[(b * seq + t) * state..][..state],
-                        &cm[(b * seq + t) * state..][..state],
-                    );
-                    for j in 0..width {
-                        let ch = lo + j;
-                        let mut dt = delta[row + ch] + bias.as_ref().map_or(0.0, |v| v[ch]);
-                        if input.delta_softplus {
-                            dt = softplus(dt);
-                        }
-                        let x = u[row + ch];
-                        let du = dt * x;
-                        let ar = &a[ch * state..][..state];
-                        let hj = &mut hb[j * state..(j + 1) * state];
-                        for (e, &a) in decay.iter_mut().zip(ar) {
-                            *e = exp_fast(dt * a);
-                        }
-                        for ((h, &e), &b) in hj.iter_mut().zip(&decay).zip(bt) {
-                            *h = e * *h + du * b;
-                        }
-                        let mut acc = dot(hj, ct);
-                        if let Some(d) = &d {
-                            acc += d[ch] * x;
-                        }
-                        if let Some(z) = &z {
-                            acc *= silu(z[row + ch]);
-                        }
-                        // SAFETY: (b, t, ch) with ch in this thread's range: written once.
-                        unsafe { y_out.write(row + ch, acc) };
-                    }
-                }
-                for j in 0..width {
-                    let dst = (b * channels + lo + j) * state;
-                    for n in 0..state {
-                        // SAFETY: this thread's channels only.
-                        unsafe { h_out.write(dst + n, hb[j * state + n]) };
-                    }
-                }
-            }
-        }
-    });
+    let args = ScanArgs {
+        u: &u,
+        delta: &delta,
+        z: z.as_deref(),
+        b: &bm,
+        c: &cm,
+        a: &a,
+        d: d.as_deref(),
+        bias: bias.as_deref(),
+        h_in: &h_in,
+        softplus: input.delta_softplus,
+        batch,
+        seq,
+        channels,
+        state,
+        y: &y_out,
+        h: &h_out,
+    };
+    let work = batch * seq * channels * state;
+    for_channel_ranges(channels, work, |range| scan_channels(&args, range));
     ScanOutput {
         y: Tensor::<B, 3>::from_data(TensorData::new(y, [batch, seq, channels]), &device)
             .cast(dtype),
         state: Tensor::from_data(TensorData::new(h, [batch, channels, state]), &device),
+    }
+}
+
+/// The host conv's inputs as f32 slices, and its output.
+struct ConvArgs<'a> {
+    /// `[batch, k − 1 + seq, channels]`: the prefix, then the input.
+    padded: &'a [f32],
+    /// `[k, channels]`: tap-major, so that a tap's weights for a run of channels are contiguous.
+    taps: &'a [f32],
+    bias: Option<&'a [f32]>,
+    silu: bool,
+    batch: usize,
+    seq: usize,
+    channels: usize,
+    k: usize,
+    y: &'a Shared,
+}
+
+simd_dispatch! {
+    /// The convolution for the channels in `range`, every row and step.
+    fn conv_channels(p: &ConvArgs<'_>, range: std::ops::Range<usize>) {
+        let (seq, channels, k) = (p.seq, p.channels, p.k);
+        let span = range.len();
+        let mut acc = vec![0.0f32; span];
+        for b in 0..p.batch {
+            for t in 0..seq {
+                match p.bias {
+                    Some(bias) => acc.copy_from_slice(&bias[range.clone()]),
+                    None => acc.fill(0.0),
+                }
+                for j in 0..k {
+                    let src = &p.padded[(b * (k - 1 + seq) + t + j) * channels..][range.clone()];
+                    let w = &p.taps[j * channels..][range.clone()];
+                    for ((a, &wv), &xv) in acc.iter_mut().zip(w).zip(src) {
+                        *a += wv * xv;
+                    }
+                }
+                if p.silu {
+                    for a in &mut acc {
+                        *a = silu(*a);
+                    }
+                }
+                let row = (b * seq + t) * channels + range.start;
+                for (i, &v) in acc.iter().enumerate() {
+                    // SAFETY: (b, t, ch) with ch in this thread's range: written once.
+                    unsafe { p.y.write(row + i, v) };
+                }
+            }
+        }
     }
 }
 
@@ -304,34 +471,39 @@ pub fn causal_conv1d_host<B: Backend>(input: ConvInput<B>) -> ConvOutput<B> {
         Some(p) => values(p),
         None => vec![0.0; batch * (k - 1) * channels],
     };
-    // [prefix, x] per row, as the kernel sees it: position p < k − 1 is the prefix.
-    let at = |b: usize, p: usize, ch: usize| {
-        if p < k - 1 {
-            prefix[(b * (k - 1) + p) * channels + ch]
-        } else {
-            x[(b * seq + p - (k - 1)) * channels + ch]
-        }
-    };
-    let mut y = vec![0.0f32; batch * seq * channels];
+    // [prefix, x] per row: the convolution then reads k consecutive rows for every step.
+    let rows = k - 1 + seq;
+    let mut padded = Vec::with_capacity(batch * rows * channels);
     for b in 0..batch {
-        for t in 0..seq {
-            let out = &mut y[(b * seq + t) * channels..][..channels];
-            for (ch, o) in out.iter_mut().enumerate() {
-                let mut acc = bias.as_ref().map_or(0.0, |v| v[ch]);
-                for j in 0..k {
-                    acc += w[ch * k + j] * at(b, t + j, ch);
-                }
-                *o = if input.silu { silu(acc) } else { acc };
-            }
+        padded.extend_from_slice(&prefix[b * (k - 1) * channels..][..(k - 1) * channels]);
+        padded.extend_from_slice(&x[b * seq * channels..][..seq * channels]);
+    }
+    let mut taps = vec![0.0f32; k * channels];
+    for ch in 0..channels {
+        for j in 0..k {
+            taps[j * channels + ch] = w[ch * k + j];
         }
     }
-    let mut state = vec![0.0f32; batch * (k - 1) * channels];
+    let mut y = vec![0.0f32; batch * seq * channels];
+    let y_out = Shared(y.as_mut_ptr());
+    let args = ConvArgs {
+        padded: &padded,
+        taps: &taps,
+        bias: bias.as_deref(),
+        silu: input.silu,
+        batch,
+        seq,
+        channels,
+        k,
+        y: &y_out,
+    };
+    for_channel_ranges(channels, batch * seq * channels * k, |range| {
+        conv_channels(&args, range)
+    });
+    // The new prefix: the last k − 1 rows of [prefix, x].
+    let mut state = Vec::with_capacity(batch * (k - 1) * channels);
     for b in 0..batch {
-        for p in 0..k - 1 {
-            for ch in 0..channels {
-                state[(b * (k - 1) + p) * channels + ch] = at(b, seq + p, ch);
-            }
-        }
+        state.extend_from_slice(&padded[(b * rows + seq) * channels..][..(k - 1) * channels]);
     }
     ConvOutput {
         y: Tensor::<B, 3>::from_data(TensorData::new(y, [batch, seq, channels]), &device)
@@ -359,12 +531,24 @@ mod tests {
     }
 
     #[test]
-    fn dot_matches_a_plain_sum() {
-        for n in [1usize, 3, 4, 7, 16, 33] {
-            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
-            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
-            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
-            assert!((dot(&a, &b) as f64 - exact).abs() < 1e-5, "n {n}");
+    fn softplus_and_silu_match_libm() {
+        let (mut worst_sp, mut worst_silu) = (0.0f64, 0.0f64);
+        let mut x = -60.0f32;
+        while x <= 60.0 {
+            let xf = x as f64;
+            let sp = if xf > 30.0 { xf } else { xf.exp().ln_1p() };
+            worst_sp = worst_sp.max((softplus(x) as f64 - sp).abs() / sp);
+            let si = xf / (1.0 + (-xf).exp());
+            worst_silu = worst_silu.max((silu(x) as f64 - si).abs() / si.abs().max(1e-30));
+            x += 0.000_93;
         }
+        assert!(
+            worst_sp < 1e-6,
+            "softplus: worst relative error {worst_sp:.3e}"
+        );
+        assert!(
+            worst_silu < 1e-6,
+            "silu: worst relative error {worst_silu:.3e}"
+        );
     }
 }
