@@ -207,3 +207,51 @@ fn host_conv_matches_the_definition() {
     }
     assert_eq!(cases, 128);
 }
+
+/// flex's host GEMV for decoding rows against an f64 product: row counts up to the GEMV's limit,
+/// input counts that leave a tail after the groups of four, output counts that are not whole
+/// bands of 16 and products large enough to split across threads; with and without bias.
+#[cfg(feature = "flex")]
+#[test]
+fn host_projection_matches_the_definition() {
+    use burn::tensor::TensorData;
+    type F = burn::backend::Flex;
+    let mut seed = SplitMix64::new(common::fresh_seed());
+    let dev = Default::default();
+    let mut cases = 0;
+    for &rows in &[1usize, 3, jamba::host::GEMV_MAX_ROWS] {
+        for &(inputs, outputs) in &[(1usize, 1usize), (5, 17), (64, 300), (1027, 4100)] {
+            for with_bias in [false, true] {
+                let mut draw = |n: usize| -> Vec<f32> {
+                    (0..n)
+                        .map(|_| (seed.next_f64() * 2.0 - 1.0) as f32)
+                        .collect()
+                };
+                let (x, w, b) = (draw(rows * inputs), draw(inputs * outputs), draw(outputs));
+                let mut expected = Vec::with_capacity(rows * outputs);
+                for r in 0..rows {
+                    for o in 0..outputs {
+                        let mut acc = if with_bias { b[o] as f64 } else { 0.0 };
+                        for i in 0..inputs {
+                            acc += x[r * inputs + i] as f64 * w[i * outputs + o] as f64;
+                        }
+                        expected.push(acc as f32);
+                    }
+                }
+                let y = jamba::host::projection_flex(
+                    Tensor::<F, 3>::from_data(TensorData::new(x, [1, rows, inputs]), &dev),
+                    Tensor::from_data(TensorData::new(w, [inputs, outputs]), &dev),
+                    with_bias.then(|| Tensor::from_data(TensorData::new(b, [outputs]), &dev)),
+                );
+                assert_eq!(y.dims(), [1, rows, outputs]);
+                let err = rel_err(&to_vec(y), &expected);
+                assert!(
+                    err <= 1e-6,
+                    "rows {rows} inputs {inputs} outputs {outputs} bias {with_bias}: rel. error {err:.3e}"
+                );
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 24);
+}

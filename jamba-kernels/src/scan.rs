@@ -380,8 +380,12 @@ fn scan_fwd_kernel<F: Float>(
 }
 
 /// One decoding step (`seq == 1`), memory-bound: the state streams through once, read and
-/// written with coalesced accesses. (The first version gave each unit a whole channel and
-/// walked its state indices: strided accesses, 880 GB/s; see `jamba-bench/RESULTS.md`.)
+/// written with coalesced accesses. A unit per (row, channel, group of `states_per_unit` state
+/// indices): the group's indices interleave (`n = g + k·groups`), so that for each `k` the units
+/// of a warp touch consecutive 16-byte runs, and each unit keeps `states_per_unit` independent
+/// state loads in flight. (One state index per unit left ~4 bytes in flight per thread: 700 GB/s
+/// at batch 64; a whole channel per unit made every warp load touch 32 cache lines. See
+/// `jamba-bench/RESULTS.md`.) The `C` contraction is summed through shared memory.
 #[cube(
     launch_unchecked,
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
@@ -401,20 +405,19 @@ fn scan_step_kernel<F: Float>(
     h_out: &mut CubeArg<f32>,
     channels: u32,
     #[comptime] n_state: usize,
+    #[comptime] states_per_unit: usize,
     #[comptime] channels_per_cube: usize,
     #[comptime] has_z: bool,
     #[comptime] softplus: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    // A unit per (row, channel, state index): the state, `A`, `B` and `C` are read and the new
-    // state written by consecutive units at consecutive addresses (one transaction per warp),
-    // and each unit does one `exp`. The `C` contraction is summed through shared memory.
+    let groups = comptime!(n_state / states_per_unit);
     let channels = channels as usize;
-    let n = UNIT_POS_X as usize;
+    let g = UNIT_POS_X as usize;
     let local = UNIT_POS_Y as usize;
     let d = CUBE_POS_X as usize * channels_per_cube + local;
     let row = CUBE_POS_Y as usize;
-    let mut partial = SharedMemory::<f32>::new(comptime!(n_state * channels_per_cube));
+    let mut partial = SharedMemory::<f32>::new(comptime!(groups * channels_per_cube));
     let active = d < channels;
     let mut contribution = 0.0f32;
     let mut uv = 0.0f32;
@@ -424,18 +427,24 @@ fn scan_step_kernel<F: Float>(
             x = softplus_f32(x);
         }
         uv = f32::cast_from(u[row * u.stride(0) + d * u.stride(2)]);
-        let at = row * h0.stride(0) + d * h0.stride(1) + n * h0.stride(2);
-        let hv = (x * a[d * a.stride(0) + n * a.stride(1)]).exp() * h0[at]
-            + x * uv * f32::cast_from(bmat[row * bmat.stride(0) + n * bmat.stride(2)]);
-        h_out[row * h_out.stride(0) + d * h_out.stride(1) + n * h_out.stride(2)] = hv;
-        contribution = hv * f32::cast_from(cmat[row * cmat.stride(0) + n * cmat.stride(2)]);
+        let du = x * uv;
+        let hs = row * h0.stride(0) + d * h0.stride(1);
+        let os = row * h_out.stride(0) + d * h_out.stride(1);
+        #[unroll]
+        for k in 0..states_per_unit {
+            let n = g + k * groups;
+            let hv = (x * a[d * a.stride(0) + n * a.stride(1)]).exp() * h0[hs + n * h0.stride(2)]
+                + du * f32::cast_from(bmat[row * bmat.stride(0) + n * bmat.stride(2)]);
+            h_out[os + n * h_out.stride(2)] = hv;
+            contribution += hv * f32::cast_from(cmat[row * cmat.stride(0) + n * cmat.stride(2)]);
+        }
     }
-    partial[local * n_state + n] = contribution;
+    partial[local * groups + g] = contribution;
     sync_cube();
-    if active && n == 0 {
+    if active && g == 0 {
         let mut acc = 0.0f32;
-        for i in 0..n_state {
-            acc += partial[local * n_state + i];
+        for i in 0..groups {
+            acc += partial[local * groups + i];
         }
         acc += dskip[d] * uv;
         if comptime!(has_z) {
@@ -443,6 +452,21 @@ fn scan_step_kernel<F: Float>(
         }
         y[row * y.stride(0) + d * y.stride(2)] = F::cast_from(acc);
     }
+}
+
+/// State indices per unit of the decoding step: 4 where they divide the state size (16 bytes of
+/// state in flight per unit), else 2, else 1. `JAMBA_STEP_STATES_PER_UNIT` overrides it (for
+/// tuning; ignored unless it divides the state size).
+pub fn step_states_per_unit(state: usize) -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    crate::env_usize(&FORCED, "JAMBA_STEP_STATES_PER_UNIT")
+        .filter(|&s| s >= 1 && state % s == 0)
+        .unwrap_or_else(|| {
+            [4usize, 2]
+                .into_iter()
+                .find(|&s| state % s == 0)
+                .unwrap_or(1)
+        })
 }
 
 /// Whether [`selective_scan_fwd`] takes a state of this size.
@@ -514,9 +538,17 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
     if batch == 0 || channels == 0 {
         return;
     }
+    // A decoding step takes the step kernel unless a plan says otherwise: it is memory-bound,
+    // and the step kernel streams the state with more bytes in flight than the chunked one.
+    // An explicit tiled plan also sets the step kernel's states per unit (tests run each).
+    let step_spu = match plan {
+        Some(ScanPlan::Tiled(g)) => g.states_per_unit,
+        _ => step_states_per_unit(state),
+    };
     let plan = match (plan, &checkpoints) {
         (_, Some(_)) => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
         (Some(plan), None) => plan,
+        (None, None) if seq == 1 => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
         (None, None) => ScanPlan::new(batch, channels, seq, state),
     };
     let geometry = match plan {
@@ -537,8 +569,14 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
         contiguous(input.delta_bias),
     );
     if seq == 1 && checkpoints.is_none() {
-        let per_cube = (256 / state).max(1);
-        let cube_dim = CubeDim::new_2d(state as u32, per_cube as u32);
+        let spu = step_spu;
+        assert!(
+            spu >= 1 && state % spu == 0,
+            "states per unit {spu} must divide d_state {state}"
+        );
+        let groups = state / spu;
+        let per_cube = (256 / groups).max(1);
+        let cube_dim = CubeDim::new_2d(groups as u32, per_cube as u32);
         let cube_count = CubeCount::Static(channels.div_ceil(per_cube) as u32, batch as u32, 1);
         // SAFETY: every index is below the extent of the tensor it reads or writes: units with
         // a channel at or past `channels` only write their own shared-memory slot, `n` runs
@@ -562,6 +600,7 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
                 state_out.into_tensor_arg(),
                 channels as u32,
                 state,
+                spu,
                 per_cube,
                 has_z,
                 input.delta_softplus,

@@ -31,8 +31,11 @@ fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
         .expect("an f32 tensor reads back as f32")
 }
 
+/// The number of threads the host loops use (read once: `available_parallelism` reads cgroup
+/// files on Linux, tens of microseconds a call).
 fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Splits `channels` into up to `threads()` contiguous ranges (block-aligned) and runs `f` on
@@ -66,19 +69,19 @@ fn for_channel_ranges(channels: usize, work: usize, f: impl Fn(std::ops::Range<u
 /// an atomic load). The body must call only `#[inline(always)]` helpers so that they are
 /// compiled with the same features.
 macro_rules! simd_dispatch {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) {
+        fn $name($($arg: $ty),*) $(-> $ret)? {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) {
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
@@ -114,11 +117,11 @@ impl Shared {
 pub const GEMV_MAX_ROWS: usize = 8;
 
 /// `x [batch, seq, in] · weight [in, out] (+ bias)` on flex. For a few rows (decoding), a
-/// threaded loop that streams the weight once: flex's GEMM (single-threaded without its `rayon`
-/// feature, and tuned for large products) left one core reading the weights while the other
-/// waited. Each thread owns a contiguous band of the weight's input rows and accumulates into
-/// its own output rows; the partial outputs are summed. More rows, other dtypes, a weight that
-/// is not one contiguous buffer, or `JAMBA_HOST_GEMV=off` (for comparisons) take Burn's `linear`.
+/// threaded loop that streams the weight once at memory bandwidth: flex's GEMM is tuned for
+/// large products. Each thread owns a band of output columns (no partial sums to merge) and
+/// walks the input rows four at a time, so that every pass over its accumulators consumes four
+/// weight rows. More rows, other dtypes, a weight that is not one contiguous buffer, or
+/// `JAMBA_HOST_GEMV=off` (for comparisons) take Burn's `linear`.
 #[cfg(feature = "flex")]
 pub fn projection_flex(
     x: Tensor<burn::backend::Flex, 3>,
@@ -146,36 +149,36 @@ pub fn projection_flex(
     };
     let device = x.device();
     let xv = values(x);
-    // Bands of at least 64K weights: below that a thread costs more than it saves.
+    // Bands of at least 64K weights (below that a thread costs more than it saves), whole
+    // multiples of 16 columns.
     let bands = threads()
         .min((inputs * outputs).div_ceil(1 << 16))
-        .clamp(1, inputs.max(1));
-    let per = inputs.div_ceil(bands);
-    let band = |lo: usize, hi: usize| {
-        let mut acc = vec![0.0f32; rows * outputs];
-        for i in lo..hi {
-            let wi = &w[i * outputs..(i + 1) * outputs];
-            for r in 0..rows {
-                let xv = xv[r * inputs + i];
-                for (a, &wv) in acc[r * outputs..(r + 1) * outputs].iter_mut().zip(wi) {
-                    *a += xv * wv;
-                }
-            }
-        }
-        acc
+        .clamp(1, outputs.div_ceil(16).max(1));
+    let per = outputs.div_ceil(bands).div_ceil(16) * 16;
+    let args = GemvArgs {
+        w,
+        x: &xv,
+        rows,
+        inputs,
+        outputs,
     };
-    let mut out = if bands == 1 {
-        band(0, inputs)
+    let parts: Vec<Vec<f32>> = if bands == 1 {
+        vec![gemv_columns(&args, 0..outputs)]
     } else {
         (0..bands)
             .into_par_iter()
-            .map(|t| band((t * per).min(inputs), ((t + 1) * per).min(inputs)))
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            })
-            .unwrap_or_else(|| vec![0.0; rows * outputs])
+            .map(|t| gemv_columns(&args, (t * per).min(outputs)..((t + 1) * per).min(outputs)))
+            .collect()
     };
+    let mut out = vec![0.0f32; rows * outputs];
+    let mut lo = 0;
+    for part in &parts {
+        let width = part.len() / rows.max(1);
+        for r in 0..rows {
+            out[r * outputs + lo..][..width].copy_from_slice(&part[r * width..][..width]);
+        }
+        lo += width;
+    }
     if let Some(bias) = bias {
         let bv = values(bias);
         for row in out.chunks_exact_mut(outputs) {
@@ -183,6 +186,53 @@ pub fn projection_flex(
         }
     }
     Tensor::from_data(TensorData::new(out, [batch, seq, outputs]), &device)
+}
+
+/// [`projection_flex`]'s operands.
+#[cfg(feature = "flex")]
+struct GemvArgs<'a> {
+    /// `[inputs, outputs]`.
+    w: &'a [f32],
+    /// `[rows, inputs]`.
+    x: &'a [f32],
+    rows: usize,
+    inputs: usize,
+    outputs: usize,
+}
+
+#[cfg(feature = "flex")]
+simd_dispatch! {
+    /// `x · w[:, cols]`, `[rows, cols.len()]`.
+    fn gemv_columns(p: &GemvArgs<'_>, cols: std::ops::Range<usize>) -> Vec<f32> {
+        let (rows, inputs, outputs) = (p.rows, p.inputs, p.outputs);
+        let width = cols.len();
+        let mut out = vec![0.0f32; rows * width];
+        let row = |i: usize| &p.w[i * outputs + cols.start..][..width];
+        let mut i = 0;
+        while i + 4 <= inputs {
+            let (w0, w1, w2, w3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
+            for r in 0..rows {
+                let xs = &p.x[r * inputs + i..][..4];
+                let (x0, x1, x2, x3) = (xs[0], xs[1], xs[2], xs[3]);
+                let acc = &mut out[r * width..][..width];
+                for c in 0..width {
+                    acc[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
+                }
+            }
+            i += 4;
+        }
+        while i < inputs {
+            let wi = row(i);
+            for r in 0..rows {
+                let xv = p.x[r * inputs + i];
+                for (a, &wv) in out[r * width..][..width].iter_mut().zip(wi) {
+                    *a += xv * wv;
+                }
+            }
+            i += 1;
+        }
+        out
+    }
 }
 
 /// `JAMBA_HOST_GEMV=off` turns [`projection_flex`]'s loop off (read once: it is on the path of
@@ -340,6 +390,152 @@ simd_dispatch! {
     }
 }
 
+/// Sequences up to this length take [`scan_channels_short`]: the channel-block loop transposes
+/// each block's `A` and state in and out, which a decoding step (one step) cannot amortise.
+const SHORT_SEQ: usize = 4;
+
+simd_dispatch! {
+    /// The recurrence for short sequences: a channel at a time, its state indices the vector
+    /// lanes (`A`, the state and `B`, `C` are contiguous along them). Jamba's 16 states get a
+    /// fixed-size loop (one AVX-512 register); other sizes a loop over slices.
+    fn scan_channels_short(p: &ScanArgs<'_>, range: std::ops::Range<usize>) {
+        if p.state == 16 {
+            short_scan::<16>(p, range)
+        } else {
+            short_scan::<0>(p, range)
+        }
+    }
+}
+
+/// [`scan_channels_short`]'s loop; `N` is the state size, or 0 for "read it from `p`".
+///
+/// Channels go in blocks of [`BLOCK`]: the per-channel scalar work (softplus, `Δ·u`, the gate,
+/// the skip) is done for the block at once with the channels as lanes, and the block's state
+/// and `A` rows are contiguous runs copied in and out; each channel's update then has the state
+/// indices as lanes. Done one channel at a time, the chain softplus → exp → update → sum →
+/// gate left the core waiting on latency (~500 cycles a channel, measured).
+#[inline(always)]
+fn short_scan<const N: usize>(p: &ScanArgs<'_>, range: std::ops::Range<usize>) {
+    const W: usize = BLOCK;
+    let (seq, channels) = (p.seq, p.channels);
+    let n_state = if N > 0 { N } else { p.state };
+    let mut h = vec![0.0f32; W * n_state];
+    let mut lanes = vec![0.0f32; n_state];
+    for b in 0..p.batch {
+        for lo in range.clone().step_by(W) {
+            let width = W.min(range.end - lo);
+            let span = width * n_state;
+            let base = (b * channels + lo) * n_state;
+            h[..span].copy_from_slice(&p.h_in[base..base + span]);
+            let a = &p.a[lo * n_state..][..span];
+            let (mut bias, mut dskip) = ([0.0f32; W], [0.0f32; W]);
+            if let Some(v) = p.bias {
+                bias[..width].copy_from_slice(&v[lo..lo + width]);
+            }
+            if let Some(v) = p.d {
+                dskip[..width].copy_from_slice(&v[lo..lo + width]);
+            }
+            for t in 0..seq {
+                let row = (b * seq + t) * channels + lo;
+                let (mut dt, mut x, mut gate) = ([0.0f32; W], [0.0f32; W], [1.0f32; W]);
+                dt[..width].copy_from_slice(&p.delta[row..row + width]);
+                x[..width].copy_from_slice(&p.u[row..row + width]);
+                if let Some(z) = p.z {
+                    gate[..width].copy_from_slice(&z[row..row + width]);
+                    for g in &mut gate {
+                        *g = silu(*g);
+                    }
+                }
+                for (d, bv) in dt.iter_mut().zip(&bias) {
+                    *d += bv;
+                }
+                if p.softplus {
+                    for d in &mut dt {
+                        *d = softplus(*d);
+                    }
+                }
+                let bt = &p.b[(b * seq + t) * n_state..][..n_state];
+                let ct = &p.c[(b * seq + t) * n_state..][..n_state];
+                let mut acc = [0.0f32; W];
+                for j in 0..width {
+                    let (hj, aj) = (
+                        &mut h[j * n_state..][..n_state],
+                        &a[j * n_state..][..n_state],
+                    );
+                    let du = dt[j] * x[j];
+                    acc[j] = if N > 0 {
+                        // Fixed-size views: no bounds checks, no tails, a tree sum.
+                        let (hj, aj, bt, ct): (&mut [f32; N], &[f32; N], &[f32; N], &[f32; N]) = (
+                            hj.try_into().unwrap(),
+                            aj.try_into().unwrap(),
+                            bt.try_into().unwrap(),
+                            ct.try_into().unwrap(),
+                        );
+                        let mut l = [0.0f32; N];
+                        for n in 0..N {
+                            hj[n] = exp_fast(dt[j] * aj[n]) * hj[n] + du * bt[n];
+                            l[n] = hj[n] * ct[n];
+                        }
+                        tree_sum(l)
+                    } else {
+                        for n in 0..n_state {
+                            hj[n] = exp_fast(dt[j] * aj[n]) * hj[n] + du * bt[n];
+                            lanes[n] = hj[n];
+                        }
+                        dot(&lanes, ct)
+                    };
+                }
+                for j in 0..width {
+                    let v = (acc[j] + dskip[j] * x[j]) * gate[j];
+                    // SAFETY: (b, t, ch) with ch in this thread's range: written once.
+                    unsafe { p.y.write(row + j, v) };
+                }
+            }
+            for (i, &hv) in h[..span].iter().enumerate() {
+                // SAFETY: this thread's channels only.
+                unsafe { p.h.write(base + i, hv) };
+            }
+        }
+    }
+}
+
+/// `Σ l` by halving (log₂ N dependent adds instead of N).
+#[inline(always)]
+fn tree_sum<const N: usize>(mut l: [f32; N]) -> f32 {
+    let mut half = N / 2;
+    let mut len = N;
+    while half > 0 {
+        for i in 0..half {
+            l[i] += l[i + half];
+        }
+        if len % 2 == 1 {
+            l[0] += l[len - 1];
+        }
+        len = half;
+        half /= 2;
+    }
+    l[0]
+}
+
+/// `Σ a·b` in 16 independent lanes (a sequential sum would not vectorise).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(b16.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a16.zip(b16) {
+        for l in 0..16 {
+            lanes[l] += x[l] * y[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// [`crate::scan`]'s recurrence in one pass over time on the host, f32 throughout. `y` comes
 /// back in the dtype of `u`, the state in f32.
 ///
@@ -400,12 +596,46 @@ pub fn selective_scan_host<B: Backend>(input: ScanInput<B>) -> ScanOutput<B> {
         h: &h_out,
     };
     let work = batch * seq * channels * state;
-    for_channel_ranges(channels, work, |range| scan_channels(&args, range));
+    for_channel_ranges(channels, work, |range| {
+        if seq <= SHORT_SEQ {
+            scan_channels_short(&args, range)
+        } else {
+            scan_channels(&args, range)
+        }
+    });
     ScanOutput {
         y: Tensor::<B, 3>::from_data(TensorData::new(y, [batch, seq, channels]), &device)
             .cast(dtype),
         state: Tensor::from_data(TensorData::new(h, [batch, channels, state]), &device),
     }
+}
+
+simd_dispatch! {
+    /// `out = −exp(x)`, element-wise.
+    fn neg_exp_slice(x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = -exp_fast(v);
+        }
+    }
+}
+
+/// `−exp(x)` in f32 on the host ([`crate::ops::JambaBackend::ssm_a`]), relative error ~2e-7.
+///
+/// ```
+/// use burn::tensor::{Distribution, Tensor};
+/// use jamba::backends::Cpu;
+/// let x = Tensor::<Cpu, 2>::random([7, 16], Distribution::Uniform(-3.0, 3.0), &Default::default());
+/// let fast = jamba::host::neg_exp_host(x.clone());
+/// let slow = x.exp().neg();
+/// assert!(((fast - slow.clone()).abs() / slow.abs()).max().into_scalar() < 1e-6);
+/// ```
+pub fn neg_exp_host<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let device = x.device();
+    let shape = x.shape();
+    let v = values(x);
+    let mut out = vec![0.0f32; v.len()];
+    neg_exp_slice(&v, &mut out);
+    Tensor::from_data(TensorData::new(out, shape), &device)
 }
 
 /// The host conv's inputs as f32 slices, and its output.
@@ -528,6 +758,29 @@ mod tests {
         }
         assert!(worst < 5e-7, "worst relative error {worst:.3e}");
         assert!(exp_fast(-1000.0) < 2e-38 && exp_fast(0.0) == 1.0);
+    }
+
+    #[test]
+    fn tree_sum_matches_a_plain_sum() {
+        fn check<const N: usize>() {
+            let l: [f32; N] = std::array::from_fn(|i| (i as f32 * 0.37).sin());
+            let exact: f64 = l.iter().map(|&x| x as f64).sum();
+            assert!((tree_sum(l) as f64 - exact).abs() < 1e-5, "N {N}");
+        }
+        check::<1>();
+        check::<3>();
+        check::<7>();
+        check::<16>();
+    }
+
+    #[test]
+    fn dot_matches_a_plain_sum() {
+        for n in [1usize, 3, 4, 7, 16, 33] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let exact: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - exact).abs() < 1e-5, "n {n}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{DType, Distribution, Tensor, backend::Backend};
+use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 use crate::cache::MambaState;
 use crate::norm::{RmsNorm, RmsNormConfig};
@@ -193,7 +193,7 @@ impl<B: JambaBackend> MambaMixer<B> {
             .c_layernorm
             .forward(dbc.slice([0..batch, 0..seq, r + n..r + 2 * n]));
         let delta = B::projection(dt, self.dt_proj.weight.val(), None);
-        let a = self.a_log.val().cast(DType::F32).exp().neg();
+        let a = B::ssm_a(self.a_log.val());
 
         let out = selective_scan(ScanInput {
             u,
