@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|ncu|model|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|step|ncu|ncu-model|model|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -55,6 +55,19 @@ if [ "$WHAT" = sweep ]; then
   for tile in 8 64; do
     JAMBA_SCAN_BC_TILE=$tile ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan --reps 5 \
       2>&1 | sed "s/^/tile=$tile  /"
+  done
+fi
+if [ "$WHAT" = step ]; then
+  echo "== decoding state update: state indices per unit of the step kernel (1, 2, 4), then ncu"
+  for spu in 1 2 4; do
+    JAMBA_STEP_STATES_PER_UNIT=$spu ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops update \
+      --reps 9 2>&1 | sed "s/^/spu=$spu  /"
+  done
+  for spu in 1 4; do
+    JAMBA_STEP_STATES_PER_UNIT=$spu ncu --clock-control none --kernel-name regex:scan_step --launch-count 6 \
+      --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
+      ./jamba-bench kernels --backend cuda --dtypes f32 --ops update --tensor-ops-max 0 --reps 1 --min-ms 0 \
+      2>&1 | grep -E "gpu__time|throughput|registers|warps_active" | sed "s/^/spu=$spu  /" | tail -8
   done
 fi
 if [ "$WHAT" = ncu ]; then

@@ -23,6 +23,7 @@ mod kernels;
 mod paper;
 #[cfg(feature = "plot")]
 mod plot;
+mod profile;
 
 #[derive(Parser)]
 #[command(name = "jamba-bench", version, about)]
@@ -43,6 +44,9 @@ enum Command {
     /// The paper's comparisons: prefill and decode throughput and cache bytes of several
     /// configurations (hybrid, all attention, all Mamba) side by side.
     Paper(paper::PaperArgs),
+    /// Where a decoding step's time goes: each layer's mixer and feed-forward, the head, the
+    /// argmax.
+    Profile(profile::ProfileArgs),
     /// Draws the rows of `paper` as PNG and SVG figures.
     #[cfg(feature = "plot")]
     Plot(plot::PlotArgs),
@@ -127,6 +131,10 @@ fn main() {
             let a = args.clone();
             jamba::with_backend!(a.backend, |B, device| paper::run::<B>(&args, &device))
         }
+        Command::Profile(args) => {
+            let a = args.clone();
+            jamba::with_backend!(a.backend, |B, device| profile::run::<B>(&args, &device))
+        }
         #[cfg(feature = "plot")]
         Command::Plot(args) => plot::run(&args),
     };
@@ -162,7 +170,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Feeds `len` random tokens per row through `cache` (in chunks), returning the last logits.
-fn prefill<B: jamba::JambaBackend>(
+pub(crate) fn prefill<B: jamba::JambaBackend>(
     model: &Jamba<B>,
     cache: &mut jamba::JambaCache<B>,
     rng: &mut SplitMix64,
