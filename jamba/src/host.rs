@@ -313,77 +313,96 @@ struct ScanArgs<'a> {
 }
 
 simd_dispatch! {
-    /// The recurrence for the channels in `range`, every row, all steps.
+    /// The recurrence for the channels in `range`, every row, all steps. Jamba's 16 states get
+    /// a fixed-size form (the block's state and `A` in local arrays the compiler keeps in
+    /// registers, where a runtime-sized buffer goes through memory at every step).
     fn scan_channels(p: &ScanArgs<'_>, range: std::ops::Range<usize>) {
-        const W: usize = BLOCK;
-        let (seq, channels, n_state) = (p.seq, p.channels, p.state);
-        // State-major within a block: `h[n]` holds state n of the block's W channels, so every
-        // update below is one W-wide operation.
-        let mut h = vec![[0.0f32; W]; n_state];
-        let mut at = vec![[0.0f32; W]; n_state];
-        for b in 0..p.batch {
-            for lo in range.clone().step_by(W) {
-                let width = W.min(range.end - lo);
-                // Lanes past `width` run with A = 0, Δu = 0: a state that stays zero.
-                let (mut bias, mut dskip) = ([0.0f32; W], [0.0f32; W]);
+        if p.state == 16 {
+            long_scan::<16>(p, range)
+        } else {
+            long_scan::<0>(p, range)
+        }
+    }
+}
+
+/// [`scan_channels`]'s loop; `N` is the state size, or 0 for "read it from `p`".
+#[inline(always)]
+fn long_scan<const N: usize>(p: &ScanArgs<'_>, range: std::ops::Range<usize>) {
+    const W: usize = BLOCK;
+    let (seq, channels) = (p.seq, p.channels);
+    let n_state = if N > 0 { N } else { p.state };
+    // State-major within a block: `h[n]` holds state n of the block's W channels, so every
+    // update below is one W-wide operation.
+    let mut h_heap = vec![[0.0f32; W]; if N > 0 { 0 } else { n_state }];
+    let mut at_heap = vec![[0.0f32; W]; if N > 0 { 0 } else { n_state }];
+    let (mut h_fixed, mut at_fixed) = ([[0.0f32; W]; N], [[0.0f32; W]; N]);
+    let (h, at): (&mut [[f32; W]], &mut [[f32; W]]) = if N > 0 {
+        (&mut h_fixed, &mut at_fixed)
+    } else {
+        (&mut h_heap, &mut at_heap)
+    };
+    for b in 0..p.batch {
+        for lo in range.clone().step_by(W) {
+            let width = W.min(range.end - lo);
+            // Lanes past `width` run with A = 0, Δu = 0: a state that stays zero.
+            let (mut bias, mut dskip) = ([0.0f32; W], [0.0f32; W]);
+            for n in 0..n_state {
+                h[n] = [0.0; W];
+                at[n] = [0.0; W];
+            }
+            for j in 0..width {
+                let ch = lo + j;
+                bias[j] = p.bias.map_or(0.0, |v| v[ch]);
+                dskip[j] = p.d.map_or(0.0, |v| v[ch]);
                 for n in 0..n_state {
-                    h[n] = [0.0; W];
-                    at[n] = [0.0; W];
+                    at[n][j] = p.a[ch * n_state + n];
+                    h[n][j] = p.h_in[(b * channels + ch) * n_state + n];
                 }
-                for j in 0..width {
-                    let ch = lo + j;
-                    bias[j] = p.bias.map_or(0.0, |v| v[ch]);
-                    dskip[j] = p.d.map_or(0.0, |v| v[ch]);
-                    for n in 0..n_state {
-                        at[n][j] = p.a[ch * n_state + n];
-                        h[n][j] = p.h_in[(b * channels + ch) * n_state + n];
+            }
+            for t in 0..seq {
+                let row = (b * seq + t) * channels + lo;
+                let (mut dt, mut x, mut gate) = ([0.0f32; W], [0.0f32; W], [1.0f32; W]);
+                dt[..width].copy_from_slice(&p.delta[row..row + width]);
+                x[..width].copy_from_slice(&p.u[row..row + width]);
+                if let Some(z) = p.z {
+                    gate[..width].copy_from_slice(&z[row..row + width]);
+                    for g in &mut gate {
+                        *g = silu(*g);
                     }
                 }
-                for t in 0..seq {
-                    let row = (b * seq + t) * channels + lo;
-                    let (mut dt, mut x, mut gate) = ([0.0f32; W], [0.0f32; W], [1.0f32; W]);
-                    dt[..width].copy_from_slice(&p.delta[row..row + width]);
-                    x[..width].copy_from_slice(&p.u[row..row + width]);
-                    if let Some(z) = p.z {
-                        gate[..width].copy_from_slice(&z[row..row + width]);
-                        for g in &mut gate {
-                            *g = silu(*g);
-                        }
+                for (d, bv) in dt.iter_mut().zip(&bias) {
+                    *d += bv;
+                }
+                if p.softplus {
+                    for d in &mut dt {
+                        *d = softplus(*d);
                     }
-                    for (d, bv) in dt.iter_mut().zip(&bias) {
-                        *d += bv;
-                    }
-                    if p.softplus {
-                        for d in &mut dt {
-                            *d = softplus(*d);
-                        }
-                    }
-                    let mut du = [0.0f32; W];
+                }
+                let mut du = [0.0f32; W];
+                for j in 0..W {
+                    du[j] = dt[j] * x[j];
+                }
+                let bt = &p.b[(b * seq + t) * n_state..][..n_state];
+                let ct = &p.c[(b * seq + t) * n_state..][..n_state];
+                let mut acc = [0.0f32; W];
+                for n in 0..n_state {
+                    let (bn, cn, hn, an) = (bt[n], ct[n], &mut h[n], &at[n]);
                     for j in 0..W {
-                        du[j] = dt[j] * x[j];
-                    }
-                    let bt = &p.b[(b * seq + t) * n_state..][..n_state];
-                    let ct = &p.c[(b * seq + t) * n_state..][..n_state];
-                    let mut acc = [0.0f32; W];
-                    for n in 0..n_state {
-                        let (bn, cn, hn, an) = (bt[n], ct[n], &mut h[n], &at[n]);
-                        for j in 0..W {
-                            hn[j] = exp_fast(dt[j] * an[j]) * hn[j] + du[j] * bn;
-                            acc[j] += hn[j] * cn;
-                        }
-                    }
-                    for j in 0..width {
-                        let v = (acc[j] + dskip[j] * x[j]) * gate[j];
-                        // SAFETY: (b, t, ch) with ch in this thread's range: written once.
-                        unsafe { p.y.write(row + j, v) };
+                        hn[j] = exp_fast(dt[j] * an[j]) * hn[j] + du[j] * bn;
+                        acc[j] += hn[j] * cn;
                     }
                 }
                 for j in 0..width {
-                    let dst = (b * channels + lo + j) * n_state;
-                    for n in 0..n_state {
-                        // SAFETY: this thread's channels only.
-                        unsafe { p.h.write(dst + n, h[n][j]) };
-                    }
+                    let v = (acc[j] + dskip[j] * x[j]) * gate[j];
+                    // SAFETY: (b, t, ch) with ch in this thread's range: written once.
+                    unsafe { p.y.write(row + j, v) };
+                }
+            }
+            for j in 0..width {
+                let dst = (b * channels + lo + j) * n_state;
+                for n in 0..n_state {
+                    // SAFETY: this thread's channels only.
+                    unsafe { p.h.write(dst + n, h[n][j]) };
                 }
             }
         }
