@@ -11,6 +11,8 @@
 //! - [`conv::causal_conv1d`]: depthwise causal conv1d + bias + SiLU over a sequence, continuing
 //!   from a conv state and returning the new one (length 1: the decoding update).
 //! - [`norm::rms_norm`]: RMSNorm with f32 statistics in one launch instead of eight.
+//! - [`gemv::gemv`]: products of a few rows by a weight (a decoding step's projections) at
+//!   memory bandwidth, f32 accumulation.
 //!
 //! The functions take and return Burn's [`CubeTensor`](burn_cubecl::tensor::CubeTensor)s; the
 //! `jamba` crate's `JambaBackend` trait calls them for `CubeBackend` and keeps its tensor-op
@@ -18,6 +20,7 @@
 //! arithmetic is f32.
 
 pub mod conv;
+pub mod gemv;
 pub mod matmul;
 pub mod norm;
 pub mod scan;

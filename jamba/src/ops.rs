@@ -104,9 +104,10 @@ pub trait JambaBackend: Backend {
 
     /// `x [batch, seq, in] · weight [in, out] (+ bias)`: every projection of the model.
     ///
-    /// CubeCL backends override it so that an f32 model multiplies in f32: their tensor-core
-    /// kernels otherwise round f32 inputs to TF32, which flips a router's top-k choice at
-    /// near-ties (see `jamba_kernels::matmul`). `JAMBA_ALLOW_TF32=1` keeps Burn's choice.
+    /// CubeCL backends override it: up to eight rows (decoding) run `jamba_kernels::gemv`, which
+    /// streams the weight at memory bandwidth; otherwise an f32 model multiplies in f32, since
+    /// their tensor-core kernels round f32 inputs to TF32, which flips a router's top-k choice
+    /// at near-ties (see `jamba_kernels::matmul`). `JAMBA_ALLOW_TF32=1` keeps Burn's choice.
     fn projection(
         x: Tensor<Self, 3>,
         weight: Tensor<Self, 2>,
@@ -362,7 +363,7 @@ pub(crate) fn env_switch(name: &str, default: bool) -> bool {
 pub mod cube {
     use burn::tensor::{DType, Tensor, TensorPrimitive};
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-    use jamba_kernels::{conv, matmul, norm, scan, scan_bwd};
+    use jamba_kernels::{conv, gemv, matmul, norm, scan, scan_bwd};
 
     use super::{ConvInput, ConvOutput, JambaBackend, ScanGrads, kernels_enabled};
     use crate::scan::{ScanInput, ScanOutput};
@@ -486,11 +487,26 @@ pub mod cube {
             weight: Tensor<Self, 2>,
             bias: Option<Tensor<Self, 1>>,
         ) -> Tensor<Self, 3> {
+            let [batch, seq, inputs] = x.dims();
+            let outputs = weight.dims()[1];
+            let rows = batch * seq;
+            // A decoding step's few rows: the GEMV kernel streams the weight at bandwidth,
+            // where Burn's matmul kernels (tiled for large products) ran at ~80 GB/s.
+            if kernels_enabled()
+                && rows <= gemv::MAX_ROWS
+                && weight.dtype() == x.dtype()
+                && bias.as_ref().is_none_or(|b| b.dtype() == x.dtype())
+            {
+                let y: Tensor<Self, 2> = wrap(gemv::gemv(
+                    prim(x.reshape([rows, inputs])),
+                    prim(weight),
+                    bias.map(prim),
+                ));
+                return y.reshape([batch, seq, outputs]);
+            }
             if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || super::tf32_allowed() {
                 return burn::tensor::module::linear(x, weight, bias);
             }
-            let [batch, seq, inputs] = x.dims();
-            let outputs = weight.dims()[1];
             let y: Tensor<Self, 2> = wrap(matmul::matmul_f32(
                 prim(x.reshape([batch * seq, inputs])),
                 prim(weight),
