@@ -312,6 +312,36 @@ struct ScanArgs<'a> {
     h: &'a Shared,
 }
 
+/// One step's per-channel inputs for a block of [`BLOCK`] channels starting at flat index `row`
+/// (`width` of them real, the rest padded): `Δ` (bias added, softplus applied if asked), `u`,
+/// and the gate `silu(z)` (ones without `z`). The channels are the lanes.
+#[inline(always)]
+fn block_inputs(
+    p: &ScanArgs<'_>,
+    row: usize,
+    width: usize,
+    bias: &[f32; BLOCK],
+) -> ([f32; BLOCK], [f32; BLOCK], [f32; BLOCK]) {
+    let (mut dt, mut x, mut gate) = ([0.0f32; BLOCK], [0.0f32; BLOCK], [1.0f32; BLOCK]);
+    dt[..width].copy_from_slice(&p.delta[row..row + width]);
+    x[..width].copy_from_slice(&p.u[row..row + width]);
+    if let Some(z) = p.z {
+        gate[..width].copy_from_slice(&z[row..row + width]);
+        for g in &mut gate {
+            *g = silu(*g);
+        }
+    }
+    for (d, bv) in dt.iter_mut().zip(bias) {
+        *d += bv;
+    }
+    if p.softplus {
+        for d in &mut dt {
+            *d = softplus(*d);
+        }
+    }
+    (dt, x, gate)
+}
+
 simd_dispatch! {
     /// The recurrence for the channels in `range`, every row, all steps. Jamba's 16 states get
     /// a fixed-size form (the block's state and `A` in local arrays the compiler keeps in
@@ -361,23 +391,7 @@ fn long_scan<const N: usize>(p: &ScanArgs<'_>, range: std::ops::Range<usize>) {
             }
             for t in 0..seq {
                 let row = (b * seq + t) * channels + lo;
-                let (mut dt, mut x, mut gate) = ([0.0f32; W], [0.0f32; W], [1.0f32; W]);
-                dt[..width].copy_from_slice(&p.delta[row..row + width]);
-                x[..width].copy_from_slice(&p.u[row..row + width]);
-                if let Some(z) = p.z {
-                    gate[..width].copy_from_slice(&z[row..row + width]);
-                    for g in &mut gate {
-                        *g = silu(*g);
-                    }
-                }
-                for (d, bv) in dt.iter_mut().zip(&bias) {
-                    *d += bv;
-                }
-                if p.softplus {
-                    for d in &mut dt {
-                        *d = softplus(*d);
-                    }
-                }
+                let (dt, x, gate) = block_inputs(p, row, width, &bias);
                 let mut du = [0.0f32; W];
                 for j in 0..W {
                     du[j] = dt[j] * x[j];
@@ -456,23 +470,7 @@ fn short_scan<const N: usize>(p: &ScanArgs<'_>, range: std::ops::Range<usize>) {
             }
             for t in 0..seq {
                 let row = (b * seq + t) * channels + lo;
-                let (mut dt, mut x, mut gate) = ([0.0f32; W], [0.0f32; W], [1.0f32; W]);
-                dt[..width].copy_from_slice(&p.delta[row..row + width]);
-                x[..width].copy_from_slice(&p.u[row..row + width]);
-                if let Some(z) = p.z {
-                    gate[..width].copy_from_slice(&z[row..row + width]);
-                    for g in &mut gate {
-                        *g = silu(*g);
-                    }
-                }
-                for (d, bv) in dt.iter_mut().zip(&bias) {
-                    *d += bv;
-                }
-                if p.softplus {
-                    for d in &mut dt {
-                        *d = softplus(*d);
-                    }
-                }
+                let (dt, x, gate) = block_inputs(p, row, width, &bias);
                 let bt = &p.b[(b * seq + t) * n_state..][..n_state];
                 let ct = &p.c[(b * seq + t) * n_state..][..n_state];
                 let mut acc = [0.0f32; W];
