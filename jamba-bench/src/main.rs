@@ -196,6 +196,25 @@ pub(crate) fn prefill<B: jamba::JambaBackend>(
     Ok(logits.expect("len > 0"))
 }
 
+/// The configuration at `path` and a model of it with random weights (seeded, so runs agree)
+/// in `dtype`; an error if the backend lacks the dtype.
+pub(crate) fn random_model<B: jamba::JambaBackend>(
+    path: &std::path::Path,
+    backend: BackendKind,
+    dtype: DType,
+    device: &B::Device,
+) -> jamba::Result<(JambaConfig, Jamba<B>)> {
+    let config = JambaConfig::from_file(path)?;
+    if !B::supports_dtype(device, dtype) {
+        return Err(JambaError::Input(format!(
+            "{backend:?} does not support {dtype:?}"
+        )));
+    }
+    B::seed(device, 0);
+    let model = Jamba::<B>::init(&config, device).cast(dtype);
+    Ok((config, model))
+}
+
 pub(crate) fn sync<B: Backend>(device: &B::Device) -> jamba::Result<()> {
     B::sync(device).map_err(|e| JambaError::Input(format!("device error: {e:?}")))
 }
@@ -204,16 +223,8 @@ fn throughput<B: jamba::JambaBackend>(
     args: &ThroughputArgs,
     device: &B::Device,
 ) -> jamba::Result<()> {
-    let config = JambaConfig::from_file(&args.config)?;
-    if !B::supports_dtype(device, args.dtype) {
-        return Err(JambaError::Input(format!(
-            "{:?} does not support {:?}",
-            args.backend, args.dtype
-        )));
-    }
-    B::seed(device, 0);
     let start = Instant::now();
-    let model = Jamba::<B>::init(&config, device).cast(args.dtype);
+    let (config, model) = random_model::<B>(&args.config, args.backend, args.dtype, device)?;
     sync::<B>(device)?;
     let name = config_name(&args.config);
     eprintln!(

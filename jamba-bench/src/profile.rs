@@ -18,11 +18,11 @@ use clap::Args;
 use jamba::backends::{BackendKind, parse_dtype};
 use jamba::cache::LayerCache;
 use jamba::layer::{FeedForward, LayerMasks, Mixer};
-use jamba::{ForwardOptions, Jamba, JambaBackend, JambaConfig, JambaError};
+use jamba::{ForwardOptions, JambaBackend, JambaError};
 
 use jamba::generation::SplitMix64;
 
-use crate::{prefill, sync};
+use crate::{prefill, random_model, sync};
 
 #[derive(Args, Clone)]
 pub struct ProfileArgs {
@@ -64,15 +64,7 @@ fn per_call<B: JambaBackend>(
 }
 
 pub fn run<B: JambaBackend>(args: &ProfileArgs, device: &B::Device) -> jamba::Result<()> {
-    let config = JambaConfig::from_file(&args.config)?;
-    if !B::supports_dtype(device, args.dtype) {
-        return Err(JambaError::Input(format!(
-            "{:?} does not support {:?}",
-            args.backend, args.dtype
-        )));
-    }
-    B::seed(device, 0);
-    let model = Jamba::<B>::init(&config, device).cast(args.dtype);
+    let (config, model) = random_model::<B>(&args.config, args.backend, args.dtype, device)?;
     let (batch, n) = (args.batch, args.steps.max(1));
     let mut rng = SplitMix64::new(1);
     let mut cache = model.new_cache(batch);
