@@ -10,7 +10,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use common::scan_problem::{Problem, Rng};
 use jamba::burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
 use jamba::generation::SplitMix64;
-use jamba::kernels::{conv, gemv, norm, scan};
+use jamba::kernels::{conv, gemv, moe, norm, scan};
 use jamba::ops::{ConvInput, JambaBackend, causal_conv1d_tensor_ops, cube, rms_norm_tensor_ops};
 use jamba::reference::{rel_err, to_vec};
 
@@ -391,6 +391,75 @@ fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     assert_eq!(cases, 30);
 }
 
+/// The device-routed mixture of experts against an f64 loop (softmax, top-k by probability,
+/// `Σⱼ pⱼ · down(silu(gate·x) · up·x)`): one token to [`moe::MAX_SLOTS`] (token, expert) pairs,
+/// top 1 to 4, widths that fill no cube evenly, `x` a window of wider rows. Inputs are rounded to
+/// `dtype` first; the output buffer's memory held NaN just before the call (a pool reuses it),
+/// so an element left unwritten fails.
+fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let mut cases = 0;
+    for dims in [
+        [1usize, 4, 1, 8, 16],
+        [1, 16, 2, 40, 72],
+        [3, 8, 2, 33, 50],
+        [5, 16, 4, 64, 300],
+        [moe::MAX_SLOTS / 2, 16, 2, 24, 40],
+    ] {
+        let mut p = common::MoeProblem::random(&mut rng, dims);
+        let [tokens, experts, top_k, hidden, inner] = dims;
+        // Round every operand to `dtype`; the host copies take the rounded values.
+        let round = |v: &mut Vec<f32>| {
+            let t = Tensor::<K<R>, 1>::from_data(TensorData::new(v.clone(), [v.len()]), device)
+                .cast(dtype);
+            *v = to_vec(t.clone().cast(DType::F32));
+            t
+        };
+        let x = round(&mut p.x);
+        let logits = round(&mut p.logits);
+        let gate = round(&mut p.gate);
+        let up = round(&mut p.up);
+        let down = round(&mut p.down);
+        let expected = p.expected();
+        // `x` as a window of wider rows (strided).
+        let extra = 3;
+        let x = Tensor::cat(
+            vec![
+                Tensor::<K<R>, 2>::ones([tokens, extra], (device, dtype)),
+                x.reshape([tokens, hidden]),
+            ],
+            1,
+        )
+        .slice([0..tokens, extra..hidden + extra]);
+        drop(Tensor::<K<R>, 2>::full(
+            [tokens, hidden],
+            f32::NAN,
+            (device, dtype),
+        ));
+        let y = wrap::<R, 2>(moe::routed_experts(
+            prim(x),
+            prim(logits.reshape([tokens, experts])),
+            moe::ExpertWeights {
+                gate: prim(gate.reshape([experts, hidden, inner])),
+                up: prim(up.reshape([experts, hidden, inner])),
+                down: prim(down.reshape([experts, inner, hidden])),
+            },
+            top_k,
+        ));
+        assert_eq!(y.dims(), [tokens, hidden]);
+        assert_close(
+            &format!(
+                "{dtype:?} routed experts: {tokens} tokens, top {top_k} of {experts}, {hidden} x {inner}"
+            ),
+            &to_vec(y.cast(DType::F32)),
+            &expected,
+            tolerance,
+        );
+        cases += 1;
+    }
+    assert_eq!(cases, 5);
+}
+
 /// Every input's gradient through the scan, for the loss `Σ y·w`.
 fn scan_grads<B: burn::tensor::backend::AutodiffBackend + JambaBackend>(
     p: &Problem,
@@ -509,6 +578,15 @@ macro_rules! kernel_tests {
             fn gemv_kernel_matches_the_definition_over_the_grid() {
                 super::gemv_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-6);
             }
+
+            #[test]
+            fn routed_experts_kernel_matches_the_definition() {
+                super::routed_experts_grid::<R>(
+                    &Default::default(),
+                    burn::tensor::DType::F32,
+                    1e-5,
+                );
+            }
         }
     };
 }
@@ -563,6 +641,17 @@ fn cuda_gemv_kernel_takes_half_inputs() {
     type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
     gemv_grid::<R>(&Default::default(), DType::BF16, 4e-3);
     gemv_grid::<R>(&Default::default(), DType::F16, 5e-4);
+}
+
+/// The device-routed experts with bf16 and f16 tensors: the reference rounds each product, the
+/// SiLU, the gate's product, each expert's weighted output (a few unit roundoffs: bf16's is
+/// 3.9e-3, f16's 4.9e-4).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_routed_experts_take_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    routed_experts_grid::<R>(&Default::default(), DType::BF16, 2e-2);
+    routed_experts_grid::<R>(&Default::default(), DType::F16, 3e-3);
 }
 
 /// Half-precision inputs (f32 arithmetic inside): the state must match to f32 precision and `y`

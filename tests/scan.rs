@@ -255,3 +255,37 @@ fn host_projection_matches_the_definition() {
     }
     assert_eq!(cases, 24);
 }
+
+/// The host mixture of experts of a decoding step (flex, f32) against the f64 definition: one
+/// token to [`jamba::host::GEMV_MAX_ROWS`], top 1 to 4, several tokens sharing an expert.
+#[cfg(feature = "flex")]
+#[test]
+fn host_routed_experts_match_the_definition() {
+    use burn::tensor::TensorData;
+    type F = burn::backend::Flex;
+    let dev = Default::default();
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    for dims in [
+        [1usize, 4, 1, 8, 16],
+        [1, 16, 2, 40, 72],
+        [3, 4, 2, 33, 50],
+        [jamba::host::GEMV_MAX_ROWS, 16, 4, 64, 300],
+    ] {
+        let p = common::MoeProblem::random(&mut rng, dims);
+        let [tokens, experts, top_k, hidden, inner] = dims;
+        let t = |v: &[f32], shape: [usize; 3]| {
+            Tensor::<F, 3>::from_data(TensorData::new(v.to_vec(), shape), &dev)
+        };
+        let y = jamba::host::routed_experts_flex(jamba::ops::RoutedExperts {
+            x: t(&p.x, [1, tokens, hidden]).reshape([tokens, hidden]),
+            router_logits: t(&p.logits, [1, tokens, experts]).reshape([tokens, experts]),
+            gate: t(&p.gate, [experts, hidden, inner]),
+            up: t(&p.up, [experts, hidden, inner]),
+            down: t(&p.down, [experts, inner, hidden]),
+            top_k,
+        })
+        .expect("f32 operands of a few tokens take the host path");
+        let err = rel_err(&to_vec(y), &p.expected());
+        assert!(err <= 1e-5, "{dims:?}: rel. error {err:.3e}");
+    }
+}

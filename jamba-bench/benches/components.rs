@@ -147,12 +147,14 @@ fn moe_dense(moe: &SparseMoe<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
         .zeros_like()
         .scatter(1, selected, weights, IndexingUpdateOp::Add)
         .cast(x.dtype());
-    moe.experts
-        .iter()
-        .enumerate()
-        .fold(x.zeros_like(), |acc, (e, expert)| {
-            acc + expert.forward(x.clone()) * combine.clone().slice([0..tokens, e..e + 1])
-        })
+    let hidden = x.dims()[1];
+    (0..moe.num_experts()).fold(x.zeros_like(), |acc, e| {
+        let out = moe
+            .experts
+            .forward(e, x.clone().reshape([1, tokens, hidden]))
+            .reshape([tokens, hidden]);
+        acc + out * combine.clone().slice([0..tokens, e..e + 1])
+    })
 }
 
 fn moe(c: &mut Criterion) {

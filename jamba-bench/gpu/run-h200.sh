@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|step|ncu|ncu-model|model|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|step|ncu|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -95,6 +95,26 @@ if [ "$WHAT" = ncu-model ]; then
     python3 ncu_summary.py "$OUT/ncu-decode-2.csv" --minus "$OUT/ncu-decode-1.csv" --top 15
   fi
   (cd "$OUT" && xz -6 ncu-*.csv)
+fi
+if [ "$WHAT" = matmul ]; then
+  echo "== half-precision products of a prefill's shapes: every cubek strategy vs Burn's autotuned choice"
+  ./jamba-bench matmul --backend cuda --dtype bf16 2>&1 | tee "$OUT/matmul.txt"
+  # The fastest strategy on the MoE experts' shape, then the model with it.
+  BEST=$(grep "^2048x1024x4096" "$OUT/matmul.txt" | grep -v "not run\|burn" | sort -k3 -g | head -1 | awk '{print $2}')
+  echo "== bench-jamba-1b, bf16, Burn's matmul, then JAMBA_MATMUL=$BEST"
+  ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+    --out "$OUT/h200-bench-jamba-1b-bf16.json" 2>&1 | tail -6
+  JAMBA_MATMUL=$BEST ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+    --out "$OUT/h200-bench-jamba-1b-bf16-$BEST.json" 2>&1 | tail -6
+fi
+if [ "$WHAT" = profile ]; then
+  echo "== a decoding step component by component, batch 1 and 16"
+  for b in 1 16; do
+    ./jamba-bench profile --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+      --batch $b --context 512 2>&1 | tail -14
+  done
 fi
 if [ "$WHAT" = model ] || [ "$WHAT" = all ]; then
   echo "== bench-jamba-1b, bf16 (kernels on)"

@@ -20,6 +20,8 @@ use jamba::{ForwardOptions, Jamba, JambaConfig, JambaError};
 use serde::Serialize;
 
 mod kernels;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod matmul;
 mod paper;
 #[cfg(feature = "plot")]
 mod plot;
@@ -47,6 +49,10 @@ enum Command {
     /// Where a decoding step's time goes: each layer's mixer and feed-forward, the head, the
     /// argmax.
     Profile(profile::ProfileArgs),
+    /// Half-precision products of a prefill's shapes: each cubek strategy against Burn's
+    /// autotuned choice, in TFLOP/s.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    Matmul(matmul::MatmulArgs),
     /// Draws the rows of `paper` as PNG and SVG figures.
     #[cfg(feature = "plot")]
     Plot(plot::PlotArgs),
@@ -135,6 +141,24 @@ fn main() {
             let a = args.clone();
             jamba::with_backend!(a.backend, |B, device| profile::run::<B>(&args, &device))
         }
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        Command::Matmul(args) => match args.backend {
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => {
+                matmul::run::<jamba::burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>(
+                    &args,
+                    &Default::default(),
+                )
+            }
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => matmul::run::<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>(
+                &args,
+                &Default::default(),
+            ),
+            other => Err(jamba::JambaError::Input(format!(
+                "matmul runs on a CubeCL backend (cuda or wgpu), not {other:?}"
+            ))),
+        },
         #[cfg(feature = "plot")]
         Command::Plot(args) => plot::run(&args),
     };

@@ -51,16 +51,28 @@ pub struct ProfileArgs {
 fn per_call<B: JambaBackend>(
     device: &B::Device,
     n: usize,
-    mut f: impl FnMut() -> jamba::Result<()>,
+    f: impl FnMut() -> jamba::Result<()>,
 ) -> jamba::Result<f64> {
+    Ok(timed::<B>(device, n, f)?.0)
+}
+
+/// [`per_call`], and the host's part: milliseconds per call until the last call returned,
+/// before the synchronisation. When the two agree, the host's issue of the work is the bound.
+fn timed<B: JambaBackend>(
+    device: &B::Device,
+    n: usize,
+    mut f: impl FnMut() -> jamba::Result<()>,
+) -> jamba::Result<(f64, f64)> {
     f()?;
     sync::<B>(device)?;
     let t = Instant::now();
     for _ in 0..n {
         f()?;
     }
+    let issued = t.elapsed().as_secs_f64();
     sync::<B>(device)?;
-    Ok(t.elapsed().as_secs_f64() * 1e3 / n as f64)
+    let n = n as f64;
+    Ok((t.elapsed().as_secs_f64() * 1e3 / n, issued * 1e3 / n))
 }
 
 pub fn run<B: JambaBackend>(args: &ProfileArgs, device: &B::Device) -> jamba::Result<()> {
@@ -118,13 +130,13 @@ pub fn run<B: JambaBackend>(args: &ProfileArgs, device: &B::Device) -> jamba::Re
             Ok(())
         })?;
         let mut c = cache.clone();
-        let whole_layer = per_call::<B>(device, n, || {
+        let (whole_layer, issued) = timed::<B>(device, n, || {
             let _ = layer.forward(x.clone(), &masks, Some(&mut c.layers[i]));
             Ok(())
         })?;
         total += whole_layer;
         println!(
-            "layer {i} {} + {}: {whole_layer:.3} (mixer + norm {mixer:.3}, feed-forward + norm {ff:.3})",
+            "layer {i} {} + {}: {whole_layer:.3}, issued in {issued:.3} (mixer + norm {mixer:.3}, feed-forward + norm {ff:.3})",
             match layer.mixer {
                 Mixer::Mamba(_) => "mamba",
                 Mixer::Attention(_) => "attention",
@@ -167,6 +179,22 @@ pub fn run<B: JambaBackend>(args: &ProfileArgs, device: &B::Device) -> jamba::Re
     println!(
         "whole step: {whole:.3} ms = {:.1} tokens/s",
         batch as f64 * 1e3 / whole
+    );
+    // The floor under any step made of backend operations: what one small operation costs
+    // the host to issue (a step issues a few hundred).
+    let one = Tensor::<B, 1>::ones([hidden], device).cast(args.dtype);
+    let ops = 200;
+    let (op_ms, op_issued) = timed::<B>(device, n, || {
+        let mut t = one.clone();
+        for _ in 0..ops {
+            t = t.add_scalar(1.0);
+        }
+        Ok(())
+    })?;
+    println!(
+        "one element-wise operation on [{hidden}]: {:.2} us per operation, issued in {:.2} us",
+        op_ms * 1e3 / ops as f64,
+        op_issued * 1e3 / ops as f64
     );
 
     println!("sum of the parts: {:.3} ms", total + head + argmax);

@@ -13,6 +13,8 @@
 //! - [`norm::rms_norm`]: RMSNorm with f32 statistics in one launch instead of eight.
 //! - [`gemv::gemv`]: products of a few rows by a weight (a decoding step's projections) at
 //!   memory bandwidth, f32 accumulation.
+//! - [`moe::routed_experts`]: a mixture-of-experts feed-forward for a few tokens with the
+//!   router's softmax and top-k on the device (no routing read back to the host).
 //!
 //! The functions take and return Burn's [`CubeTensor`](burn_cubecl::tensor::CubeTensor)s; the
 //! `jamba` crate's `JambaBackend` trait calls them for `CubeBackend` and keeps its tensor-op
@@ -22,6 +24,7 @@
 pub mod conv;
 pub mod gemv;
 pub mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod scan;
 pub mod scan_bwd;

@@ -128,7 +128,6 @@ pub fn projection_flex(
     weight: Tensor<burn::backend::Flex, 2>,
     bias: Option<Tensor<burn::backend::Flex, 1>>,
 ) -> Tensor<burn::backend::Flex, 3> {
-    use rayon::prelude::*;
     let [batch, seq, inputs] = x.dims();
     let outputs = weight.dims()[1];
     let rows = batch * seq;
@@ -149,27 +148,40 @@ pub fn projection_flex(
     };
     let device = x.device();
     let xv = values(x);
+    let mut out = gemv_host(&GemvArgs {
+        w,
+        x: &xv,
+        rows,
+        inputs,
+        outputs,
+    });
+    if let Some(bias) = bias {
+        let bv = values(bias);
+        for row in out.chunks_exact_mut(outputs) {
+            row.iter_mut().zip(&bv).for_each(|(o, b)| *o += b);
+        }
+    }
+    Tensor::from_data(TensorData::new(out, [batch, seq, outputs]), &device)
+}
+
+/// `x · w` on the host, threaded over bands of output columns: `[rows, outputs]`.
+#[cfg(feature = "flex")]
+fn gemv_host(args: &GemvArgs<'_>) -> Vec<f32> {
+    use rayon::prelude::*;
+    let (rows, inputs, outputs) = (args.rows, args.inputs, args.outputs);
     // Bands of at least 64K weights (below that a thread costs more than it saves), whole
     // multiples of 16 columns.
     let bands = threads()
         .min((inputs * outputs).div_ceil(1 << 16))
         .clamp(1, outputs.div_ceil(16).max(1));
     let per = outputs.div_ceil(bands).div_ceil(16) * 16;
-    let args = GemvArgs {
-        w,
-        x: &xv,
-        rows,
-        inputs,
-        outputs,
-    };
-    let parts: Vec<Vec<f32>> = if bands == 1 {
-        vec![gemv_columns(&args, 0..outputs)]
-    } else {
-        (0..bands)
-            .into_par_iter()
-            .map(|t| gemv_columns(&args, (t * per).min(outputs)..((t + 1) * per).min(outputs)))
-            .collect()
-    };
+    if bands == 1 {
+        return gemv_columns(args, 0..outputs);
+    }
+    let parts: Vec<Vec<f32>> = (0..bands)
+        .into_par_iter()
+        .map(|t| gemv_columns(args, (t * per).min(outputs)..((t + 1) * per).min(outputs)))
+        .collect();
     let mut out = vec![0.0f32; rows * outputs];
     let mut lo = 0;
     for part in &parts {
@@ -179,13 +191,114 @@ pub fn projection_flex(
         }
         lo += width;
     }
-    if let Some(bias) = bias {
-        let bv = values(bias);
-        for row in out.chunks_exact_mut(outputs) {
-            row.iter_mut().zip(&bv).for_each(|(o, b)| *o += b);
+    out
+}
+
+/// The mixture of experts of a few f32 tokens on flex, as host loops
+/// ([`crate::ops::JambaBackend::routed_experts`]): the router's softmax and top-k, then each
+/// chosen expert once on the rows of the tokens that chose it (column-band GEMVs), weighted
+/// and summed. `None` (the tensor-op form) for more than [`GEMV_MAX_ROWS`] tokens, other
+/// dtypes, weights that are not contiguous, or with the host loops turned off.
+#[cfg(feature = "flex")]
+pub fn routed_experts_flex(
+    input: crate::ops::RoutedExperts<burn::backend::Flex>,
+) -> Option<Tensor<burn::backend::Flex, 2>> {
+    let crate::ops::RoutedExperts {
+        x,
+        router_logits,
+        gate,
+        up,
+        down,
+        top_k,
+    } = input;
+    let [tokens, hidden] = x.dims();
+    let [experts, _, inner] = gate.dims();
+    let all_f32 = [
+        x.dtype(),
+        router_logits.dtype(),
+        gate.dtype(),
+        up.dtype(),
+        down.dtype(),
+    ]
+    .iter()
+    .all(|&d| d == DType::F32);
+    if tokens > GEMV_MAX_ROWS
+        || !all_f32
+        || top_k == 0
+        || top_k > experts
+        || !crate::ops::kernels_enabled()
+        || !host_gemv_enabled()
+    {
+        return None;
+    }
+    let size = experts * hidden * inner;
+    let (gate, up, down) = (
+        gate.into_primitive().tensor(),
+        up.into_primitive().tensor(),
+        down.into_primitive().tensor(),
+    );
+    let g = gate.as_slice::<f32>().filter(|s| s.len() == size)?;
+    let u = up.as_slice::<f32>().filter(|s| s.len() == size)?;
+    let d = down.as_slice::<f32>().filter(|s| s.len() == size)?;
+    let device = x.device();
+    let xv = values(x);
+    let logits = values(router_logits);
+
+    // Each token's top-k (expert, probability), the largest first, the lowest index among equals.
+    let mut chosen: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts];
+    for t in 0..tokens {
+        let row = &logits[t * experts..(t + 1) * experts];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = row.iter().map(|&v| (v - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        let mut order: Vec<usize> = (0..experts).collect();
+        order.sort_by(|&a, &b| e[b].total_cmp(&e[a]).then(a.cmp(&b)));
+        for &expert in &order[..top_k] {
+            chosen[expert].push((t, e[expert] / sum));
         }
     }
-    Tensor::from_data(TensorData::new(out, [batch, seq, outputs]), &device)
+    let mut y = vec![0.0f32; tokens * hidden];
+    let block = hidden * inner;
+    for (expert, rows) in chosen.iter().enumerate().filter(|(_, r)| !r.is_empty()) {
+        let xs: Vec<f32> = rows
+            .iter()
+            .flat_map(|&(t, _)| xv[t * hidden..(t + 1) * hidden].iter().copied())
+            .collect();
+        let product = |w: &[f32], x: &[f32], inputs: usize, outputs: usize| {
+            gemv_host(&GemvArgs {
+                w,
+                x,
+                rows: rows.len(),
+                inputs,
+                outputs,
+            })
+        };
+        let (ge, ue, de) = (
+            &g[expert * block..][..block],
+            &u[expert * block..][..block],
+            &d[expert * block..][..block],
+        );
+        let gated = product(ge, &xs, hidden, inner);
+        let upped = product(ue, &xs, hidden, inner);
+        let act: Vec<f32> = gated
+            .iter()
+            .zip(&upped)
+            .map(|(&a, &b)| silu(a) * b)
+            .collect();
+        let out = product(de, &act, inner, hidden);
+        for (r, &(t, p)) in rows.iter().enumerate() {
+            for (acc, &o) in y[t * hidden..(t + 1) * hidden]
+                .iter_mut()
+                .zip(&out[r * hidden..(r + 1) * hidden])
+            {
+                *acc += p * o;
+            }
+        }
+    }
+    Some(Tensor::from_data(
+        TensorData::new(y, [tokens, hidden]),
+        &device,
+    ))
 }
 
 /// [`projection_flex`]'s operands.

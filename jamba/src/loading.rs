@@ -20,7 +20,7 @@ use crate::layer::{DecoderLayer, FeedForward, Mixer};
 use crate::mamba::MambaMixer;
 use crate::mlp::Mlp;
 use crate::model::Jamba;
-use crate::moe::SparseMoe;
+use crate::moe::{Experts, SparseMoe};
 use crate::norm::RmsNorm;
 
 /// A progress report: `loaded` of `total` tensors are on the device.
@@ -236,13 +236,7 @@ impl WeightStore {
         bias: bool,
         device: &B::Device,
     ) -> Result<Linear<B>> {
-        let values = self.take_values(&format!("{prefix}.weight"), &[d_out, d_in])?;
-        let mut transposed = vec![0f32; values.len()];
-        for (o, row) in values.chunks_exact(d_in).enumerate() {
-            for (i, &v) in row.iter().enumerate() {
-                transposed[i * d_out + o] = v;
-            }
-        }
+        let transposed = self.transposed(prefix, d_in, d_out)?;
         let weight = Tensor::from_data(
             TensorData::new(transposed, [d_in, d_out]),
             (device, self.dtype()),
@@ -255,6 +249,44 @@ impl WeightStore {
         Ok(Linear {
             weight: Param::from_tensor(weight),
             bias,
+        })
+    }
+
+    /// The values of `{prefix}.weight`, a `nn.Linear` stored `[out, in]`, in `[in, out]` order.
+    fn transposed(&mut self, prefix: &str, d_in: usize, d_out: usize) -> Result<Vec<f32>> {
+        let values = self.take_values(&format!("{prefix}.weight"), &[d_out, d_in])?;
+        let mut transposed = vec![0f32; values.len()];
+        for (o, row) in values.chunks_exact(d_in.max(1)).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                transposed[i * d_out + o] = v;
+            }
+        }
+        Ok(transposed)
+    }
+
+    /// `{prefix}.{e}.gate_proj` … for every expert, stacked (each in `[in, out]` layout).
+    fn experts<B: Backend>(
+        &mut self,
+        prefix: &str,
+        num_experts: usize,
+        h: usize,
+        f: usize,
+        device: &B::Device,
+    ) -> Result<Experts<B>> {
+        let mut stacked = |name: &str, d_in: usize, d_out: usize| -> Result<_> {
+            let mut values = Vec::with_capacity(num_experts * d_in * d_out);
+            for e in 0..num_experts {
+                values.extend(self.transposed(&format!("{prefix}.{e}.{name}"), d_in, d_out)?);
+            }
+            Ok(Param::from_tensor(Tensor::from_data(
+                TensorData::new(values, [num_experts, d_in, d_out]),
+                (device, self.dtype()),
+            )))
+        };
+        Ok(Experts {
+            gate_proj: stacked("gate_proj", h, f)?,
+            up_proj: stacked("up_proj", h, f)?,
+            down_proj: stacked("down_proj", f, h)?,
         })
     }
 
@@ -469,9 +501,7 @@ impl<B: Backend> Jamba<B> {
                 FeedForwardKind::Mlp => FeedForward::Mlp(w.mlp(&ff, h, f, device)?),
                 FeedForwardKind::Moe { num_experts, top_k } => FeedForward::Moe(SparseMoe {
                     router: w.linear(&format!("{ff}.router"), h, num_experts, false, device)?,
-                    experts: (0..num_experts)
-                        .map(|e| w.mlp(&format!("{ff}.experts.{e}"), h, f, device))
-                        .collect::<Result<_>>()?,
+                    experts: w.experts(&format!("{ff}.experts"), num_experts, h, f, device)?,
                     top_k,
                 }),
             };
@@ -600,8 +630,16 @@ impl<B: Backend> Jamba<B> {
                 FeedForward::Mlp(mlp) => put_mlp(&mut put, &ff, mlp),
                 FeedForward::Moe(moe) => {
                     put_linear(&mut put, &format!("{ff}.router"), &moe.router);
-                    for (e, expert) in moe.experts.iter().enumerate() {
-                        put_mlp(&mut put, &format!("{ff}.experts.{e}"), expert);
+                    for e in 0..moe.num_experts() {
+                        let (gate, up, down) = moe.experts.weights(e);
+                        for (name, weight) in
+                            [("gate_proj", gate), ("up_proj", up), ("down_proj", down)]
+                        {
+                            put(
+                                format!("{ff}.experts.{e}.{name}.weight"),
+                                weight.transpose().into_data(),
+                            );
+                        }
                     }
                 }
             }

@@ -56,3 +56,16 @@ impl<B: JambaBackend> Mlp<B> {
         project(&self.down_proj, gate.mul(project(&self.up_proj, x)))
     }
 }
+
+/// `down(silu(x · gate) · (x · up))` for `x` `[batch, seq, hidden]` and bias-free weights in
+/// Burn's `[in, out]` layout: [`Mlp::forward`] on bare weights (an expert of a stacked
+/// [`crate::moe::Experts`]).
+pub fn swiglu<B: JambaBackend>(
+    x: Tensor<B, 3>,
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    down: Tensor<B, 2>,
+) -> Tensor<B, 3> {
+    let g = silu(B::projection(x.clone(), gate, None));
+    B::projection(g.mul(B::projection(x, up, None)), down, None)
+}

@@ -1,12 +1,14 @@
 //! The sparse mixture-of-experts block (`JambaSparseMoeBlock`) and its load-balancing loss.
 
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{DType, Int, Tensor, TensorData, activation::softmax, backend::Backend};
+use burn::tensor::{
+    DType, Distribution, Int, Tensor, TensorData, activation::softmax, backend::Backend,
+};
 
-use crate::mlp::{Mlp, MlpConfig};
-use crate::ops::{JambaBackend, project};
+use crate::mlp::swiglu;
+use crate::ops::{JambaBackend, RoutedExperts, project};
 
 /// Configuration of [`SparseMoe`].
 #[derive(Config, Debug)]
@@ -24,9 +26,11 @@ pub struct SparseMoeConfig {
 /// A bias-free softmax router over SwiGLU experts, top-k per token, with the selected weights
 /// **not** renormalised (they are the softmax probabilities themselves).
 ///
-/// Each expert runs only on the tokens routed to it: the (token, slot) pairs are gathered in
-/// expert order, each expert runs on its block, and the results are gathered back and weighted.
-/// The routing is read back to the host once per call to build that order.
+/// Each expert runs only on the tokens routed to it. For a few tokens (a decoding step) the
+/// backend may do it all on the device ([`JambaBackend::routed_experts`]: CubeCL backends do);
+/// otherwise the routing is read back to the host once per call, the (token, slot) pairs are
+/// gathered in expert order, each expert runs on its block, and the results are gathered back
+/// and weighted.
 ///
 /// ```
 /// use jamba::backends::Cpu;
@@ -41,10 +45,81 @@ pub struct SparseMoeConfig {
 pub struct SparseMoe<B: Backend> {
     /// `router`, hidden → num_experts, no bias.
     pub router: Linear<B>,
-    /// The experts.
-    pub experts: Vec<Mlp<B>>,
+    /// The experts' weights, stacked.
+    pub experts: Experts<B>,
     /// Experts per token.
     pub top_k: usize,
+}
+
+/// The SwiGLU experts of a [`SparseMoe`], their weights stacked over the experts in Burn's
+/// `[in, out]` layout (the checkpoint's `experts.{e}.gate_proj.weight`, … transposed), so that
+/// a kernel can pick an expert by index on the device.
+///
+/// ```
+/// use jamba::backends::Cpu;
+/// use jamba::moe::Experts;
+/// let experts = Experts::<Cpu>::random(4, 8, 16, &Default::default());
+/// assert_eq!((experts.len(), experts.gate_proj.dims()), (4, [4, 8, 16]));
+/// ```
+#[derive(Module, Debug)]
+pub struct Experts<B: Backend> {
+    /// `gate_proj` of every expert, `[experts, hidden, intermediate]`.
+    pub gate_proj: Param<Tensor<B, 3>>,
+    /// `up_proj` of every expert, `[experts, hidden, intermediate]`.
+    pub up_proj: Param<Tensor<B, 3>>,
+    /// `down_proj` of every expert, `[experts, intermediate, hidden]`.
+    pub down_proj: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> Experts<B> {
+    /// `experts` experts of width `intermediate` initialised as Burn's `Linear` is (uniform in
+    /// `±1/√fan_in`).
+    pub fn random(experts: usize, hidden: usize, intermediate: usize, device: &B::Device) -> Self {
+        let uniform = |fan_in: usize, shape: [usize; 3]| {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Uniform(-bound, bound),
+                device,
+            ))
+        };
+        Self {
+            gate_proj: uniform(hidden, [experts, hidden, intermediate]),
+            up_proj: uniform(hidden, [experts, hidden, intermediate]),
+            down_proj: uniform(intermediate, [experts, intermediate, hidden]),
+        }
+    }
+
+    /// Number of experts.
+    pub fn len(&self) -> usize {
+        self.gate_proj.dims()[0]
+    }
+
+    /// Whether there are no experts.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Expert `e`'s `(gate, up, down)` weights, `[in, out]` views of the stacked tensors.
+    pub fn weights(&self, e: usize) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2>) {
+        let [_, hidden, inner] = self.gate_proj.dims();
+        let pick = |t: &Param<Tensor<B, 3>>, rows: usize, cols: usize| {
+            t.val().slice([e..e + 1]).reshape([rows, cols])
+        };
+        (
+            pick(&self.gate_proj, hidden, inner),
+            pick(&self.up_proj, hidden, inner),
+            pick(&self.down_proj, inner, hidden),
+        )
+    }
+}
+
+impl<B: JambaBackend> Experts<B> {
+    /// Expert `e` applied to `x` `[batch, seq, hidden]`.
+    pub fn forward(&self, e: usize, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let (gate, up, down) = self.weights(e);
+        swiglu(x, gate, up, down)
+    }
 }
 
 impl SparseMoeConfig {
@@ -54,20 +129,25 @@ impl SparseMoeConfig {
             router: LinearConfig::new(self.hidden_size, self.num_experts)
                 .with_bias(false)
                 .init(device),
-            experts: (0..self.num_experts)
-                .map(|_| MlpConfig::new(self.hidden_size, self.intermediate_size).init(device))
-                .collect(),
+            experts: Experts::random(
+                self.num_experts,
+                self.hidden_size,
+                self.intermediate_size,
+                device,
+            ),
             top_k: self.top_k,
         }
     }
 }
 
-impl<B: JambaBackend> SparseMoe<B> {
+impl<B: Backend> SparseMoe<B> {
     /// Number of experts.
     pub fn num_experts(&self) -> usize {
         self.experts.len()
     }
+}
 
+impl<B: JambaBackend> SparseMoe<B> {
     /// Routes `x` `[batch, seq, hidden]`; returns the output and the router logits
     /// `[batch * seq, num_experts]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
@@ -75,6 +155,16 @@ impl<B: JambaBackend> SparseMoe<B> {
         let tokens = batch * seq;
         let flat = x.reshape([tokens, hidden]);
         let router_logits = project(&self.router, flat.clone());
+        if let Some(out) = B::routed_experts(RoutedExperts {
+            x: flat.clone(),
+            router_logits: router_logits.clone(),
+            gate: self.experts.gate_proj.val(),
+            up: self.experts.up_proj.val(),
+            down: self.experts.down_proj.val(),
+            top_k: self.top_k,
+        }) {
+            return (out.reshape([batch, seq, hidden]), router_logits);
+        }
         let probs = softmax(router_logits.clone().cast(DType::F32), 1);
         let (weights, selected) = probs.topk_with_indices(self.top_k, 1);
         let weights = weights.cast(flat.dtype()).reshape([tokens * self.top_k]);
@@ -106,13 +196,17 @@ impl<B: JambaBackend> SparseMoe<B> {
 
         let mut outputs = Vec::new();
         let mut start = 0;
-        for (expert, mlp) in self.experts.iter().enumerate() {
+        for expert in 0..self.num_experts() {
             let count = order[start..]
                 .iter()
                 .take_while(|&&slot| selected[slot] == expert as i64)
                 .count();
             if count > 0 {
-                outputs.push(mlp.forward(sorted.clone().slice([start..start + count])));
+                let block = sorted.clone().slice([start..start + count]);
+                let out = self
+                    .experts
+                    .forward(expert, block.reshape([1, count, hidden]));
+                outputs.push(out.reshape([count, hidden]));
             }
             start += count;
         }

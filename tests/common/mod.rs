@@ -96,3 +96,82 @@ pub fn fresh_seed() -> u64 {
     eprintln!("random seed: {seed} (set JAMBA_TEST_SEED={seed} to replay)");
     seed
 }
+
+/// A mixture of experts' operands on the host (`[in, out]` weights stacked over the experts),
+/// and its definition in f64: softmax over the router's logits, each token's `top_k` most
+/// probable experts (lowest index among equals), `Σⱼ pⱼ · down(silu(gate·x) · up·x)`.
+#[allow(dead_code)]
+pub struct MoeProblem {
+    pub tokens: usize,
+    pub experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    pub inner: usize,
+    /// `[tokens, hidden]`.
+    pub x: Vec<f32>,
+    /// `[tokens, experts]`.
+    pub logits: Vec<f32>,
+    /// `[experts, hidden, inner]`.
+    pub gate: Vec<f32>,
+    /// `[experts, hidden, inner]`.
+    pub up: Vec<f32>,
+    /// `[experts, inner, hidden]`.
+    pub down: Vec<f32>,
+}
+
+#[allow(dead_code)]
+impl MoeProblem {
+    /// Normal draws: `x` with unit deviation, logits with deviation 2, weights `1/√fan_in`.
+    pub fn random(
+        rng: &mut scan_problem::Rng,
+        [tokens, experts, top_k, hidden, inner]: [usize; 5],
+    ) -> Self {
+        let scale = |fan_in: usize| 1.0 / (fan_in as f64).sqrt();
+        Self {
+            tokens,
+            experts,
+            top_k,
+            hidden,
+            inner,
+            x: rng.normal(tokens * hidden, 0.0, 1.0),
+            logits: rng.normal(tokens * experts, 0.0, 2.0),
+            gate: rng.normal(experts * hidden * inner, 0.0, scale(hidden)),
+            up: rng.normal(experts * hidden * inner, 0.0, scale(hidden)),
+            down: rng.normal(experts * inner * hidden, 0.0, scale(inner)),
+        }
+    }
+
+    /// The output, `[tokens, hidden]`, in f64 from these (f32) values.
+    pub fn expected(&self) -> Vec<f32> {
+        let (experts, hidden, inner) = (self.experts, self.hidden, self.inner);
+        let mut out = vec![0f32; self.tokens * hidden];
+        for t in 0..self.tokens {
+            let row = &self.logits[t * experts..(t + 1) * experts];
+            let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+            let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+            let mut order: Vec<usize> = (0..experts).collect();
+            order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            let xt = &self.x[t * hidden..(t + 1) * hidden];
+            for &e in &order[..self.top_k] {
+                let p = (row[e] as f64 - max).exp() / sum;
+                let act: Vec<f64> = (0..inner)
+                    .map(|o| {
+                        let (mut a, mut b) = (0f64, 0f64);
+                        for (i, &xv) in xt.iter().enumerate() {
+                            a += xv as f64 * self.gate[(e * hidden + i) * inner + o] as f64;
+                            b += xv as f64 * self.up[(e * hidden + i) * inner + o] as f64;
+                        }
+                        a / (1.0 + (-a).exp()) * b
+                    })
+                    .collect();
+                for o in 0..hidden {
+                    let y: f64 = (0..inner)
+                        .map(|i| act[i] * self.down[(e * inner + i) * hidden + o] as f64)
+                        .sum();
+                    out[t * hidden + o] += (p * y) as f32;
+                }
+            }
+        }
+        out
+    }
+}

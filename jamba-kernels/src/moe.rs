@@ -1,0 +1,382 @@
+//! A mixture-of-experts feed-forward for a few tokens (a decoding step) with the routing on the
+//! device: `Σⱼ pⱼ · down[eⱼ](silu(gate[eⱼ](x)) · up[eⱼ](x))` over each token's top-k experts `eⱼ`
+//! of the softmax router, `pⱼ` not renormalised.
+//!
+//! The grouped form (sort the (token, slot) pairs by expert, run each expert on its block)
+//! needs the routing on the host: one device-to-host read per MoE layer, then three products
+//! and a few element-wise launches per active expert, ~40 launches for one token. Here every
+//! (token, slot) pair is a row that reads its own expert's weights, chosen on the device: five
+//! launches whatever the routing (the router's softmax and top-k; the gate and up products of
+//! every slot, paired; their SiLU gate; the down products; the weighted sum over the slots).
+//! A slot streams its expert's weights on its own, so an expert chosen by two tokens is read
+//! twice: this is for few tokens ([`MAX_SLOTS`]), where launches, not bytes, bound the step.
+//!
+//! The products are cut like [`crate::gemv`]'s: a unit per (column, slice of `k`, slot)
+//! accumulating in f32, a second launch summing the slices. Rounding follows the reference in
+//! the tensors' dtype: each product rounded, SiLU of the rounded gate rounded, their product
+//! rounded; each expert's output rounded, times its rounded routing weight, rounded.
+
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_dtype, tensor::CubeTensor};
+use burn_std::DType;
+use cubecl::prelude::Tensor as CubeArg;
+use cubecl::prelude::*;
+
+use crate::gemv::{COLS, SLICES, plan};
+
+/// The most (token, slot) pairs [`routed_experts`] takes.
+pub const MAX_SLOTS: usize = 64;
+/// The most experts a token may take ([`routed_experts`]'s `top_k`).
+pub const MAX_TOP_K: usize = 8;
+/// Cubes along x (wgpu allows 65,535 per dimension).
+const MAX_CUBES_X: usize = 65_535;
+
+#[cube(launch_unchecked)]
+fn route_kernel<F: Float>(
+    logits: &CubeArg<F>,
+    weights: &mut CubeArg<F>,
+    indices: &mut CubeArg<u32>,
+    tokens: u32,
+    #[comptime] top_k: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    // A unit per token: the softmax in f32 over its experts; an expert's rank is the number of
+    // experts ahead of it (a larger logit, or an equal one at a lower index), and the experts
+    // ranked below k fill the token's k slots in rank order. (No selection state to carry
+    // between passes: each expert's rank is counted on its own.)
+    let t = ABSOLUTE_POS_X as usize;
+    if t >= tokens as usize {
+        terminate!();
+    }
+    let experts = logits.shape(1);
+    let base = t * logits.stride(0);
+    let step = logits.stride(1);
+    let mut max = f32::cast_from(logits[base]);
+    for e in 1..experts {
+        max = max.max(f32::cast_from(logits[base + e * step]));
+    }
+    let mut sum = 0.0f32;
+    for e in 0..experts {
+        sum += f32::exp(f32::cast_from(logits[base + e * step]) - max);
+    }
+    for e in 0..experts {
+        let value = f32::cast_from(logits[base + e * step]);
+        let mut rank = 0usize;
+        for o in 0..experts {
+            let other = f32::cast_from(logits[base + o * step]);
+            if other > value || (other == value && o < e) {
+                rank += 1;
+            }
+        }
+        if rank < top_k {
+            weights[t * top_k + rank] = F::cast_from(f32::exp(value - max) / sum);
+            indices[t * top_k + rank] = e as u32;
+        }
+    }
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn routed_partial_kernel<F: Float>(
+    x: &CubeArg<F>,
+    w: &CubeArg<F>,
+    w2: &CubeArg<F>,
+    indices: &CubeArg<u32>,
+    partial: &mut CubeArg<f32>,
+    k: u32,
+    n: u32,
+    k_per_slice: u32,
+    slots_per_row: u32,
+    #[comptime] paired: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    // Unit: (column, slice of k) within the cube grid's x and y, the slot along z. Slot s
+    // multiplies row s / slots_per_row of x by the weight of expert indices[s] (and, paired, by
+    // the second weight of the same expert).
+    let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
+    let col = (CUBE_POS_X * COLS as u32 + UNIT_POS_X) as usize;
+    let slice = (CUBE_POS_Y * SLICES as u32 + UNIT_POS_Y) as usize;
+    let slot = CUBE_POS_Z as usize;
+    if col >= n {
+        terminate!();
+    }
+    let (slots, slices) = (
+        CUBE_COUNT_Z as usize,
+        (CUBE_COUNT_Y * SLICES as u32) as usize,
+    );
+    let expert = indices[slot] as usize;
+    let row = slot / slots_per_row as usize;
+    let k0 = slice * k_per_slice;
+    let k1 = min(k0 + k_per_slice, k);
+    let w_base = expert * w.stride(0) + col * w.stride(2);
+    let w2_base = expert * w2.stride(0) + col * w2.stride(2);
+    let x_base = row * x.stride(0);
+    let mut acc = 0.0f32;
+    let mut acc2 = 0.0f32;
+    let mut kk = k0;
+    while kk < k1 {
+        let xv = f32::cast_from(x[x_base + kk * x.stride(1)]);
+        acc += xv * f32::cast_from(w[w_base + kk * w.stride(1)]);
+        if comptime!(paired) {
+            acc2 += xv * f32::cast_from(w2[w2_base + kk * w2.stride(1)]);
+        }
+        kk += 1;
+    }
+    partial[(slice * slots + slot) * n + col] = acc;
+    if comptime!(paired) {
+        partial[((slices + slice) * slots + slot) * n + col] = acc2;
+    }
+}
+
+#[cube(launch_unchecked)]
+fn gate_up_reduce_kernel<F: Float>(
+    partial: &CubeArg<f32>,
+    act: &mut CubeArg<F>,
+    slots: u32,
+    n: u32,
+    slices: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    // `silu(gate) · up` of one (slot, column): each product rounded, the SiLU of the rounded
+    // gate rounded, the product of the two rounded.
+    let (slots, n, slices) = (slots as usize, n as usize, slices as usize);
+    let i = (CUBE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X + ABSOLUTE_POS_X) as usize;
+    if i >= slots * n {
+        terminate!();
+    }
+    let mut gate = 0.0f32;
+    let mut up = 0.0f32;
+    for s in 0..slices {
+        gate += partial[s * slots * n + i];
+        up += partial[(slices + s) * slots * n + i];
+    }
+    let gate = f32::cast_from(F::cast_from(gate));
+    let silu = f32::cast_from(F::cast_from(gate / (1.0f32 + f32::exp(-gate))));
+    act[i] = F::cast_from(silu * f32::cast_from(F::cast_from(up)));
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn down_reduce_kernel<F: Float>(
+    partial: &CubeArg<f32>,
+    weights: &CubeArg<F>,
+    y: &mut CubeArg<F>,
+    tokens: u32,
+    n: u32,
+    slices: u32,
+    #[comptime] top_k: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    // One (token, column): the token's experts' outputs, each rounded and weighted, summed.
+    let (tokens, n, slices) = (tokens as usize, n as usize, slices as usize);
+    let i = (CUBE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X + ABSOLUTE_POS_X) as usize;
+    if i >= tokens * n {
+        terminate!();
+    }
+    let (t, col) = (i / n, i % n);
+    let slots = tokens * top_k;
+    let mut acc = 0.0f32;
+    #[unroll]
+    for j in 0..top_k {
+        let slot = t * top_k + j;
+        let mut out = 0.0f32;
+        for s in 0..slices {
+            out += partial[(s * slots + slot) * n + col];
+        }
+        let weighted = f32::cast_from(F::cast_from(out)) * f32::cast_from(weights[slot]);
+        acc += f32::cast_from(F::cast_from(weighted));
+    }
+    y[t * y.stride(0) + col * y.stride(1)] = F::cast_from(acc);
+}
+
+/// The experts' weights in Burn's `[in, out]` layout, stacked over the experts.
+#[derive(Debug, Clone)]
+pub struct ExpertWeights<R: CubeRuntime> {
+    /// `[experts, hidden, intermediate]`.
+    pub gate: CubeTensor<R>,
+    /// `[experts, hidden, intermediate]`.
+    pub up: CubeTensor<R>,
+    /// `[experts, intermediate, hidden]`.
+    pub down: CubeTensor<R>,
+}
+
+/// The mixture of experts of `x` `[tokens, hidden]` given the router's `logits`
+/// `[tokens, experts]`: returns `[tokens, hidden]`. Every tensor shares one float dtype,
+/// which the result has; arithmetic is f32. Any strides.
+///
+/// # Panics
+/// If `tokens · top_k` exceeds [`MAX_SLOTS`], `top_k` exceeds [`MAX_TOP_K`] or the number of
+/// experts, or the shapes disagree (the caller checks).
+pub fn routed_experts<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    logits: CubeTensor<R>,
+    weights: ExpertWeights<R>,
+    top_k: usize,
+) -> CubeTensor<R> {
+    let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let experts = logits.meta.shape()[1];
+    let inner = weights.gate.meta.shape()[2];
+    let slots = tokens * top_k;
+    assert!(
+        slots <= MAX_SLOTS && (1..=MAX_TOP_K.min(experts)).contains(&top_k),
+        "routed_experts: {tokens} tokens, top {top_k} of {experts} experts"
+    );
+    for (name, t, shape) in [
+        ("gate", &weights.gate, [experts, hidden, inner]),
+        ("up", &weights.up, [experts, hidden, inner]),
+        ("down", &weights.down, [experts, inner, hidden]),
+    ] {
+        assert_eq!(t.meta.shape().as_slice(), shape, "routed_experts: {name}");
+    }
+    let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
+    let y = empty_device_dtype(
+        client.clone(),
+        device.clone(),
+        [tokens, hidden].into(),
+        dtype,
+    );
+    if tokens == 0 || hidden == 0 {
+        return y;
+    }
+    if inner == 0 {
+        return burn_cubecl::ops::numeric::zeros_client(
+            client,
+            device,
+            [tokens, hidden].into(),
+            dtype,
+        );
+    }
+    let empty = |shape: Vec<usize>, dtype: DType| {
+        empty_device_dtype(client.clone(), device.clone(), shape.into(), dtype)
+    };
+    let routing = empty(vec![slots], dtype);
+    let indices = empty(vec![slots], DType::U32);
+    // SAFETY: units past `tokens` return first; the others read their row of `logits` (its
+    // own strides) and write their `top_k` entries of `routing` and `indices`, `[slots]`.
+    unsafe {
+        route_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(tokens.div_ceil(32) as u32, 1, 1),
+            CubeDim::new_1d(32),
+            logits.into_tensor_arg(),
+            routing.clone().into_tensor_arg(),
+            indices.clone().into_tensor_arg(),
+            tokens as u32,
+            top_k,
+            dtype.into(),
+        );
+    }
+
+    // The gate and up products of every slot, then their SiLU gate.
+    let (per_slice, slices) = plan(hidden, 2 * slots * inner);
+    let partial = empty(vec![2, slices, slots, inner], DType::F32);
+    launch_partial::<R>(
+        x,
+        weights.gate,
+        Some(weights.up),
+        indices.clone(),
+        partial.clone(),
+        [hidden, inner, per_slice, slices, slots, top_k],
+    );
+    let act = empty(vec![slots, inner], dtype);
+    let (count, dim) = elementwise(slots * inner);
+    // SAFETY: units past `slots · inner` return first; the others read their element of each
+    // of the `2 · slices` partial sums and write their own element of `act`.
+    unsafe {
+        gate_up_reduce_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            partial.into_tensor_arg(),
+            act.clone().into_tensor_arg(),
+            slots as u32,
+            inner as u32,
+            slices as u32,
+            dtype.into(),
+        );
+    }
+
+    // The down products, then the weighted sum over each token's slots.
+    let (per_slice, slices) = plan(inner, slots * hidden);
+    let partial = empty(vec![slices, slots, hidden], DType::F32);
+    launch_partial::<R>(
+        act,
+        weights.down.clone(),
+        None,
+        indices,
+        partial.clone(),
+        [inner, hidden, per_slice, slices, slots, 1],
+    );
+    let (count, dim) = elementwise(tokens * hidden);
+    // SAFETY: units past `tokens · hidden` return first; the others read the partial sums of
+    // their token's `top_k` slots and the slots' routing weights, and write their element of `y`.
+    unsafe {
+        down_reduce_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            partial.into_tensor_arg(),
+            routing.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            tokens as u32,
+            hidden as u32,
+            slices as u32,
+            top_k,
+            dtype.into(),
+        );
+    }
+    y
+}
+
+/// Launches [`routed_partial_kernel`]: `dims` is `[k, n, k per slice, slices, slots, slots per
+/// row of x]`.
+fn launch_partial<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    w2: Option<CubeTensor<R>>,
+    indices: CubeTensor<R>,
+    partial: CubeTensor<R>,
+    [k, n, per_slice, slices, slots, per_row]: [usize; 6],
+) {
+    let client = x.client.clone();
+    let dtype = x.dtype;
+    let paired = w2.is_some();
+    let w2 = w2.unwrap_or_else(|| w.clone());
+    let col_cubes = n.div_ceil(COLS);
+    assert!(col_cubes <= MAX_CUBES_X, "routed_experts: {n} columns");
+    // SAFETY: units whose column is past `n` return first; the others read row
+    // `slot / per_row` of `x` (below its rows: slots = rows · per_row), the weights of expert
+    // `indices[slot]` (an index the route kernel chose below the number of experts), `k`
+    // indices below `k` (the slice's range is clamped), and write their own element of each
+    // of the `slices` (2 · slices when paired) partial sums.
+    unsafe {
+        routed_partial_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(col_cubes as u32, (slices / SLICES) as u32, slots as u32),
+            CubeDim::new_2d(COLS as u32, SLICES as u32),
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            w2.into_tensor_arg(),
+            indices.into_tensor_arg(),
+            partial.into_tensor_arg(),
+            k as u32,
+            n as u32,
+            per_slice as u32,
+            per_row as u32,
+            paired,
+            dtype.into(),
+        );
+    }
+}
+
+/// A grid of 256-unit cubes covering `units` elements.
+fn elementwise(units: usize) -> (CubeCount, CubeDim) {
+    let cubes = units.div_ceil(256);
+    (
+        CubeCount::Static(
+            cubes.min(MAX_CUBES_X) as u32,
+            cubes.div_ceil(MAX_CUBES_X) as u32,
+            1,
+        ),
+        CubeDim::new_1d(256),
+    )
+}
