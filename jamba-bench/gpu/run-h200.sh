@@ -99,15 +99,6 @@ fi
 if [ "$WHAT" = matmul ]; then
   echo "== half-precision products of a prefill's shapes: every cubek strategy vs Burn's autotuned choice"
   ./jamba-bench matmul --backend cuda --dtype bf16 2>&1 | tee "$OUT/matmul.txt"
-  # The fastest strategy on the MoE experts' shape, then the model with it.
-  BEST=$(grep "^2048x1024x4096" "$OUT/matmul.txt" | grep -v "not run\|burn" | sort -k3 -g | head -1 | awk '{print $2}')
-  echo "== bench-jamba-1b, bf16, Burn's matmul, then JAMBA_MATMUL=$BEST"
-  ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
-    --out "$OUT/h200-bench-jamba-1b-bf16.json" 2>&1 | tail -6
-  JAMBA_MATMUL=$BEST ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
-    --out "$OUT/h200-bench-jamba-1b-bf16-$BEST.json" 2>&1 | tail -6
 fi
 if [ "$WHAT" = profile ]; then
   echo "== a decoding step component by component, batch 1 and 16"
