@@ -538,17 +538,7 @@ pub mod cube {
                 return y.reshape([batch, seq, outputs]);
             }
             if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || super::tf32_allowed() {
-                // As a 2-D product: Burn's `linear` multiplies `[1, rows, in]` by the weight
-                // broadcast to `[1, in, out]`, and for that batched form the autotuner's
-                // kernels ran on 4 to 64 cubes (ncu: 250-390 µs for a 2048 × 1024 × 4096 bf16
-                // product that takes 37 µs as a plain 2-D matmul on the same H200).
-                let y = x.reshape([rows, inputs]).matmul(weight);
-                let dtype = y.dtype();
-                let y = match bias {
-                    Some(b) => y + b.cast(dtype).unsqueeze(),
-                    None => y,
-                };
-                return y.reshape([batch, seq, outputs]);
+                return burn::tensor::module::linear(x, weight, bias);
             }
             let y: Tensor<Self, 2> = wrap(matmul::matmul_f32(
                 prim(x.reshape([batch * seq, inputs])),
@@ -569,7 +559,12 @@ pub mod cube {
                 .iter()
                 .all(|t| t.dtype() == dtype)
                 && input.router_logits.dtype() == dtype;
+            // On CUDA the kernel gave wrong outputs for widths that are not powers of two (the
+            // H200's kernel test and `jamba check` on tiny-jamba, session 7; wgpu passes the
+            // same test): off there until that is understood.
+            let cuda = R::name(&R::client(&input.x.device())).contains("cuda");
             if !kernels_enabled()
+                || cuda
                 || !same
                 || tokens * input.top_k > moe::MAX_SLOTS
                 || input.top_k > moe::MAX_TOP_K.min(experts)
