@@ -395,17 +395,21 @@ fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
 /// `Σⱼ pⱼ · down(silu(gate·x) · up·x)`): one token to [`moe::MAX_SLOTS`] (token, expert) pairs,
 /// top 1 to 4, widths that fill no cube evenly, `x` a window of wider rows. Inputs are rounded to
 /// `dtype` first; the output buffer's memory held NaN just before the call (a pool reuses it),
-/// so an element left unwritten fails.
+/// so an element left unwritten fails. Every case runs before the verdict, and a failing case
+/// names the first wrong stage (each stage checked on the previous stage's device output).
 fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
-    let mut cases = 0;
-    for dims in [
+    let mut failures = Vec::new();
+    let cases = [
         [1usize, 4, 1, 8, 16],
         [1, 16, 2, 40, 72],
+        [1, 4, 2, 64, 96],
+        [1, 4, 2, 64, 128],
         [3, 8, 2, 33, 50],
         [5, 16, 4, 64, 300],
         [moe::MAX_SLOTS / 2, 16, 2, 24, 40],
-    ] {
+    ];
+    for dims in cases {
         let mut p = common::MoeProblem::random(&mut rng, dims);
         let [tokens, experts, top_k, hidden, inner] = dims;
         // Round every operand to `dtype`; the host copies take the rounded values.
@@ -436,7 +440,7 @@ fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toleran
             f32::NAN,
             (device, dtype),
         ));
-        let y = wrap::<R, 2>(moe::routed_experts(
+        let stages = moe::routed_experts_stages(
             prim(x),
             prim(logits.reshape([tokens, experts])),
             moe::ExpertWeights {
@@ -445,19 +449,135 @@ fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toleran
                 down: prim(down.reshape([experts, inner, hidden])),
             },
             top_k,
-        ));
-        assert_eq!(y.dims(), [tokens, hidden]);
-        assert_close(
-            &format!(
-                "{dtype:?} routed experts: {tokens} tokens, top {top_k} of {experts}, {hidden} x {inner}"
-            ),
-            &to_vec(y.cast(DType::F32)),
-            &expected,
-            tolerance,
         );
-        cases += 1;
+        let y = wrap::<R, 2>(stages.y.clone());
+        assert_eq!(y.dims(), [tokens, hidden]);
+        let y = to_vec(y.cast(DType::F32));
+        let err = rel_err(&y, &expected);
+        let report = format!(
+            "{dtype:?} routed experts: {tokens} tokens, top {top_k} of {experts}, \
+             {hidden} x {inner}: rel. error {err:.3e} (tolerance {tolerance:.0e}), {} \
+             non-finite; stages: {}",
+            y.iter().filter(|v| !v.is_finite()).count(),
+            routed_stage_errors(&p, stages)
+        );
+        eprintln!("{report}");
+        if !(err <= tolerance && y.iter().all(|v| v.is_finite())) {
+            failures.push(report);
+        }
     }
-    assert_eq!(cases, 5);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Each stage of the routed experts against the host, given the previous stage's device
+/// output: which experts were picked (mismatches) and their weights, the gate and up sums, the
+/// SiLU gate, the down sums, the weighted sum.
+fn routed_stage_errors<R: CubeRuntime>(p: &common::MoeProblem, s: moe::RoutedStages<R>) -> String {
+    use burn::tensor::Int;
+    let (hidden, inner, top_k) = (p.hidden, p.inner, p.top_k);
+    let slots = p.tokens * top_k;
+    let indices: Vec<usize> = Tensor::<K<R>, 1, Int>::from_primitive(s.indices)
+        .into_data()
+        .convert::<i64>()
+        .into_vec::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as usize)
+        .collect();
+    let routing = to_vec(wrap::<R, 1>(s.routing));
+    let mut want_idx = Vec::new();
+    let mut want_w = Vec::new();
+    for t in 0..p.tokens {
+        let row = &p.logits[t * p.experts..(t + 1) * p.experts];
+        let max = row.iter().fold(f64::MIN, |m, &v| m.max(v as f64));
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let mut order: Vec<usize> = (0..p.experts).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        for &e in &order[..top_k] {
+            want_idx.push(e);
+            want_w.push(((row[e] as f64 - max).exp() / sum) as f32);
+        }
+    }
+    let mut out = format!(
+        "indices wrong {}/{slots} ({indices:?} vs {want_idx:?}), weights {:.1e}",
+        indices
+            .iter()
+            .zip(&want_idx)
+            .filter(|(a, b)| a != b)
+            .count(),
+        rel_err(&routing, &want_w)
+    );
+    let (Some(gu), Some(act), Some(dp)) = (s.gate_up_partial, s.act, s.down_partial) else {
+        return out;
+    };
+    let e_of = |slot: usize| indices[slot].min(p.experts - 1);
+    let gu = to_vec(wrap::<R, 4>(gu));
+    let slices = gu.len() / (2 * slots * inner);
+    let sum_slices = |v: &[f32], half: usize, slot: usize, o: usize, n: usize| -> f32 {
+        (0..slices)
+            .map(|sl| v[((half * slices + sl) * slots + slot) * n + o])
+            .sum()
+    };
+    let (mut g_dev, mut g_host, mut u_dev, mut u_host) = (vec![], vec![], vec![], vec![]);
+    for slot in 0..slots {
+        let (e, row) = (e_of(slot), slot / top_k);
+        for o in 0..inner {
+            let (mut a, mut b) = (0f64, 0f64);
+            for i in 0..hidden {
+                let xv = p.x[row * hidden + i] as f64;
+                a += xv * p.gate[(e * hidden + i) * inner + o] as f64;
+                b += xv * p.up[(e * hidden + i) * inner + o] as f64;
+            }
+            g_host.push(a as f32);
+            u_host.push(b as f32);
+            g_dev.push(sum_slices(&gu, 0, slot, o, inner));
+            u_dev.push(sum_slices(&gu, 1, slot, o, inner));
+        }
+    }
+    let act = to_vec(wrap::<R, 2>(act));
+    let act_want: Vec<f32> = g_dev
+        .iter()
+        .zip(&u_dev)
+        .map(|(&g, &u)| g / (1.0 + (-g).exp()) * u)
+        .collect();
+    let dp = to_vec(wrap::<R, 3>(dp));
+    let dslices = dp.len() / (slots * hidden);
+    let (mut d_dev, mut d_host) = (vec![], vec![]);
+    for slot in 0..slots {
+        let e = e_of(slot);
+        for o in 0..hidden {
+            d_dev.push(
+                (0..dslices)
+                    .map(|sl| dp[(sl * slots + slot) * hidden + o])
+                    .sum::<f32>(),
+            );
+            d_host.push(
+                (0..inner)
+                    .map(|i| {
+                        act[slot * inner + i] as f64 * p.down[(e * inner + i) * hidden + o] as f64
+                    })
+                    .sum::<f64>() as f32,
+            );
+        }
+    }
+    let y = to_vec(wrap::<R, 2>(s.y));
+    let y_want: Vec<f32> = (0..p.tokens * hidden)
+        .map(|i| {
+            let (t, o) = (i / hidden, i % hidden);
+            (0..top_k)
+                .map(|j| d_dev[(t * top_k + j) * hidden + o] * routing[t * top_k + j])
+                .sum()
+        })
+        .collect();
+    out += &format!(
+        ", gate {:.1e}, up {:.1e}, act {:.1e}, down {:.1e}, y {:.1e} ({slices} and {dslices} slices)",
+        rel_err(&g_dev, &g_host),
+        rel_err(&u_dev, &u_host),
+        rel_err(&act, &act_want),
+        rel_err(&d_dev, &d_host),
+        rel_err(&y, &y_want),
+    );
+    out
 }
 
 /// Every input's gradient through the scan, for the loss `Σ y·w`.
@@ -641,6 +761,49 @@ fn cuda_gemv_kernel_takes_half_inputs() {
     type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
     gemv_grid::<R>(&Default::default(), DType::BF16, 4e-3);
     gemv_grid::<R>(&Default::default(), DType::F16, 5e-4);
+}
+
+/// A split-k projection (`jamba::ops::split_k`: a long inner dimension into few outputs, as
+/// x_proj's, in bf16) against the f64 product of the same rounded operands: the blocks' sums
+/// are rounded to bf16 before their f32 sum, the result once more, so a few unit roundoffs
+/// (bf16's is 3.9e-3) where the one-pass product has one.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_split_k_projection_matches_the_product() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    let device = Default::default();
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let (rows, inputs, outputs) = (600usize, 2048usize, 96usize);
+    assert!(jamba::ops::split_k(rows, inputs, outputs).is_some());
+    let x = Tensor::<K<R>, 3>::from_data(
+        TensorData::new(rng.normal(rows * inputs, 0.0, 1.0), [1, rows, inputs]),
+        &device,
+    )
+    .cast(DType::BF16);
+    let w = Tensor::<K<R>, 2>::from_data(
+        TensorData::new(
+            rng.normal(inputs * outputs, 0.0, 1.0 / (inputs as f64).sqrt()),
+            [inputs, outputs],
+        ),
+        &device,
+    )
+    .cast(DType::BF16);
+    let (xh, wh) = (to_vec(x.clone()), to_vec(w.clone()));
+    let expected: Vec<f32> = (0..rows * outputs)
+        .map(|i| {
+            let (r, o) = (i / outputs, i % outputs);
+            (0..inputs)
+                .map(|k| xh[r * inputs + k] as f64 * wh[k * outputs + o] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    let y = to_vec(<K<R> as JambaBackend>::projection(x, w, None));
+    assert_close(
+        "bf16 split-k projection 600 x 2048 -> 96",
+        &y,
+        &expected,
+        1e-2,
+    );
 }
 
 /// The device-routed experts with bf16 and f16 tensors: the reference rounds each product, the

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|step|ncu|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -58,26 +58,40 @@ if [ "$WHAT" = sweep ]; then
   done
 fi
 if [ "$WHAT" = step ]; then
-  echo "== decoding state update: state indices per unit of the step kernel (1, 2, 4), then ncu"
-  for spu in 1 2 4; do
-    JAMBA_STEP_STATES_PER_UNIT=$spu ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops update \
-      --reps 9 2>&1 | sed "s/^/spu=$spu  /"
+  echo "== decoding state update: scalar step kernel (vectors 0) vs 16-byte vectors, 1 or 2 per unit, then ncu"
+  for v in 0 1 2; do
+    JAMBA_STEP_VECTORS_PER_UNIT=$v ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops update \
+      --reps 9 2>&1 | sed "s/^/vectors=$v  /"
   done
-  for spu in 1 4; do
-    JAMBA_STEP_STATES_PER_UNIT=$spu ncu --clock-control none --kernel-name regex:scan_step --launch-count 6 \
+  for units in 128 512; do
+    JAMBA_STEP_CUBE_UNITS=$units ncu --clock-control none --kernel-name regex:scan_step --launch-count 3 \
+      --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed \
+      ./jamba-bench kernels --backend cuda --dtypes f32 --ops update --tensor-ops-max 0 --reps 1 --min-ms 0 \
+      2>&1 | grep -E "gpu__time|throughput" | sed "s/^/units=$units  /" | tail -2
+  done
+  for v in 0 1 2; do
+    JAMBA_STEP_VECTORS_PER_UNIT=$v ncu --clock-control none --kernel-name regex:scan_step --launch-count 6 \
       --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active \
       ./jamba-bench kernels --backend cuda --dtypes f32 --ops update --tensor-ops-max 0 --reps 1 --min-ms 0 \
-      2>&1 | grep -E "gpu__time|throughput|registers|warps_active" | sed "s/^/spu=$spu  /" | tail -8
+      2>&1 | grep -E "gpu__time|throughput|registers|warps_active" | sed "s/^/vectors=$v  /" | tail -8
   done
 fi
-if [ "$WHAT" = ncu ]; then
-  echo "== ncu: device time, throughput and occupancy of the scan kernels (clocks left alone)"
-  for dt in bf16 f32; do
-    ncu --clock-control none --kernel-name regex:scan --launch-count 40 \
-      --metrics gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size \
-      ./jamba-bench kernels --backend cuda --dtypes $dt --shapes 1x8192x4096,4x2048x1024 --ops scan,update \
-      --tensor-ops-max 0 --reps 1 --min-ms 0 2>&1 | grep -E "scan|gpu__time|throughput|registers|warps_active|grid_size|==PROF==|error" | head -80
+if [ "$WHAT" = routed ]; then
+  echo "== device-routed MoE on CUDA: every case, each stage against the host given the previous stage's device output"
+  ./kernels --test-threads 1 --nocapture routed 2>&1 | grep -E "routed experts|test result" | head -24
+  echo "== jamba check on CUDA (the routed kernel decodes)"
+  for f in fixtures/*/; do
+    ./jamba check "$f" --backend cuda 2>&1 | grep -E "passed|failed|FAIL" | head -3
   done
+fi
+if [ "$WHAT" = ncu-prefill ]; then
+  echo "== ncu: device time of every kernel of one steady-state 2048-token prefill (two runs, differenced)"
+  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 15
+  (cd "$OUT" && xz -6 ncu-*.csv)
 fi
 if [ "$WHAT" = ncu-model ]; then
   # Each measurement profiled twice, the second with one more repetition: the difference

@@ -6,7 +6,8 @@
 //! With a sequence of length 1 this is the decoding update.
 
 use burn_cubecl::{
-    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor,
+    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
+    tensor::CubeTensor,
 };
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
@@ -117,8 +118,8 @@ pub fn causal_conv1d<R: CubeRuntime>(input: ConvTensors<R>) -> (CubeTensor<R>, C
     let shape = x.meta.shape().clone();
     let (batch, channels) = (shape[0], shape[2]);
     let k = input.weight.meta.shape()[1];
-    let out = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
-    let state = empty_device_dtype(
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+    let state = empty_device_contiguous_dtype(
         x.client.clone(),
         x.device.clone(),
         [batch, k.max(2) - 1, channels].into(),

@@ -10,7 +10,7 @@
 //! and a second launch sums the cubes' partial sums, adds the bias and rounds to the output
 //! dtype.
 
-use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_dtype, tensor::CubeTensor};
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use burn_std::DType;
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
@@ -145,7 +145,8 @@ pub fn gemv<R: CubeRuntime>(
     );
     let client = x.client.clone();
     let dtype = x.dtype;
-    let y = empty_device_dtype(client.clone(), x.device.clone(), [rows, n].into(), dtype);
+    let y =
+        empty_device_contiguous_dtype(client.clone(), x.device.clone(), [rows, n].into(), dtype);
     if rows == 0 || n == 0 {
         return y;
     }
@@ -161,7 +162,7 @@ pub fn gemv<R: CubeRuntime>(
         return y;
     }
     let (k_per_slice, slices) = plan(k, n);
-    let partial = empty_device_dtype(
+    let partial = empty_device_contiguous_dtype(
         client.clone(),
         x.device.clone(),
         [slices / SLICES, rows, n].into(),

@@ -7,7 +7,7 @@
 //! output is simply a different function. PyTorch, the reference, keeps TF32 off for matmuls
 //! by default. This runs the unit (CUDA-core) kernel instead, falling back to the naive one.
 
-use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_dtype, tensor::CubeTensor};
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use cubecl::prelude::*;
 use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
 pub use cubek::matmul::launch::Strategy;
@@ -25,7 +25,7 @@ pub fn matmul_f32<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> Cub
     let rank = shape.len();
     shape[rank - 1] = rhs.meta.shape()[rank - 1];
     let client = lhs.client.clone();
-    let out = empty_device_dtype(client.clone(), lhs.device.clone(), shape, lhs.dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), lhs.device.clone(), shape, lhs.dtype);
     let f32_type = f32::as_type_native_unchecked().storage_type();
     let strategies = [
         Strategy::SimpleUnit(BlueprintStrategy::Inferred(SimpleUnitSelectionArgs {
@@ -157,7 +157,7 @@ pub fn matmul_with<R: CubeRuntime>(
     let rank = shape.len();
     shape[rank - 1] = rhs.meta.shape()[rank - 1];
     let client = lhs.client.clone();
-    let out = empty_device_dtype(client.clone(), lhs.device.clone(), shape, lhs.dtype);
+    let out = empty_device_contiguous_dtype(client.clone(), lhs.device.clone(), shape, lhs.dtype);
     let (lt, rt) = (lhs.dtype.into(), rhs.dtype.into());
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
         lhs: lt,

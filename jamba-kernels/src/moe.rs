@@ -16,7 +16,7 @@
 //! the tensors' dtype: each product rounded, SiLU of the rounded gate rounded, their product
 //! rounded; each expert's output rounded, times its rounded routing weight, rounded.
 
-use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_dtype, tensor::CubeTensor};
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use burn_std::DType;
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
@@ -212,6 +212,35 @@ pub fn routed_experts<R: CubeRuntime>(
     weights: ExpertWeights<R>,
     top_k: usize,
 ) -> CubeTensor<R> {
+    routed_experts_stages(x, logits, weights, top_k).y
+}
+
+/// Every intermediate buffer of [`routed_experts`], for tests that locate a wrong stage.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RoutedStages<R: CubeRuntime> {
+    /// `[tokens · top_k]` routing weights, slot order.
+    pub routing: CubeTensor<R>,
+    /// `[tokens · top_k]` (u32) experts, slot order.
+    pub indices: CubeTensor<R>,
+    /// `[2, slices, slots, inner]` f32 partial sums of the gate and up products.
+    pub gate_up_partial: Option<CubeTensor<R>>,
+    /// `[slots, inner]`.
+    pub act: Option<CubeTensor<R>>,
+    /// `[slices, slots, hidden]` f32 partial sums of the down products.
+    pub down_partial: Option<CubeTensor<R>>,
+    /// `[tokens, hidden]`.
+    pub y: CubeTensor<R>,
+}
+
+/// [`routed_experts`] keeping its intermediate buffers.
+#[doc(hidden)]
+pub fn routed_experts_stages<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    logits: CubeTensor<R>,
+    weights: ExpertWeights<R>,
+    top_k: usize,
+) -> RoutedStages<R> {
     let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
     let experts = logits.meta.shape()[1];
     let inner = weights.gate.meta.shape()[2];
@@ -228,28 +257,41 @@ pub fn routed_experts<R: CubeRuntime>(
         assert_eq!(t.meta.shape().as_slice(), shape, "routed_experts: {name}");
     }
     let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
-    let y = empty_device_dtype(
+    let y = empty_device_contiguous_dtype(
         client.clone(),
         device.clone(),
         [tokens, hidden].into(),
         dtype,
     );
+    // Contiguous, not the runtime's preferred layout: CUDA pads each row of an `empty` tensor
+    // to a power of two of bytes (a `[slots, 72]` f32 buffer gets rows of 128), and these
+    // buffers are written by linear index. (That padding was session 7's "wrong on CUDA for
+    // widths that are not powers of two": `act` written densely, read back through its padded
+    // row stride.)
+    let empty = |shape: Vec<usize>, dtype: DType| {
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
+    };
+    let routing = empty(vec![slots], dtype);
+    let indices = empty(vec![slots], DType::U32);
+    let stages = |y| RoutedStages {
+        routing: routing.clone(),
+        indices: indices.clone(),
+        gate_up_partial: None,
+        act: None,
+        down_partial: None,
+        y,
+    };
     if tokens == 0 || hidden == 0 {
-        return y;
+        return stages(y);
     }
     if inner == 0 {
-        return burn_cubecl::ops::numeric::zeros_client(
+        return stages(burn_cubecl::ops::numeric::zeros_client(
             client,
             device,
             [tokens, hidden].into(),
             dtype,
-        );
+        ));
     }
-    let empty = |shape: Vec<usize>, dtype: DType| {
-        empty_device_dtype(client.clone(), device.clone(), shape.into(), dtype)
-    };
-    let routing = empty(vec![slots], dtype);
-    let indices = empty(vec![slots], DType::U32);
     // SAFETY: units past `tokens` return first; the others read their row of `logits` (its
     // own strides) and write their `top_k` entries of `routing` and `indices`, `[slots]`.
     unsafe {
@@ -277,6 +319,7 @@ pub fn routed_experts<R: CubeRuntime>(
         partial.clone(),
         [hidden, inner, per_slice, slices, slots, top_k],
     );
+    let gate_up_partial = partial.clone();
     let act = empty(vec![slots, inner], dtype);
     let (count, dim) = elementwise(slots * inner);
     // SAFETY: units past `slots · inner` return first; the others read their element of each
@@ -299,13 +342,14 @@ pub fn routed_experts<R: CubeRuntime>(
     let (per_slice, slices) = plan(inner, slots * hidden);
     let partial = empty(vec![slices, slots, hidden], DType::F32);
     launch_partial::<R>(
-        act,
+        act.clone(),
         weights.down.clone(),
         None,
-        indices,
+        indices.clone(),
         partial.clone(),
         [inner, hidden, per_slice, slices, slots, 1],
     );
+    let down_partial = partial.clone();
     let (count, dim) = elementwise(tokens * hidden);
     // SAFETY: units past `tokens · hidden` return first; the others read the partial sums of
     // their token's `top_k` slots and the slots' routing weights, and write their element of `y`.
@@ -315,7 +359,7 @@ pub fn routed_experts<R: CubeRuntime>(
             count,
             dim,
             partial.into_tensor_arg(),
-            routing.into_tensor_arg(),
+            routing.clone().into_tensor_arg(),
             y.clone().into_tensor_arg(),
             tokens as u32,
             hidden as u32,
@@ -324,7 +368,12 @@ pub fn routed_experts<R: CubeRuntime>(
             dtype.into(),
         );
     }
-    y
+    RoutedStages {
+        gate_up_partial: Some(gate_up_partial),
+        act: Some(act),
+        down_partial: Some(down_partial),
+        ..stages(y)
+    }
 }
 
 /// Launches [`routed_partial_kernel`]: `dims` is `[k, n, k per slice, slices, slots, slots per

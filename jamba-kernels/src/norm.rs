@@ -6,7 +6,7 @@
 //! cast, multiply); a Jamba decoding step runs five norms per Mamba layer, so on a GPU, where a
 //! decoding step is launch-bound, the norms were about half of all launches.
 
-use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_dtype, tensor::CubeTensor};
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
@@ -81,7 +81,7 @@ pub fn rms_norm<R: CubeRuntime>(
     eps: f64,
 ) -> CubeTensor<R> {
     let shape = x.meta.shape().clone();
-    let out = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+    let out = empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
     rms_norm_into(x, weight, eps, out.clone());
     out
 }

@@ -17,7 +17,8 @@
 //! states and the backward's checkpointing forward.
 
 use burn_cubecl::{
-    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor,
+    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
+    tensor::CubeTensor,
 };
 use cubecl::prelude::*;
 use cubecl::{ir::FastMath, prelude::Tensor as CubeArg};
@@ -454,6 +455,114 @@ fn scan_step_kernel<F: Float>(
     }
 }
 
+/// The decoding step with the state, `A` and the new state read and written as vectors of
+/// `width` f32 (16 bytes for 4): a warp's loads of a vector index cover `32 · 16` consecutive
+/// bytes, one instruction each, and each unit keeps `vectors_per_unit` of them in flight. Unit
+/// `g` of a channel owns vectors `g + k · groups`. (The scalar kernel's 4 interleaved state
+/// loads per unit reached 1.35 TB/s; see `jamba-bench/RESULTS.md`, session 8.)
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+fn scan_step_vec_kernel<F: Float, N: Size>(
+    u: &CubeArg<F>,
+    delta: &CubeArg<F>,
+    z: &CubeArg<F>,
+    bmat: &CubeArg<F>,
+    cmat: &CubeArg<F>,
+    a: &CubeArg<Vector<f32, N>>,
+    dskip: &CubeArg<f32>,
+    bias: &CubeArg<f32>,
+    h0: &CubeArg<Vector<f32, N>>,
+    y: &mut CubeArg<F>,
+    h_out: &mut CubeArg<Vector<f32, N>>,
+    channels: u32,
+    #[comptime] n_state: usize,
+    #[comptime] width: usize,
+    #[comptime] vectors_per_unit: usize,
+    #[comptime] channels_per_cube: usize,
+    #[comptime] has_z: bool,
+    #[comptime] softplus: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let groups = comptime!(n_state / (width * vectors_per_unit));
+    let channels = channels as usize;
+    let g = UNIT_POS_X as usize;
+    let local = UNIT_POS_Y as usize;
+    let d = CUBE_POS_X as usize * channels_per_cube + local;
+    let row = CUBE_POS_Y as usize;
+    let mut partial = SharedMemory::<f32>::new(comptime!(groups * channels_per_cube));
+    let active = d < channels;
+    let mut contribution = 0.0f32;
+    let mut uv = 0.0f32;
+    if active {
+        let mut x = f32::cast_from(delta[row * delta.stride(0) + d * delta.stride(2)]) + bias[d];
+        if comptime!(softplus) {
+            x = softplus_f32(x);
+        }
+        uv = f32::cast_from(u[row * u.stride(0) + d * u.stride(2)]);
+        let du = x * uv;
+        // Strides count f32; the vector tensors index whole vectors.
+        let hs = (row * h0.stride(0) + d * h0.stride(1)) / width;
+        let os = (row * h_out.stride(0) + d * h_out.stride(1)) / width;
+        let at = d * a.stride(0) / width;
+        let bs = row * bmat.stride(0);
+        let cs = row * cmat.stride(0);
+        #[unroll]
+        for k in 0..vectors_per_unit {
+            let l = g + k * groups;
+            let hv = h0[hs + l];
+            let av = a[at + l];
+            let mut out = Vector::<f32, N>::empty();
+            #[unroll]
+            for i in 0..width {
+                let n = l * width + i;
+                let v =
+                    (x * av[i]).exp() * hv[i] + du * f32::cast_from(bmat[bs + n * bmat.stride(2)]);
+                out[i] = v;
+                contribution += v * f32::cast_from(cmat[cs + n * cmat.stride(2)]);
+            }
+            h_out[os + l] = out;
+        }
+    }
+    partial[local * groups + g] = contribution;
+    sync_cube();
+    if active && g == 0 {
+        let mut acc = 0.0f32;
+        for i in 0..groups {
+            acc += partial[local * groups + i];
+        }
+        acc += dskip[d] * uv;
+        if comptime!(has_z) {
+            acc *= silu_f32(f32::cast_from(z[row * z.stride(0) + d * z.stride(2)]));
+        }
+        y[row * y.stride(0) + d * y.stride(2)] = F::cast_from(acc);
+    }
+}
+
+/// The vector width and vectors per unit of the vectorised decoding step, when the state,
+/// `A` and the new state allow it: the state size a multiple of 4, each tensor's last stride 1
+/// and its other strides multiples of 4. `JAMBA_STEP_VECTORS_PER_UNIT` overrides the default
+/// of 1 (0 turns the vector kernel off; for tuning).
+fn step_vectors<R: CubeRuntime>(
+    state: usize,
+    tensors: [&CubeTensor<R>; 3],
+) -> Option<(usize, usize)> {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    const WIDTH: usize = 4;
+    let per_unit = crate::env_usize(&FORCED, "JAMBA_STEP_VECTORS_PER_UNIT").unwrap_or(1);
+    let fits = state % WIDTH == 0
+        && per_unit >= 1
+        && (state / WIDTH) % per_unit == 0
+        && tensors.iter().all(|t| {
+            let strides = t.meta.strides();
+            let last = strides.len() - 1;
+            strides[last] == 1 && strides[..last].iter().all(|s| s % WIDTH == 0)
+        });
+    fits.then_some((WIDTH, per_unit))
+}
+
 /// State indices per unit of the decoding step: 4 where they divide the state size (16 bytes of
 /// state in flight per unit), else 2, else 1. `JAMBA_STEP_STATES_PER_UNIT` overrides it (for
 /// tuning; ignored unless it divides the state size).
@@ -484,8 +593,8 @@ pub fn selective_scan_fwd<R: CubeRuntime>(input: ScanTensors<R>) -> (CubeTensor<
     let shape = u.meta.shape().clone();
     let (batch, channels) = (shape[0], shape[2]);
     let state = input.a.meta.shape()[1];
-    let y = empty_device_dtype(u.client.clone(), u.device.clone(), shape, u.dtype);
-    let h_out = empty_device_dtype(
+    let y = empty_device_contiguous_dtype(u.client.clone(), u.device.clone(), shape, u.dtype);
+    let h_out = empty_device_contiguous_dtype(
         u.client.clone(),
         u.device.clone(),
         [batch, channels, state].into(),
@@ -545,6 +654,7 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
         Some(ScanPlan::Tiled(g)) => g.states_per_unit,
         _ => step_states_per_unit(state),
     };
+    let plan_in = plan;
     let plan = match (plan, &checkpoints) {
         (_, Some(_)) => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
         (Some(plan), None) => plan,
@@ -568,6 +678,52 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
         contiguous(input.d),
         contiguous(input.delta_bias),
     );
+    if seq == 1 && checkpoints.is_none() && plan_in.is_none() {
+        if let Some((width, per_unit)) = step_vectors(state, [&a, &input.state, &state_out]) {
+            static UNITS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+            // Units per cube (`JAMBA_STEP_CUBE_UNITS`, for tuning): 128 by default, 32 channels
+            // of 4 units (ncu, b 64, d 2048, N 16: 9.63 µs, against 10.11 with 256 and 10.14
+            // with 512).
+            let units = crate::env_usize(&UNITS, "JAMBA_STEP_CUBE_UNITS")
+                .filter(|u| (32..=1024).contains(u))
+                .unwrap_or(128);
+            let groups = state / (width * per_unit);
+            let per_cube = (units / groups).max(1);
+            let cube_dim = CubeDim::new_2d(groups as u32, per_cube as u32);
+            let cube_count = CubeCount::Static(channels.div_ceil(per_cube) as u32, batch as u32, 1);
+            // SAFETY: as for the scalar step kernel below; the vector tensors' strides are
+            // multiples of the width and their last stride is 1 (checked), so a channel's
+            // state is whole vectors and vector `l < state / width` stays inside it.
+            unsafe {
+                scan_step_vec_kernel::launch_unchecked::<R>(
+                    &client,
+                    cube_count,
+                    cube_dim,
+                    width,
+                    u.into_tensor_arg(),
+                    input.delta.into_tensor_arg(),
+                    z.into_tensor_arg(),
+                    input.b.into_tensor_arg(),
+                    input.c.into_tensor_arg(),
+                    a.into_tensor_arg(),
+                    d.into_tensor_arg(),
+                    bias.into_tensor_arg(),
+                    input.state.into_tensor_arg(),
+                    y.into_tensor_arg(),
+                    state_out.into_tensor_arg(),
+                    channels as u32,
+                    state,
+                    width,
+                    per_unit,
+                    per_cube,
+                    has_z,
+                    input.delta_softplus,
+                    dtype.into(),
+                );
+            }
+            return;
+        }
+    }
     if seq == 1 && checkpoints.is_none() {
         let spu = step_spu;
         assert!(

@@ -19,7 +19,7 @@
 use burn_cubecl::{
     CubeRuntime,
     kernel::into_contiguous,
-    ops::numeric::{empty_device_dtype, zeros_client},
+    ops::numeric::{empty_device_contiguous_dtype, zeros_client},
     tensor::CubeTensor,
 };
 use cubecl::ir::FastMath;
@@ -340,12 +340,12 @@ pub fn selective_scan_bwd<R: CubeRuntime>(
     let cubes = channels.div_ceil(cb).max(1);
     let tiles = seq.div_ceil(tile).max(1);
     let empty = |dims: Vec<usize>| {
-        empty_device_dtype(client.clone(), device.clone(), dims.into(), f32_dtype)
+        empty_device_contiguous_dtype(client.clone(), device.clone(), dims.into(), f32_dtype)
     };
 
     let checkpoints = empty(vec![batch, tiles, channels, state]);
     let y_scratch =
-        empty_device_dtype(client.clone(), device.clone(), shape.clone(), input.u.dtype);
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.clone(), input.u.dtype);
     let state_scratch = empty(vec![batch, channels, state]);
     launch_fwd(
         input.clone(),

@@ -22,7 +22,8 @@
 //! staged through shared memory a tile at a time.
 
 use burn_cubecl::{
-    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_dtype, tensor::CubeTensor,
+    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
+    tensor::CubeTensor,
 };
 use cubecl::prelude::*;
 use cubecl::{ir::FastMath, prelude::Tensor as CubeArg};
@@ -497,13 +498,13 @@ pub(crate) fn launch<R: CubeRuntime>(
     let entries = chunks - 1;
     let (ends, sums) = if entries > 0 {
         (
-            empty_device_dtype(
+            empty_device_contiguous_dtype(
                 client.clone(),
                 device.clone(),
                 [batch, entries, channels, state].into(),
                 f32_dtype,
             ),
-            empty_device_dtype(
+            empty_device_contiguous_dtype(
                 client.clone(),
                 device.clone(),
                 [batch, entries, channels].into(),
@@ -513,13 +514,18 @@ pub(crate) fn launch<R: CubeRuntime>(
     } else {
         // Unread one-element placeholders: the output pass of a single chunk starts from `h0`.
         (
-            empty_device_dtype(
+            empty_device_contiguous_dtype(
                 client.clone(),
                 device.clone(),
                 [1, 1, 1, 1].into(),
                 f32_dtype,
             ),
-            empty_device_dtype(client.clone(), device.clone(), [1, 1, 1].into(), f32_dtype),
+            empty_device_contiguous_dtype(
+                client.clone(),
+                device.clone(),
+                [1, 1, 1].into(),
+                f32_dtype,
+            ),
         )
     };
 

@@ -4,7 +4,9 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{
-    DType, Distribution, Int, Tensor, TensorData, activation::softmax, backend::Backend,
+    DType, Distribution, Int, Tensor, TensorData,
+    activation::{silu, softmax},
+    backend::Backend,
 };
 
 use crate::mlp::swiglu;
@@ -29,8 +31,9 @@ pub struct SparseMoeConfig {
 /// Each expert runs only on the tokens routed to it. For a few tokens (a decoding step) the
 /// backend may do it all on the device ([`JambaBackend::routed_experts`]: CubeCL backends do);
 /// otherwise the routing is read back to the host once per call, the (token, slot) pairs are
-/// gathered in expert order, each expert runs on its block, and the results are gathered back
-/// and weighted.
+/// gathered in expert order, each expert runs on its block (or, where the backend prefers it,
+/// [`JambaBackend::batched_experts`], every expert at once on blocks padded to one size), and
+/// the results are gathered back and weighted.
 ///
 /// ```
 /// use jamba::backends::Cpu;
@@ -186,6 +189,17 @@ impl<B: JambaBackend> SparseMoe<B> {
         for (position, &slot) in order.iter().enumerate() {
             back[slot] = position as i64;
         }
+        let experts = self.num_experts();
+        let mut counts = vec![0usize; experts];
+        for &e in &selected {
+            counts[e as usize] += 1;
+        }
+        if B::batched_experts() {
+            return (
+                self.batched(flat, &order, &counts, weights, [batch, seq, hidden]),
+                router_logits,
+            );
+        }
         let mut index: Vec<i64> = order.iter().map(|&s| (s / self.top_k) as i64).collect();
         index.extend_from_slice(&back);
         let index =
@@ -196,11 +210,7 @@ impl<B: JambaBackend> SparseMoe<B> {
 
         let mut outputs = Vec::new();
         let mut start = 0;
-        for expert in 0..self.num_experts() {
-            let count = order[start..]
-                .iter()
-                .take_while(|&&slot| selected[slot] == expert as i64)
-                .count();
+        for (expert, &count) in counts.iter().enumerate() {
             if count > 0 {
                 let block = sorted.clone().slice([start..start + count]);
                 let out = self
@@ -211,11 +221,69 @@ impl<B: JambaBackend> SparseMoe<B> {
             start += count;
         }
         let per_slot = Tensor::cat(outputs, 0).select(0, back);
-        // Weighted sum over each token's `top_k` experts, in slot order.
-        let out = (per_slot.reshape([tokens, self.top_k, hidden])
-            * weights.reshape([tokens, self.top_k, 1]))
-        .sum_dim(1);
-        (out.reshape([batch, seq, hidden]), router_logits)
+        (
+            self.weighted_sum(per_slot, weights, [batch, seq, hidden]),
+            router_logits,
+        )
+    }
+
+    /// Each token's `top_k` expert outputs `per_slot` `[tokens · top_k, hidden]` (slot order)
+    /// weighted by their routing `weights` and summed.
+    fn weighted_sum(
+        &self,
+        per_slot: Tensor<B, 2>,
+        weights: Tensor<B, 1>,
+        [batch, seq, hidden]: [usize; 3],
+    ) -> Tensor<B, 3> {
+        let tokens = batch * seq;
+        (per_slot.reshape([tokens, self.top_k, hidden]) * weights.reshape([tokens, self.top_k, 1]))
+            .sum_dim(1)
+            .reshape([batch, seq, hidden])
+    }
+
+    /// The experts as batched products ([`JambaBackend::batched_experts`]): expert `e`'s rows
+    /// are block `e` of a `[experts, capacity, hidden]` gather (its tokens in slot order,
+    /// then copies of token 0 whose outputs nobody reads), `capacity` the busiest expert's
+    /// count rounded up to 16. `order` is the slots sorted by expert, `counts` each expert's
+    /// number of slots.
+    fn batched(
+        &self,
+        flat: Tensor<B, 2>,
+        order: &[usize],
+        counts: &[usize],
+        weights: Tensor<B, 1>,
+        shape: [usize; 3],
+    ) -> Tensor<B, 3> {
+        let hidden = shape[2];
+        let (experts, slots) = (counts.len(), order.len());
+        let capacity = counts
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .next_multiple_of(16);
+        let mut index = vec![0i64; experts * capacity + slots];
+        let (rows, back) = index.split_at_mut(experts * capacity);
+        let mut sorted = order.iter();
+        for (e, &count) in counts.iter().enumerate() {
+            for j in 0..count {
+                let slot = *sorted.next().expect("counts sum to the slots");
+                rows[e * capacity + j] = (slot / self.top_k) as i64;
+                back[slot] = (e * capacity + j) as i64;
+            }
+        }
+        let index = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(index, [experts * capacity + slots]),
+            &flat.device(),
+        );
+        let rows = index.clone().slice([0..experts * capacity]);
+        let back = index.slice([experts * capacity..experts * capacity + slots]);
+        let x = flat.select(0, rows).reshape([experts, capacity, hidden]);
+        let gate = silu(B::batched_matmul(x.clone(), self.experts.gate_proj.val()));
+        let up = B::batched_matmul(x, self.experts.up_proj.val());
+        let out = B::batched_matmul(gate * up, self.experts.down_proj.val());
+        let per_slot = out.reshape([experts * capacity, hidden]).select(0, back);
+        self.weighted_sum(per_slot, weights, shape)
     }
 }
 

@@ -143,6 +143,25 @@ pub trait JambaBackend: Backend {
         rms_norm_tensor_ops(x, weight, eps)
     }
 
+    /// Whether [`crate::moe::SparseMoe`] runs many tokens' experts as three batched products
+    /// (every expert's tokens gathered into one `[experts, capacity, ·]` block, padded to the
+    /// busiest expert's count) rather than three products per active expert on exactly its
+    /// tokens (the default).
+    ///
+    /// CubeCL backends say yes: one product per expert gives a GPU a few dozen tiles at a time
+    /// (a 2048-token prefill's expert products ran at 8-27 TFLOP/s on the H200, 60% of its
+    /// device time); the batch fills it, and the padded rows cost less than the idle units.
+    fn batched_experts() -> bool {
+        false
+    }
+
+    /// `x [batch, m, k] · w [batch, k, n]`: the experts' products in the batched form of
+    /// [`crate::moe::SparseMoe`]. CubeCL backends keep f32 products off TF32 tensor cores, as
+    /// in [`JambaBackend::projection`].
+    fn batched_matmul(x: Tensor<Self, 3>, w: Tensor<Self, 3>) -> Tensor<Self, 3> {
+        x.matmul(w)
+    }
+
     /// The mixture of experts of a few tokens with the routing (softmax, top-k, weights not
     /// renormalised) kept on the device, or `None` to let [`crate::moe::SparseMoe`] group the
     /// tokens by expert on the host (the default, and the form for many tokens).
@@ -215,6 +234,27 @@ pub fn project<B: JambaBackend, const D: usize>(
     let y = B::projection(x.reshape([1, rows, dims[D - 1]]), weight.clone(), bias);
     dims[D - 1] = weight.dims()[1];
     y.reshape(dims)
+}
+
+/// The number of blocks of `inputs` for a split-k product of `rows × inputs → outputs`
+/// (CubeCL projections in half precision), or `None` where the output alone gives the GPU
+/// enough tiles: at least 512 rows, at most 512 outputs, `inputs` at least 8 × `outputs` and a
+/// multiple of 256 (the block size).
+///
+/// ```
+/// // x_proj of a 2048-token prefill, 4096 inputs → 96 outputs: 16 blocks of 256.
+/// assert_eq!(jamba::ops::split_k(2048, 4096, 96), Some(16));
+/// // in_proj (1024 → 8192) tiles its output well: not split.
+/// assert_eq!(jamba::ops::split_k(2048, 1024, 8192), None);
+/// ```
+pub fn split_k(rows: usize, inputs: usize, outputs: usize) -> Option<usize> {
+    const BLOCK: usize = 256;
+    (rows >= 512
+        && outputs <= 512
+        && inputs >= 8 * outputs
+        && inputs % BLOCK == 0
+        && inputs > BLOCK)
+        .then_some(inputs / BLOCK)
 }
 
 /// Whether f32 products may run on TF32 tensor cores (`JAMBA_ALLOW_TF32=1`; off by default,
@@ -537,6 +577,23 @@ pub mod cube {
                 ));
                 return y.reshape([batch, seq, outputs]);
             }
+            // A long inner dimension into few outputs (x_proj: 2048 rows × 4096 → 96): Burn's
+            // autotuned kernels tile only the output, 4 cubes for 2048 × 96 (390 µs on the
+            // H200, 4 TFLOP/s, 6% of a 2048-token prefill). Cut k into blocks run as one
+            // batched product; the block sums are added in f32 and rounded once more.
+            let half = x.dtype() != DType::F32 && weight.dtype() == x.dtype();
+            if let (true, true, None, Some(splits)) = (
+                kernels_enabled(),
+                half,
+                &bias,
+                super::split_k(rows, inputs, outputs),
+            ) {
+                let dtype = x.dtype();
+                let xk = x.reshape([rows, splits, inputs / splits]).swap_dims(0, 1);
+                let wk = weight.reshape([splits, inputs / splits, outputs]);
+                let y = xk.matmul(wk).cast(DType::F32).sum_dim(0).cast(dtype);
+                return y.reshape([batch, seq, outputs]);
+            }
             if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || super::tf32_allowed() {
                 return burn::tensor::module::linear(x, weight, bias);
             }
@@ -551,6 +608,17 @@ pub mod cube {
             y.reshape([batch, seq, outputs])
         }
 
+        fn batched_experts() -> bool {
+            kernels_enabled()
+        }
+
+        fn batched_matmul(x: Tensor<Self, 3>, w: Tensor<Self, 3>) -> Tensor<Self, 3> {
+            if x.dtype() != DType::F32 || w.dtype() != DType::F32 || super::tf32_allowed() {
+                return x.matmul(w);
+            }
+            wrap(matmul::matmul_f32(prim(x), prim(w)))
+        }
+
         fn routed_experts(input: RoutedExperts<Self>) -> Option<Tensor<Self, 2>> {
             let [tokens, _] = input.x.dims();
             let experts = input.router_logits.dims()[1];
@@ -559,12 +627,7 @@ pub mod cube {
                 .iter()
                 .all(|t| t.dtype() == dtype)
                 && input.router_logits.dtype() == dtype;
-            // On CUDA the kernel gave wrong outputs for widths that are not powers of two (the
-            // H200's kernel test and `jamba check` on tiny-jamba, session 7; wgpu passes the
-            // same test): off there until that is understood.
-            let cuda = R::name(&R::client(&input.x.device())).contains("cuda");
             if !kernels_enabled()
-                || cuda
                 || !same
                 || tokens * input.top_k > moe::MAX_SLOTS
                 || input.top_k > moe::MAX_TOP_K.min(experts)
