@@ -84,28 +84,20 @@ if [ "$WHAT" = routed ]; then
     ./jamba check "$f" --backend cuda 2>&1 | grep -E "passed|failed|FAIL" | head -3
   done
 fi
-if [ "$WHAT" = ncu-prefill ]; then
-  echo "== ncu: device time of every kernel of one steady-state 2048-token prefill (two runs, differenced)"
+if [ "$WHAT" = ncu-prefill ] || [ "$WHAT" = ncu-model ]; then
+  # Each measurement profiled twice, the second with one more repetition: the difference
+  # (ncu_summary.py --minus) is one steady-state prefill / 8 decode steps, without the model's
+  # initialisation and the matmul autotuning of the first repetition. ncu-prefill stops
+  # after the prefill; ncu-model also profiles 8 decode steps (b1).
+  echo "== ncu: device time of every kernel of a 2048-token prefill ($WHAT)"
   B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
   M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
   $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 15
-  (cd "$OUT" && xz -6 ncu-*.csv)
-fi
-if [ "$WHAT" = ncu-model ]; then
-  # Each measurement profiled twice, the second with one more repetition: the difference
-  # (ncu_summary.py --minus) is one steady-state prefill / 8 decode steps, without the model's
-  # initialisation and the matmul autotuning of the first repetition.
-  echo "== ncu: device time of every kernel of a 2048-token prefill, and of 8 decode steps (b1)"
-  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
-  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
-  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-decode-1.csv" $B --reps 1 --prefill 0 --decode-context 512 --decode-steps 4 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-decode-2.csv" $B --reps 1 --prefill 0 --decode-context 512 --decode-steps 12 > /dev/null 2>&1
-  if command -v python3 > /dev/null && [ -f ncu_summary.py ]; then
-    python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 15
+  if [ "$WHAT" = ncu-model ]; then
+    $M --log-file "$OUT/ncu-decode-1.csv" $B --reps 1 --prefill 0 --decode-context 512 --decode-steps 4 > /dev/null 2>&1
+    $M --log-file "$OUT/ncu-decode-2.csv" $B --reps 1 --prefill 0 --decode-context 512 --decode-steps 12 > /dev/null 2>&1
     python3 ncu_summary.py "$OUT/ncu-decode-2.csv" --minus "$OUT/ncu-decode-1.csv" --top 15
   fi
   (cd "$OUT" && xz -6 ncu-*.csv)
