@@ -178,19 +178,11 @@ impl<B: JambaBackend> SparseMoe<B> {
             .into_vec()
             .expect("top-k indices are integers");
         // The (token, slot) pairs sorted by expert, so that each expert's rows are one
-        // contiguous block of a single gathered matrix; `back[slot]` is where that slot's row
-        // lands in the sorted order. One upload, one gather, a block per expert, one gather
-        // back: launches do not grow with the number of active experts beyond the experts'
-        // own products (a GPU decoding step is bound by launches).
+        // contiguous block of a single gathered matrix.
         let slots = tokens * self.top_k;
         let mut order: Vec<usize> = (0..slots).collect();
         order.sort_by_key(|&slot| selected[slot]);
-        let mut back = vec![0i64; slots];
-        for (position, &slot) in order.iter().enumerate() {
-            back[slot] = position as i64;
-        }
-        let experts = self.num_experts();
-        let mut counts = vec![0usize; experts];
+        let mut counts = vec![0usize; self.num_experts()];
         for &e in &selected {
             counts[e as usize] += 1;
         }
@@ -199,6 +191,13 @@ impl<B: JambaBackend> SparseMoe<B> {
                 self.batched(flat, &order, &counts, weights, [batch, seq, hidden]),
                 router_logits,
             );
+        }
+        // `back[slot]` is where that slot's row lands in the sorted order. One upload, one
+        // gather, a block per expert, one gather back: launches do not grow with the number of
+        // active experts beyond the experts' own products.
+        let mut back = vec![0i64; slots];
+        for (position, &slot) in order.iter().enumerate() {
+            back[slot] = position as i64;
         }
         let mut index: Vec<i64> = order.iter().map(|&s| (s / self.top_k) as i64).collect();
         index.extend_from_slice(&back);
