@@ -21,5 +21,5 @@ done
 (cd .device && for f in jamba jamba-bench kernels parity backends_agree; do xz -T2 -6 -f "$f"; done)
 rm -rf .device/fixtures .device/configs
 cp -r ../shared/fixtures ../shared/configs .device/
-cp jamba-bench/gpu/run-h200.sh jamba-bench/gpu/ncu_summary.py .device/
+cp jamba-bench/gpu/run-h200.sh jamba-bench/gpu/ncu_summary.py jamba-bench/gpu/ncu_rows.py .device/
 du -sh .device

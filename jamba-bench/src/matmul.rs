@@ -9,6 +9,7 @@
 
 use std::time::Instant;
 
+use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Distribution, Tensor, TensorPrimitive};
 use clap::Args;
 use jamba::backends::{BackendKind, parse_dtype};
@@ -31,21 +32,25 @@ pub struct MatmulArgs {
     calls: usize,
 }
 
-/// Milliseconds per call.
-fn time<R: CubeRuntime>(
-    device: &R::Device,
+/// Milliseconds per call, the device drained before and after the timed calls.
+///
+/// (Until session 9 this dropped the future that `client.sync()` returns, so the "times" were
+/// how fast the host enqueued launches, ~30-40 µs whatever the product: the TFLOP/s figures of
+/// `results/h200-matmul-bf16-session7.txt` are wrong.)
+fn time<B: Backend>(
+    device: &B::Device,
     calls: usize,
     mut f: impl FnMut() -> Result<(), String>,
 ) -> Result<f64, String> {
-    let client = R::client(device);
+    let drain = || crate::sync::<B>(device).map_err(|e| e.to_string());
     f()?;
     f()?;
-    let _ = client.sync();
+    drain()?;
     let t = Instant::now();
     for _ in 0..calls {
         f()?;
     }
-    let _ = client.sync();
+    drain()?;
     Ok(t.elapsed().as_secs_f64() * 1e3 / calls as f64)
 }
 
@@ -78,7 +83,7 @@ pub fn run<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
         };
         report(
             "burn (autotuned)",
-            time::<R>(device, args.calls, || {
+            time::<CubeBackend<R, F, I, BT>>(device, args.calls, || {
                 let _ = lhs.clone().matmul(rhs.clone());
                 Ok(())
             }),
@@ -102,7 +107,7 @@ pub fn run<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
                 }
             });
             let ms = check.and_then(|()| {
-                time::<R>(device, args.calls, || {
+                time::<CubeBackend<R, F, I, BT>>(device, args.calls, || {
                     matmul_with(prim(&lhs), prim(&rhs), &s).map(drop)
                 })
             });
