@@ -10,7 +10,7 @@ use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use common::scan_problem::{Problem, Rng};
 use jamba::burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
 use jamba::generation::SplitMix64;
-use jamba::kernels::{conv, gemv, moe, norm, scan, scan_sliced};
+use jamba::kernels::{conv, gemv, moe, norm, scan};
 use jamba::ops::{ConvInput, JambaBackend, causal_conv1d_tensor_ops, cube, rms_norm_tensor_ops};
 use jamba::reference::{rel_err, to_vec};
 
@@ -83,16 +83,6 @@ fn check_scan<R: CubeRuntime>(
     if jamba::kernels::scan_chunked::supports_state(p.state) {
         for chunks in [1usize, 3, 8] {
             plans.push(Some(scan::ScanPlan::Chunked { chunks }));
-        }
-    }
-    // The sliced kernel: one slice, slices and steps that divide neither the length nor each
-    // other, and the largest tile that fits WebGPU's 16 KiB of shared memory at state 16.
-    if jamba::kernels::scan_sliced::supports_state(p.state) {
-        for (slices, steps) in [(1usize, 8usize), (3, 5), (8, 4), (4, 8)] {
-            plans.push(Some(scan::ScanPlan::Sliced(scan_sliced::Slicing {
-                slices,
-                steps,
-            })));
         }
     }
     for plan in plans {

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|sliced|mmprobe|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -57,23 +57,6 @@ if [ "$WHAT" = sweep ]; then
       2>&1 | sed "s/^/tile=$tile  /"
   done
 fi
-if [ "$WHAT" = sliced ]; then
-  echo "== the sliced scan kernel: CUDA scan tests, then slices x steps against the chunked default"
-  ./kernels --test-threads 1 scan 2>&1 | tail -6
-  ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan --reps 7 \
-    --out "$OUT/sliced-chunked.json" 2>&1 | sed 's/^/chunked /'
-  for sl in ${SLICES:-4 8 16}; do
-    for st in ${STEPS:-4 8 16}; do
-      JAMBA_SCAN_KERNEL=sliced JAMBA_SCAN_SLICES=$sl JAMBA_SCAN_SLICE_STEPS=$st ./jamba-bench kernels \
-        --backend cuda --tensor-ops-max 0 --ops scan --reps 7 --out "$OUT/sliced-$sl-$st.json" 2>&1 \
-        | sed "s/^/slices=$sl steps=$st  /"
-    done
-  done
-  JAMBA_SCAN_KERNEL=sliced ncu --clock-control none --kernel-name regex:scan_sliced --launch-count 4 \
-    --metrics gpu__time_duration.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active \
-    ./jamba-bench kernels --backend cuda --ops scan --tensor-ops-max 0 --reps 1 --min-ms 0 \
-    2>&1 | grep -E "scan_sliced|gpu__time|registers|warps_active|pipe_xu|issue_active" | tail -30
-fi
 if [ "$WHAT" = mmprobe ]; then
   echo "== which matmul kernels run: 2048x1024x4096 in isolation (Burn's autotuned choice first) vs a 2048-token prefill"
   M="ncu --clock-control none --metrics gpu__time_duration.sum,launch__registers_per_thread,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active --csv"
@@ -86,6 +69,13 @@ if [ "$WHAT" = mmprobe ]; then
     --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   python3 ncu_rows.py "$OUT/mm-model.csv" --top 25
   (cd "$OUT" && xz -6 mm-*.csv)
+fi
+if [ "$WHAT" = scan-stalls ]; then
+  echo "== why the chunked scan waits: ncu stall reasons per issued instruction, (1, 8192, 4096) bf16"
+  ncu --clock-control none --kernel-name regex:scan_chunk --launch-count 2 \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,gpu__time_duration.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_xu.avg.pct_of_peak_sustained_active" \
+    ./jamba-bench kernels --backend cuda --dtypes bf16 --shapes 1x8192x4096 --ops scan --tensor-ops-max 0 --reps 1 --min-ms 0 \
+    2>&1 | grep -E "scan_chunk|duration|registers|warps_active|issue_active|pipe_xu|stalled" | awk '$NF+0 > 0.05 || /scan_chunk|duration|registers/' | head -60
 fi
 if [ "$WHAT" = step ]; then
   echo "== decoding state update: scalar step kernel (vectors 0) vs 16-byte vectors, 1 or 2 per unit, then ncu"

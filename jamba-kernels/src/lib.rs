@@ -29,7 +29,6 @@ pub mod norm;
 pub mod scan;
 pub mod scan_bwd;
 pub mod scan_chunked;
-pub mod scan_sliced;
 
 /// A numeric tuning knob from the environment (`JAMBA_SCAN_CHUNKS` and the like), parsed once
 /// per process into `cell`: the scan reads its knobs on every launch, a decoding step launches

@@ -132,18 +132,12 @@ pub enum ScanPlan {
         /// Chunks of time (clamped to the sequence length).
         chunks: usize,
     },
-    /// The sliced kernel ([`crate::scan_sliced`]): a cube per 32 channels walks time in tiles
-    /// cut into slices across its planes, one state index at a time, with one `exp` per
-    /// element. State sizes up to [`crate::scan_sliced::MAX_SLICED_STATE`].
-    Sliced(crate::scan_sliced::Slicing),
 }
 
 impl ScanPlan {
     /// The plan for a problem: the chunked kernel where the state fits its registers (Jamba's
     /// 16 does), with [`crate::scan_chunked::default_chunks`]; the tiled one otherwise.
-    /// `JAMBA_SCAN_KERNEL=tiled` (or `sliced`, `chunked`) forces a kernel (for comparison).
-    /// Assumes 16 KiB of shared memory (WebGPU's minimum); [`ScanPlan::for_device`] takes the
-    /// device's.
+    /// `JAMBA_SCAN_KERNEL=tiled` forces the tiled kernel (for comparison).
     ///
     /// ```
     /// use jamba_kernels::scan::ScanPlan;
@@ -151,32 +145,15 @@ impl ScanPlan {
     /// assert!(matches!(ScanPlan::new(1, 64, 100, 64), ScanPlan::Tiled(_)));
     /// ```
     pub fn new(batch: usize, channels: usize, seq: usize, state: usize) -> Self {
-        Self::for_device(batch, channels, seq, state, 16 * 1024)
-    }
-
-    /// [`ScanPlan::new`] for a device with `max_shared_bytes` of shared memory per cube.
-    pub fn for_device(
-        batch: usize,
-        channels: usize,
-        seq: usize,
-        state: usize,
-        max_shared_bytes: usize,
-    ) -> Self {
-        static FORCED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-        let forced = FORCED
-            .get_or_init(|| std::env::var("JAMBA_SCAN_KERNEL").ok())
-            .as_deref();
-        let sliced = crate::scan_sliced::supports_state(state);
-        let chunked = crate::scan_chunked::supports_state(state);
-        match forced {
-            Some("sliced") if sliced => {
-                ScanPlan::Sliced(crate::scan_sliced::Slicing::new(state, max_shared_bytes))
-            }
-            Some("tiled") => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
-            _ if chunked => ScanPlan::Chunked {
+        static TILED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let tiled =
+            *TILED.get_or_init(|| std::env::var("JAMBA_SCAN_KERNEL").is_ok_and(|v| v == "tiled"));
+        if !tiled && crate::scan_chunked::supports_state(state) {
+            ScanPlan::Chunked {
                 chunks: crate::scan_chunked::default_chunks(batch, channels, seq),
-            },
-            _ => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
+            }
+        } else {
+            ScanPlan::Tiled(ScanGeometry::new(batch, channels, state))
         }
     }
 }
@@ -682,20 +659,11 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
         (_, Some(_)) => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
         (Some(plan), None) => plan,
         (None, None) if seq == 1 => ScanPlan::Tiled(ScanGeometry::new(batch, channels, state)),
-        (None, None) => ScanPlan::for_device(
-            batch,
-            channels,
-            seq,
-            state,
-            input.u.client.properties().hardware.max_shared_memory_size,
-        ),
+        (None, None) => ScanPlan::new(batch, channels, seq, state),
     };
     let geometry = match plan {
         ScanPlan::Chunked { chunks } => {
             return crate::scan_chunked::launch(input, y, state_out, chunks);
-        }
-        ScanPlan::Sliced(slicing) => {
-            return crate::scan_sliced::launch(input, y, state_out, slicing);
         }
         ScanPlan::Tiled(geometry) => geometry,
     };
