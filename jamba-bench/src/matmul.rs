@@ -1,7 +1,8 @@
 //! `jamba-bench matmul`: half-precision products of a prefill's shapes (2-D) with every cubek
-//! strategy `jamba_kernels::matmul::strategy` names, against the kernel Burn's autotuner picks,
-//! in TFLOP/s. (A fixed strategy is not a model default: launched by hand, cubek compiles a
-//! kernel per shape, and the MoE experts' row counts change at every call.)
+//! strategy `jamba_kernels::matmul::strategy` names, against Burn's own matmul (autotuned when
+//! built with the `autotune` feature, cubek's default strategy otherwise), in TFLOP/s. (A fixed
+//! strategy is not a model default: launched by hand, cubek compiles a kernel per shape, and the
+//! MoE experts' row counts change at every call.)
 //!
 //! ```sh
 //! ./jamba-bench matmul --backend cuda --dtype bf16 --shapes 256x1024x4096,2048x1024x4096
@@ -82,7 +83,11 @@ pub fn run<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
             ),
         };
         report(
-            "burn (autotuned)",
+            if cfg!(feature = "autotune") {
+                "burn (autotuned)"
+            } else {
+                "burn (cubek's default strategy)"
+            },
             time::<CubeBackend<R, F, I, BT>>(device, args.calls, || {
                 let _ = lhs.clone().matmul(rhs.clone());
                 Ok(())
