@@ -58,7 +58,7 @@ if [ "$WHAT" = sweep ]; then
   done
 fi
 if [ "$WHAT" = mmprobe ]; then
-  echo "== which matmul kernels run: 2048x1024x4096 in isolation (Burn's autotuned choice first) vs a 2048-token prefill"
+  echo "== which matmul kernels run: 2048x1024x4096 in isolation (Burn's own matmul first) vs a 2048-token prefill"
   M="ncu --clock-control none --metrics gpu__time_duration.sum,launch__registers_per_thread,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active --csv"
   $M --launch-count 12 --log-file "$OUT/mm-iso.csv" ./jamba-bench matmul --backend cuda --dtype bf16 \
     --shapes 2048x1024x4096 --calls 2 > "$OUT/mm-iso.txt" 2>&1
