@@ -7,22 +7,18 @@ the same product in isolation".
 Usage: python3 jamba-bench/gpu/ncu_rows.py out/mm-model.csv [--top 20]
 """
 
-import csv
-import re
 import sys
 from collections import defaultdict
 
-SCALE_TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
+from ncu_summary import SCALE_TO_US, rows, short
 
 
 def main() -> None:
     top = int(sys.argv[sys.argv.index("--top") + 1]) if "--top" in sys.argv else 20
-    lines = open(sys.argv[1], encoding="utf-8", errors="replace").read().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
     launches = defaultdict(dict)
-    for row in csv.DictReader(lines[start:]):
+    for row in rows(sys.argv[1]):
         launch = launches[row["ID"]]
-        launch["name"] = re.sub(r"_[0-9a-f]{8,}", "", row["Kernel Name"])[:70]
+        launch["name"] = short(row["Kernel Name"])
         launch["grid"] = row.get("Grid Size", "")
         launch["block"] = row.get("Block Size", "")
         value = float(row["Metric Value"].replace(",", "") or 0)
@@ -32,11 +28,11 @@ def main() -> None:
     groups = defaultdict(list)
     for launch in launches.values():
         groups[(launch["name"], launch["grid"], launch["block"])].append(launch)
-    rows = sorted(
+    ranked = sorted(
         groups.items(),
         key=lambda kv: -sum(l.get("gpu__time_duration.sum", 0) for l in kv[1]),
     )
-    for (name, grid, block), ls in rows[:top]:
+    for (name, grid, block), ls in ranked[:top]:
         us = [l.get("gpu__time_duration.sum", 0) for l in ls]
         extra = {
             k: sum(l.get(k, 0) for l in ls) / len(ls)

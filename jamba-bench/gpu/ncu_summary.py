@@ -25,13 +25,18 @@ def short(name: str) -> str:
 SCALE_TO_US = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}
 
 
-def load(path: str):
-    """(microseconds, launches) per shortened kernel name."""
+def rows(path: str):
+    """The rows of an `ncu --csv` log (one per kernel launch and metric), past ncu's own output."""
     lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith('"ID"'))
+    return csv.DictReader(lines[start:])
+
+
+def load(path: str):
+    """(microseconds, launches) per shortened kernel name."""
     total = defaultdict(float)
     count = defaultdict(int)
-    for row in csv.DictReader(lines[start:]):
+    for row in rows(path):
         if row.get("Metric Name") != "gpu__time_duration.sum":
             continue
         value = float(row["Metric Value"].replace(",", ""))
