@@ -806,6 +806,95 @@ fn cuda_split_k_projection_matches_the_product() {
     );
 }
 
+/// cubek's TMA kernel for half-precision products of many rows (`matmul_tma`, which the
+/// projections and the batched experts take on sm_90+): a prefill's in_proj shape and two
+/// small ones, plain (as the projections call it) and batched (as the experts do), against
+/// the f64 product of the same rounded operands at sampled outputs: one rounding of the output
+/// (bf16's unit roundoff is 3.9e-3) over f32 accumulation. The plain products must take the
+/// kernel; a batched one it refuses must still come out right through the fallback.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_tma_products_match_the_product() {
+    use jamba::kernels::matmul;
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    let device = Default::default();
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let shapes = [
+        (1usize, 2048usize, 1024usize, 4096usize),
+        (1, 256, 512, 1024),
+        (1, 136, 64, 200),
+        (3, 256, 512, 1024),
+    ];
+    for &(batch, rows, inputs, outputs) in &shapes {
+        let x = Tensor::<K<R>, 3>::from_data(
+            TensorData::new(
+                rng.normal(batch * rows * inputs, 0.0, 1.0),
+                [batch, rows, inputs],
+            ),
+            &device,
+        )
+        .cast(DType::BF16);
+        let w = Tensor::<K<R>, 3>::from_data(
+            TensorData::new(
+                rng.normal(batch * inputs * outputs, 0.0, 1.0 / (inputs as f64).sqrt()),
+                [batch, inputs, outputs],
+            ),
+            &device,
+        )
+        .cast(DType::BF16);
+        let (xh, wh) = (to_vec(x.clone()), to_vec(w.clone()));
+        let picks: Vec<usize> = (0..512)
+            .map(|_| (rng.0.next_u64() % (batch * rows * outputs) as u64) as usize)
+            .collect();
+        let expected: Vec<f32> = picks
+            .iter()
+            .map(|&i| {
+                let (b, r, o) = (i / (rows * outputs), (i / outputs) % rows, i % outputs);
+                (0..inputs)
+                    .map(|k| {
+                        xh[(b * rows + r) * inputs + k] as f64
+                            * wh[(b * inputs + k) * outputs + o] as f64
+                    })
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let sampled = |y: Vec<f32>| picks.iter().map(|&i| y[i]).collect::<Vec<f32>>();
+        let name = format!("bf16 TMA product {batch} x {rows} x {inputs} -> {outputs}");
+        let strategy = matmul::strategy("specialized_tma_mma").expect("a known strategy");
+        let (lhs, rhs) = if batch == 1 {
+            (
+                prim(x.clone().reshape([rows, inputs])),
+                prim(w.clone().reshape([inputs, outputs])),
+            )
+        } else {
+            (prim(x.clone()), prim(w.clone()))
+        };
+        match matmul::matmul_with(lhs, rhs, &strategy) {
+            Ok(y) => {
+                let y = if batch == 1 {
+                    to_vec(wrap::<R, 2>(y))
+                } else {
+                    to_vec(wrap::<R, 3>(y))
+                };
+                assert_close(&name, &sampled(y), &expected, 1e-2);
+            }
+            Err(e) if batch > 1 => eprintln!("{name}: refused ({e}); the fallback runs"),
+            Err(e) => panic!("{name}: the TMA kernel refused a projection's product: {e}"),
+        }
+        let y = if batch == 1 {
+            <K<R> as JambaBackend>::projection(x, w.reshape([inputs, outputs]), None)
+        } else {
+            <K<R> as JambaBackend>::batched_matmul(x, w)
+        };
+        assert_close(
+            &format!("{name}, through the model's op"),
+            &sampled(to_vec(y)),
+            &expected,
+            1e-2,
+        );
+    }
+}
+
 /// The device-routed experts with bf16 and f16 tensors: the reference rounds each product, the
 /// SiLU, the gate's product, each expert's weighted output (a few unit roundoffs: bf16's is
 /// 3.9e-3, f16's 4.9e-4).

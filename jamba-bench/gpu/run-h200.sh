@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|autotune-decode|scan-sass|prefill-tma|decode-variants|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -69,6 +69,66 @@ if [ "$WHAT" = mmprobe ]; then
     --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   python3 ncu_rows.py "$OUT/mm-model.csv" --top 25
   (cd "$OUT" && xz -6 mm-*.csv)
+fi
+if [ "$WHAT" = scan-variants ]; then
+  echo "== chunked scan: steps per prefetch group (JAMBA_SCAN_GROUP) x the 2^v form of the decay (JAMBA_SCAN_EXP2)"
+  for g in ${GROUPS_:-1 2 4 8}; do
+    for e in ${EXP2S:-0 1}; do
+      JAMBA_SCAN_GROUP=$g JAMBA_SCAN_EXP2=$e ./jamba-bench kernels --backend cuda \
+        --tensor-ops-max 0 --ops scan --reps 5 2>&1 | grep -E "^scan" | sed "s/^/g=$g e=$e  /"
+    done
+  done
+  echo "== the CUDA scan kernel tests (f32 grid, strided views, half inputs) for the variant in TEST_VARIANT (group exp2)"
+  set -- ${TEST_VARIANT:-4 1}
+  JAMBA_SCAN_GROUP=$1 JAMBA_SCAN_EXP2=$2 timeout ${TEST_SECS:-150} ./kernels --test-threads 1 scan_kernel 2>&1 \
+    | grep -E "^test |panicked|rel. error" | sed "s/^/g=$1 e=$2  /" | head -8
+fi
+if [ "$WHAT" = autotune-decode ]; then
+  # Needs `jamba-bench-at`, built with `--features cuda,autotune`. Each tuning Burn runs is logged
+  # with a timestamp: which operations retune while decoding, and how long the tuning takes.
+  echo "== decoding under Burn's autotune: what is tuned, and when (b1, then b16, context 512)"
+  printf '[autotune.logger]\nlevel = "minimal"\nstderr = true\n' > cubecl.toml
+  for b in ${AT_BATCHES:-1 16}; do
+    timeout ${AT_SECS:-240} ./jamba-bench-at throughput --config configs/bench-jamba-1b.config.json --backend cuda \
+      --dtype bf16 --prefill 0 --decode-batch $b --decode-context 512 --decode-steps 32 --reps 2 --warmup 1 2>&1 \
+      | while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done > "$OUT/at-decode-b$b.log"
+    echo "-- b$b: $(grep -c 'Fastest result' "$OUT/at-decode-b$b.log") tunings; the last lines:"
+    grep -v "Top 3 times" "$OUT/at-decode-b$b.log" | cut -c1-220 | tail -6
+    grep "Fastest result" "$OUT/at-decode-b$b.log" | sed 's/Fastest result //' | cut -c1-200 | head -40
+  done
+  rm -f cubecl.toml
+fi
+if [ "$WHAT" = scan-sass ]; then
+  echo "== the exponential forms CubeCL can emit, as NVRTC compiles them (SASS)"
+  NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
+  $NVCC -arch=sm_90a -cubin -o "$OUT/exp_forms.cubin" exp_forms.cu && \
+    $(dirname $NVCC)/cuobjdump -sass "$OUT/exp_forms.cubin" | grep -E "Function|MUFU|FMUL|FFMA|FADD|FSETP|FSEL" | sed 's/^ *//' | cut -c1-90
+  rm -f "$OUT/exp_forms.cubin"
+  echo "== the chunked scan's instruction mix (bf16, (1, 8192, 4096)), per variant in SASS_VARIANTS (group exp2)"
+  echo "${SASS_VARIANTS:-4 0,4 1}" | tr , '\n' | while read -r g e; do
+    rm -f "$OUT/src.log"
+    JAMBA_SCAN_GROUP=$g JAMBA_SCAN_EXP2=$e CUBECL_DEBUG_LOG="$OUT/src.log" ./jamba-bench kernels \
+      --backend cuda --dtypes bf16 --shapes 1x8192x4096 --ops scan --tensor-ops-max 0 --reps 1 --min-ms 0 > /dev/null 2>&1
+    echo "-- group $g, exp2 $e"
+    python3 kernel_sass.py "$OUT/src.log" scan_chunk_kernel --nvcc $NVCC
+  done
+  rm -f "$OUT/src.log"
+fi
+if [ "$WHAT" = prefill-tma ]; then
+  echo "== bench-jamba-1b bf16: cubek's TMA kernel for the half-precision products (default), then Burn's matmul (JAMBA_TMA_MATMUL=0, prefill only)"
+  ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+    --out "$OUT/h200-bench-jamba-1b-bf16.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)" | sed "s/^/tma=1  /"
+  JAMBA_TMA_MATMUL=0 ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-steps 0 --reps 3 --warmup 1 2>&1 >/dev/null | grep -E "^(prefill|decode)" | sed "s/^/tma=0  /"
+fi
+if [ "$WHAT" = decode-variants ]; then
+  echo "== bf16 decoding, b1, context 512: the default build against this session's switches turned off"
+  for v in "JAMBA_NONE=0" "JAMBA_TMA_MATMUL=0" "JAMBA_SCAN_GROUP=1 JAMBA_SCAN_EXP2=0" "JAMBA_NONE=1"; do
+    env $v ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+      --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 2>&1 >/dev/null \
+      | grep "^decode" | sed "s/^/[$v]  /"
+  done
 fi
 if [ "$WHAT" = scan-stalls ]; then
   echo "== why the chunked scan waits: ncu stall reasons per issued instruction, (1, 8192, 4096) bf16"

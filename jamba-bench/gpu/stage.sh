@@ -18,8 +18,13 @@ for t in kernels parity backends_agree; do
   exe=$(ls -t target-cuda/release/deps/$t-* | grep -v '\.d$' | head -1)
   strip -o ".device/$t" "$exe"
 done
-(cd .device && for f in jamba jamba-bench kernels parity backends_agree; do xz -T2 -6 -f "$f"; done)
+# With AUTOTUNE=1, also a `jamba-bench-at` built with Burn's autotune (for `run-h200.sh autotune-decode`).
+if [ "${AUTOTUNE:-0}" = 1 ]; then
+  cargo build --release --features cuda,autotune -p jamba-bench --target-dir target-cuda-at
+  strip -o .device/jamba-bench-at target-cuda-at/release/jamba-bench
+fi
+(cd .device && for f in jamba jamba-bench jamba-bench-at kernels parity backends_agree; do if [ -f "$f" ]; then xz -T2 -6 -f "$f"; fi; done)
 rm -rf .device/fixtures .device/configs
 cp -r ../shared/fixtures ../shared/configs .device/
-cp jamba-bench/gpu/run-h200.sh jamba-bench/gpu/ncu_summary.py jamba-bench/gpu/ncu_rows.py .device/
+cp jamba-bench/gpu/run-h200.sh jamba-bench/gpu/ncu_summary.py jamba-bench/gpu/ncu_rows.py jamba-bench/gpu/kernel_sass.py jamba-bench/gpu/exp_forms.cu .device/
 du -sh .device

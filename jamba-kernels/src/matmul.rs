@@ -175,3 +175,35 @@ pub fn matmul_with<R: CubeRuntime>(
     .map(|()| out)
     .map_err(|e| format!("{strategy}: {e:?}"))
 }
+
+/// The fewest rows for which [`matmul_tma`] takes a product: below it cubek's TMA kernel tiles
+/// too few rows to beat the default one (H200, bf16: 52 vs 55 TFLOP/s for Burn's tuned choice
+/// at 256 × 1024 × 4096, 149-151 vs ~70-110 at 2048 rows; `jamba-bench matmul`).
+pub const TMA_MIN_ROWS: usize = 128;
+
+/// `lhs [.., m, k] · rhs [.., k, n]` in half precision with cubek's warp-specialised TMA kernel
+/// (`specialized_tma_mma`: among the fastest on the H200 at every prefill shape measured, and
+/// a fixed choice, so no autotuning), f32 accumulation, the output in `lhs`'s dtype. `None`
+/// where it does not apply, for the caller's own product: a device without the tensor memory
+/// accelerator (before sm_90, wgpu), f32 operands, fewer than [`TMA_MIN_ROWS`] rows,
+/// non-contiguous operands, rows not a multiple of 16 bytes (TMA's alignment), or a setup the
+/// kernel refuses.
+pub fn matmul_tma<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> Option<CubeTensor<R>> {
+    use cubecl::ir::features::Tma;
+    let half = matches!(lhs.dtype, burn_std::DType::BF16 | burn_std::DType::F16);
+    let shape = lhs.meta.shape();
+    let rank = shape.len();
+    let (m, k, n) = (shape[rank - 2], shape[rank - 1], rhs.meta.shape()[rank - 1]);
+    let aligned = k % 8 == 0 && n % 8 == 0;
+    if !half
+        || rhs.dtype != lhs.dtype
+        || m < TMA_MIN_ROWS
+        || !aligned
+        || !lhs.is_contiguous()
+        || !rhs.is_contiguous()
+        || !lhs.client.properties().features.tma.contains(Tma::Base)
+    {
+        return None;
+    }
+    matmul_with(lhs, rhs, &strategy("specialized_tma_mma")?).ok()
+}

@@ -18,8 +18,10 @@
 //! step 3 runs. A unit owning all the state indices of its channel computes `softplus` and the
 //! gate once per (channel, step) and sums the `C` contraction in registers (no shared-memory
 //! reduction, no barrier per step); its `Δ`, `u` and `z` loads are coalesced across units
-//! (consecutive channels) and issued one step ahead. `B` and `C` are common to the cube and
-//! staged through shared memory a tile at a time.
+//! (consecutive channels) and issued a group of steps ahead. `B` and `C` are common to the cube
+//! and staged through shared memory a tile at a time, as vectors of 4 states (one shared load
+//! per 4 states: on the H200 the kernel is bound by instruction issue, ~76% of issue slots
+//! busy, the exponential unit next at ~60%).
 
 use burn_cubecl::{
     CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
@@ -52,6 +54,23 @@ fn bc_tile() -> usize {
     env_usize(&TILE, "JAMBA_SCAN_BC_TILE")
         .filter(|v| (1..=128).contains(v))
         .unwrap_or(32)
+}
+
+/// Steps whose Δ, u and z loads are issued together, a group ahead of their use (4: 3-8% faster
+/// than 1 on the H200, 8 slower); `JAMBA_SCAN_GROUP` overrides it (1, 2, 4 or 8, for tuning).
+fn step_group() -> usize {
+    static GROUP: OnceLock<Option<usize>> = OnceLock::new();
+    env_usize(&GROUP, "JAMBA_SCAN_GROUP")
+        .filter(|v| [1, 2, 4, 8].contains(v))
+        .unwrap_or(4)
+}
+
+/// Whether the decay is computed as `2^(Δ·A·log₂e)` (one multiply fewer per state and step
+/// than CUDA's `__expf`; 4-5% faster on the H200); `JAMBA_SCAN_EXP2=0` asks for `e^(Δ·A)`
+/// (for comparison).
+fn exp2_form() -> bool {
+    static EXP2: OnceLock<Option<usize>> = OnceLock::new();
+    env_usize(&EXP2, "JAMBA_SCAN_EXP2").unwrap_or(1) == 1
 }
 
 /// The shortest chunk the default plan makes: shorter ones spend more on the carries than they
@@ -100,7 +119,7 @@ fn chunk_layout(seq: usize, chunks: usize) -> (usize, usize) {
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
-fn scan_chunk_kernel<F: Float>(
+fn scan_chunk_kernel<F: Float, N: Size>(
     u: &CubeArg<F>,
     delta: &CubeArg<F>,
     z: &CubeArg<F>,
@@ -125,8 +144,12 @@ fn scan_chunk_kernel<F: Float>(
     #[comptime] softplus: bool,
     #[comptime] ends_only: bool,
     #[comptime] direct_bc: bool,
+    #[comptime] width: usize,
+    #[comptime] group: usize,
+    #[comptime] exp2: bool,
     #[define(F)] _dtype: StorageType,
 ) {
+    let vectors = comptime!(n_state / width);
     let seq = seq as usize;
     let channels = channels as usize;
     let chunk_len = chunk_len as usize;
@@ -173,9 +196,11 @@ fn scan_chunk_kernel<F: Float>(
         s_rows[(e / n_state) * row_stride + n] = v;
     }
     sync_cube();
+    // For the `2^v` form, `A·log₂e`.
     #[unroll]
     for n in 0..n_state {
-        a_n[n] = s_rows[tid * row_stride + n];
+        let v = s_rows[tid * row_stride + n];
+        a_n[n] = if comptime!(exp2) { v * LOG2_E } else { v };
     }
     sync_cube();
     let from_h0 = k == 0;
@@ -216,31 +241,42 @@ fn scan_chunk_kernel<F: Float>(
     let z_at = row * z.stride(0) + d * z.stride(2);
     let y_at = row * y.stride(0) + d * y.stride(2);
 
-    // The next step's Δ, u, z, loaded a step ahead and kept in the input dtype: converting
-    // right after the load would wait for it there, and the prefetch would hide nothing.
-    let mut next_dl = F::new(0.0);
-    let mut next_u = F::new(0.0);
-    let mut next_z = F::new(0.0);
-    if active && t_begin < t_end {
-        next_dl = delta[dl_at + t_begin * dl1];
-        next_u = u[u_at + t_begin * u1];
-        if comptime!(has_z && !ends_only) {
-            next_z = z[z_at + t_begin * z1];
+    // Δ, u and z of the next `group` steps, loaded while the current group is computed and
+    // kept in the input dtype: converting right after the load would wait for it there, and
+    // the prefetch would hide nothing.
+    let mut cur_dl = Array::<F>::new(group);
+    let mut cur_u = Array::<F>::new(group);
+    let mut cur_z = Array::<F>::new(group);
+    let mut next_dl = Array::<F>::new(group);
+    let mut next_u = Array::<F>::new(group);
+    let mut next_z = Array::<F>::new(group);
+    #[unroll]
+    for p in 0..group {
+        next_dl[p] = F::new(0.0);
+        next_u[p] = F::new(0.0);
+        next_z[p] = F::new(0.0);
+        if active && t_begin + p < t_end {
+            next_dl[p] = delta[dl_at + (t_begin + p) * dl1];
+            next_u[p] = u[u_at + (t_begin + p) * u1];
+            if comptime!(has_z && !ends_only) {
+                next_z[p] = z[z_at + (t_begin + p) * z1];
+            }
         }
     }
 
-    // B and C of a tile go through shared memory; the next tile's are loaded into registers
-    // while this one is computed. (One decoding step reads them directly: nothing to overlap.)
-    let staged = comptime!(if direct_bc { 1 } else { tile * n_state });
+    // B and C of a tile go through shared memory as vectors of `width` states; the next
+    // tile's are loaded into registers while this one is computed. (One decoding step reads
+    // them directly: nothing to overlap.)
+    let staged = comptime!(if direct_bc { 1 } else { tile * vectors });
     let per_unit = comptime!(staged.div_ceil(cb));
-    let mut s_b = SharedMemory::<f32>::new(staged);
-    let mut s_c = SharedMemory::<f32>::new(staged);
-    let mut r_b = Array::<F>::new(per_unit);
-    let mut r_c = Array::<F>::new(per_unit);
+    let mut s_b = SharedMemory::<Vector<f32, N>>::new(staged);
+    let mut s_c = SharedMemory::<Vector<f32, N>>::new(staged);
+    let mut r_b = Array::<F>::new(comptime!(per_unit * width));
+    let mut r_c = Array::<F>::new(comptime!(per_unit * width));
     if comptime!(!direct_bc) {
         load_bc_tile::<F>(
             bmat, cmat, &mut r_b, &mut r_c, row, t_begin, t_end, b0, b1, b2, c0, c1, c2, tid,
-            n_state, cb, tile, ends_only,
+            n_state, cb, tile, width, ends_only,
         );
     }
 
@@ -253,8 +289,15 @@ fn scan_chunk_kernel<F: Float>(
             for j in 0..per_unit {
                 let i = tid + j * cb;
                 if i < staged {
-                    s_b[i] = f32::cast_from(r_b[j]);
-                    s_c[i] = f32::cast_from(r_c[j]);
+                    let mut vb = Vector::<f32, N>::empty();
+                    let mut vc = Vector::<f32, N>::empty();
+                    #[unroll]
+                    for l in 0..width {
+                        vb[l] = f32::cast_from(r_b[j * width + l]);
+                        vc[l] = f32::cast_from(r_c[j * width + l]);
+                    }
+                    s_b[i] = vb;
+                    s_c[i] = vc;
                 }
             }
             sync_cube();
@@ -276,63 +319,86 @@ fn scan_chunk_kernel<F: Float>(
                 n_state,
                 cb,
                 tile,
+                width,
                 ends_only,
             );
         }
 
-        for t in 0..steps {
-            let tt = t0 + t;
-            // Copies, then the conversion: a same-type cast may alias its input, and the
-            // input is overwritten by the next prefetch.
-            let dl_raw = next_dl;
-            let u_raw = next_u;
-            let z_raw = next_z;
-            if active && tt + 1 < t_end {
-                next_dl = delta[dl_at + (tt + 1) * dl1];
-                next_u = u[u_at + (tt + 1) * u1];
-                if comptime!(has_z && !ends_only) {
-                    next_z = z[z_at + (tt + 1) * z1];
+        let mut g = 0;
+        while g < steps {
+            // This group's inputs out of the prefetch registers, the next group's loads issued.
+            #[unroll]
+            for p in 0..group {
+                cur_dl[p] = next_dl[p];
+                cur_u[p] = next_u[p];
+                cur_z[p] = next_z[p];
+            }
+            #[unroll]
+            for p in 0..group {
+                let tn = t0 + g + group + p;
+                if active && tn < t_end {
+                    next_dl[p] = delta[dl_at + tn * dl1];
+                    next_u[p] = u[u_at + tn * u1];
+                    if comptime!(has_z && !ends_only) {
+                        next_z[p] = z[z_at + tn * z1];
+                    }
                 }
             }
-            let dl = f32::cast_from(dl_raw);
-            let uv = f32::cast_from(u_raw);
-            let zv = f32::cast_from(z_raw);
-            if active {
-                let mut x = dl + bias_d;
-                if comptime!(softplus) {
-                    x = softplus_f32(x);
-                }
-                let xu = x * uv;
-                sum_dt += x;
-                let mut acc = 0.0f32;
-                #[unroll]
-                for n in 0..n_state {
-                    let bv = if comptime!(direct_bc) {
-                        f32::cast_from(bmat[row * b0 + tt * b1 + n * b2])
-                    } else {
-                        s_b[t * n_state + n]
-                    };
-                    let cv = if comptime!(ends_only) {
-                        f32::new(0.0)
-                    } else if comptime!(direct_bc) {
-                        f32::cast_from(cmat[row * c0 + tt * c1 + n * c2])
-                    } else {
-                        s_c[t * n_state + n]
-                    };
-                    let hn = (x * a_n[n]).exp() * h[n] + xu * bv;
-                    h[n] = hn;
+            #[unroll]
+            for p in 0..group {
+                let t = g + p;
+                let tt = t0 + t;
+                if active && t < steps {
+                    let mut x = f32::cast_from(cur_dl[p]) + bias_d;
+                    if comptime!(softplus) {
+                        x = softplus_f32(x);
+                    }
+                    let uv = f32::cast_from(cur_u[p]);
+                    let xu = x * uv;
+                    sum_dt += x;
+                    let mut acc = 0.0f32;
+                    #[unroll]
+                    for q in 0..vectors {
+                        let mut bv = Vector::<f32, N>::empty();
+                        let mut cv = Vector::<f32, N>::empty();
+                        if comptime!(direct_bc) {
+                            #[unroll]
+                            for l in 0..width {
+                                let n = q * width + l;
+                                bv[l] = f32::cast_from(bmat[row * b0 + tt * b1 + n * b2]);
+                                if comptime!(!ends_only) {
+                                    cv[l] = f32::cast_from(cmat[row * c0 + tt * c1 + n * c2]);
+                                }
+                            }
+                        } else {
+                            bv = s_b[t * vectors + q];
+                            if comptime!(!ends_only) {
+                                cv = s_c[t * vectors + q];
+                            }
+                        }
+                        // `h·C` summed per vector, then across: a shorter dependent chain.
+                        let mut part = 0.0f32;
+                        #[unroll]
+                        for l in 0..width {
+                            let n = q * width + l;
+                            let hn = hardware_exp(x * a_n[n], exp2) * h[n] + xu * bv[l];
+                            h[n] = hn;
+                            if comptime!(!ends_only) {
+                                part += hn * cv[l];
+                            }
+                        }
+                        acc += part;
+                    }
                     if comptime!(!ends_only) {
-                        acc += hn * cv;
+                        acc += skip_d * uv;
+                        if comptime!(has_z) {
+                            acc *= silu_f32(f32::cast_from(cur_z[p]));
+                        }
+                        y[y_at + tt * y1] = F::cast_from(acc);
                     }
-                }
-                if comptime!(!ends_only) {
-                    acc += skip_d * uv;
-                    if comptime!(has_z) {
-                        acc *= silu_f32(zv);
-                    }
-                    y[y_at + tt * y1] = F::cast_from(acc);
                 }
             }
+            g += group;
         }
         if comptime!(!direct_bc) {
             sync_cube();
@@ -375,8 +441,26 @@ fn scan_chunk_kernel<F: Float>(
     }
 }
 
+/// `e^v`, or `2^v` when `exp2` (its argument then scaled by `log₂ e` beforehand), with the
+/// reduced-precision intrinsics. CUDA's `__expf(v)` is `ex2.approx(v · log₂ e)`, a multiply
+/// more per (channel, state, step) than a bare power of two; `__powf(2, v)` (what CubeCL emits
+/// here) measured 4-5% faster in the scan on the H200, as if NVRTC folded its `lg2(2)` (the
+/// SASS was not inspected). On WGSL it is `pow(2, v)`.
+#[cube]
+fn hardware_exp(v: f32, #[comptime] exp2: bool) -> f32 {
+    if comptime!(exp2) {
+        f32::powf(f32::new(2.0), v)
+    } else {
+        v.exp()
+    }
+}
+
+/// `log₂ e`, for the `2^v` form of the decay.
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+
 /// Loads this unit's share of `B` and `C` for the tile of steps from `t0` (zeros past `t_end`)
-/// into registers, in the input dtype; the loads are issued together and not waited for here.
+/// into registers, `width` consecutive states per staged vector, in the input dtype; the loads
+/// are issued together and not waited for here.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn load_bc_tile<F: Float>(
@@ -397,20 +481,25 @@ fn load_bc_tile<F: Float>(
     #[comptime] n_state: usize,
     #[comptime] cb: usize,
     #[comptime] tile: usize,
+    #[comptime] width: usize,
     #[comptime] ends_only: bool,
 ) {
-    let staged = comptime!(tile * n_state);
+    let vectors = comptime!(n_state / width);
+    let staged = comptime!(tile * vectors);
     #[unroll]
     for j in 0..comptime!(staged.div_ceil(cb)) {
         let i = tid + j * cb;
-        let tt = t0 + i / n_state;
-        let n = i % n_state;
-        r_b[j] = F::new(0.0);
-        r_c[j] = F::new(0.0);
-        if i < staged && tt < t_end {
-            r_b[j] = bmat[row * b0 + tt * b1 + n * b2];
-            if comptime!(!ends_only) {
-                r_c[j] = cmat[row * c0 + tt * c1 + n * c2];
+        let tt = t0 + i / vectors;
+        let n0 = (i % vectors) * width;
+        #[unroll]
+        for l in 0..width {
+            r_b[j * width + l] = F::new(0.0);
+            r_c[j * width + l] = F::new(0.0);
+            if i < staged && tt < t_end {
+                r_b[j * width + l] = bmat[row * b0 + tt * b1 + (n0 + l) * b2];
+                if comptime!(!ends_only) {
+                    r_c[j * width + l] = cmat[row * c0 + tt * c1 + (n0 + l) * c2];
+                }
             }
         }
     }
@@ -505,7 +594,12 @@ pub(crate) fn launch<R: CubeRuntime>(
         into_contiguous(input.delta_bias),
     );
     let cb = channels_per_cube();
-    let tile = bc_tile();
+    let group = step_group();
+    // Whole groups per tile: a group's prefetch runs into the next tile's first steps.
+    let tile = bc_tile().next_multiple_of(group);
+    // B and C staged as vectors of 4 (or 2, or 1) states: one shared-memory load each.
+    let width = [4, 2, 1].into_iter().find(|w| state % w == 0).unwrap_or(1);
+    let exp2 = exp2_form();
     let cubes_x = channels.div_ceil(cb) as u32;
     let cube_dim = CubeDim::new_1d(cb as u32);
     let entries = chunks - 1;
@@ -553,6 +647,7 @@ pub(crate) fn launch<R: CubeRuntime>(
                 &client,
                 CubeCount::Static(cubes_x, batch as u32, count as u32),
                 cube_dim,
+                width,
                 input.u.clone().into_tensor_arg(),
                 input.delta.clone().into_tensor_arg(),
                 z.clone().into_tensor_arg(),
@@ -577,6 +672,9 @@ pub(crate) fn launch<R: CubeRuntime>(
                 input.delta_softplus,
                 ends_only,
                 seq == 1,
+                width,
+                group,
+                exp2,
                 dtype.into(),
             );
         }

@@ -264,6 +264,15 @@ pub fn tf32_allowed() -> bool {
     *ALLOWED.get_or_init(|| env_switch("JAMBA_ALLOW_TF32", false))
 }
 
+/// Whether half-precision products of many rows take cubek's TMA kernel where the device has
+/// one ([`jamba_kernels::matmul::matmul_tma`]); `JAMBA_TMA_MATMUL=0` keeps Burn's matmul (for
+/// comparison).
+#[cfg(feature = "kernels")]
+pub fn tma_matmul_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_TMA_MATMUL", true))
+}
+
 /// Scaled dot-product attention composed of two matrix products given by `matmul` (Burn's
 /// unfused form, `attention_fallback`, with the product chosen by the caller): `mask` is `true`
 /// where a key is hidden; a causal mask aligns the last query with the last key; a row with
@@ -594,6 +603,24 @@ pub mod cube {
                 let y = xk.matmul(wk).cast(DType::F32).sum_dim(0).cast(dtype);
                 return y.reshape([batch, seq, outputs]);
             }
+            // Many rows in half precision: cubek's TMA kernel, a fixed choice as fast as Burn's
+            // autotuned one on the H200's prefill products, without minutes of tuning.
+            if super::tma_matmul_enabled()
+                && let Some(y) = matmul::matmul_tma(
+                    prim(x.clone().reshape([rows, inputs])),
+                    prim(weight.clone()),
+                )
+            {
+                let y: Tensor<Self, 2> = wrap(y);
+                let y = match bias {
+                    Some(b) => {
+                        let dtype = y.dtype();
+                        y + b.cast(dtype).unsqueeze()
+                    }
+                    None => y,
+                };
+                return y.reshape([batch, seq, outputs]);
+            }
             if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || super::tf32_allowed() {
                 return burn::tensor::module::linear(x, weight, bias);
             }
@@ -613,6 +640,11 @@ pub mod cube {
         }
 
         fn batched_matmul(x: Tensor<Self, 3>, w: Tensor<Self, 3>) -> Tensor<Self, 3> {
+            if super::tma_matmul_enabled()
+                && let Some(y) = matmul::matmul_tma(prim(x.clone()), prim(w.clone()))
+            {
+                return wrap(y);
+            }
             if x.dtype() != DType::F32 || w.dtype() != DType::F32 || super::tf32_allowed() {
                 return x.matmul(w);
             }
