@@ -10,7 +10,8 @@
 //! tile; global traffic is the floor (read u, Δ, z, B, C once, write y once) plus the states.
 //!
 //! The `exp` per (channel, state, step) is the bound, as in mamba_ssm: on CUDA it is compiled
-//! with reduced-precision intrinsics (`__expf`, relative error ~1e-7 on the range `Δ·A ≤ 0`).
+//! with reduced-precision intrinsics (`__expf`, relative error ~1e-7 on the range `Δ·A ≤ 0`;
+//! the chunked kernel asks for `2^(Δ·A·log₂e)`, one multiply fewer).
 //!
 //! [`ScanPlan`] picks the kernel: state sizes up to 16 (Jamba's) run the time-chunked kernel of
 //! [`crate::scan_chunked`], which keeps the GPU full at batch 1; this tiled kernel serves larger
