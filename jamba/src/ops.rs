@@ -605,31 +605,32 @@ pub mod cube {
             }
             // Many rows in half precision: cubek's TMA kernel, a fixed choice as fast as Burn's
             // autotuned one on the H200's prefill products, without minutes of tuning.
-            if super::tma_matmul_enabled()
-                && let Some(y) = matmul::matmul_tma(
-                    prim(x.clone().reshape([rows, inputs])),
-                    prim(weight.clone()),
-                )
-            {
-                let y: Tensor<Self, 2> = wrap(y);
-                let y = match bias {
-                    Some(b) => {
-                        let dtype = y.dtype();
-                        y + b.cast(dtype).unsqueeze()
-                    }
-                    None => y,
-                };
-                return y.reshape([batch, seq, outputs]);
-            }
-            if x.dtype() != DType::F32 || weight.dtype() != DType::F32 || super::tf32_allowed() {
-                return burn::tensor::module::linear(x, weight, bias);
-            }
-            let y: Tensor<Self, 2> = wrap(matmul::matmul_f32(
-                prim(x.reshape([batch * seq, inputs])),
-                prim(weight),
-            ));
+            let tma = super::tma_matmul_enabled()
+                .then(|| {
+                    matmul::matmul_tma(
+                        prim(x.clone().reshape([rows, inputs])),
+                        prim(weight.clone()),
+                    )
+                })
+                .flatten();
+            let y: Tensor<Self, 2> = match tma {
+                Some(y) => wrap(y),
+                None if x.dtype() != DType::F32
+                    || weight.dtype() != DType::F32
+                    || super::tf32_allowed() =>
+                {
+                    return burn::tensor::module::linear(x, weight, bias);
+                }
+                None => wrap(matmul::matmul_f32(
+                    prim(x.reshape([rows, inputs])),
+                    prim(weight),
+                )),
+            };
             let y = match bias {
-                Some(b) => y + b.cast(DType::F32).unsqueeze(),
+                Some(b) => {
+                    let dtype = y.dtype();
+                    y + b.cast(dtype).unsqueeze()
+                }
                 None => y,
             };
             y.reshape([batch, seq, outputs])
