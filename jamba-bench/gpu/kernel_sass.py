@@ -14,6 +14,7 @@ ap.add_argument("name")
 ap.add_argument("--nvcc", default="/usr/local/cuda/bin/nvcc")
 ap.add_argument("--arch", default="sm_90a")
 ap.add_argument("--top", type=int, default=18)
+ap.add_argument("--dump", help="folder to write each kernel's CUDA source and SASS into")
 args = ap.parse_args()
 text = open(args.log, errors="replace").read()
 blocks = re.findall(r"source:\n```\w*\n(.*?)\n```\n\[END_KERNEL_COMPILATION\]", text, re.S)
@@ -33,6 +34,10 @@ with tempfile.TemporaryDirectory() as tmp:
             print(f"kernel {i}: nvcc failed:\n{r.stderr[-2000:]}")
             continue
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+        if args.dump:
+            os.makedirs(args.dump, exist_ok=True)
+            open(os.path.join(args.dump, f"k{i}.cu"), "w").write(src)
+            open(os.path.join(args.dump, f"k{i}.sass"), "w").write(sass)
         ops = collections.Counter()
         for line in sass.splitlines():
             m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)

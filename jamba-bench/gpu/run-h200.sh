@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|autotune-decode|scan-sass|prefill-tma|decode-variants|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -83,6 +83,32 @@ if [ "$WHAT" = scan-variants ]; then
   JAMBA_SCAN_GROUP=$1 JAMBA_SCAN_EXP2=$2 timeout ${TEST_SECS:-150} ./kernels --test-threads 1 scan_kernel 2>&1 \
     | grep -E "^test |panicked|rel. error" | sed "s/^/g=$1 e=$2  /" | head -8
 fi
+if [ "$WHAT" = scan-ftz ]; then
+  # Needs `jamba-bench-prev`, the previous build's bench (its `kernels` numbers, in the same run).
+  echo "== the CUDA kernel tests with the default (flush-to-zero ex2) scan, then the parity tests"
+  timeout ${TEST_SECS:-300} ./kernels --test-threads 1 2>&1 | grep -E "^test |panicked|test result" | head -24
+  ./parity cuda --test-threads 1 2>&1 | grep -E "test result|FAIL|panicked" | head -6
+  echo "== scan and state update: previous build, then JAMBA_SCAN_EXP2=1 (__powf), then the default (2: ftz ex2), twice"
+  for round in 1 2; do
+    for v in prev 1 2; do
+      if [ "$v" = prev ]; then bin=./jamba-bench-prev; e=1; else bin=./jamba-bench; e=$v; fi
+      [ -x "$bin" ] || continue
+      JAMBA_SCAN_EXP2=$e $bin kernels --backend cuda --tensor-ops-max 0 --ops scan,update --reps 7 2>&1 \
+        | grep -E "^(scan|state)" | sed "s/^/r$round $v  /"
+    done
+  done
+  echo "== the default scan's chunk count at the two shorter shapes (JAMBA_SCAN_CHUNKS; default 16 at both)"
+  for k in ${CHUNKS_:-8 12 16 24 32}; do
+    JAMBA_SCAN_CHUNKS=$k ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan --dtypes bf16 \
+      --shapes 1x8192x4096,4x2048x1024 --reps 7 2>&1 | grep -E "^scan" | sed "s/^/chunks=$k  /"
+  done
+  echo "== SASS of the default scan (bf16, (1, 8192, 4096))"
+  rm -f "$OUT/src.log"
+  CUBECL_DEBUG_LOG="$OUT/src.log" ./jamba-bench kernels --backend cuda --dtypes bf16 --shapes 1x8192x4096 \
+    --ops scan --tensor-ops-max 0 --reps 1 --min-ms 0 > /dev/null 2>&1
+  python3 kernel_sass.py "$OUT/src.log" scan_chunk_kernel --dump "$OUT/sass-ftz"
+  rm -f "$OUT/src.log"
+fi
 if [ "$WHAT" = autotune-decode ]; then
   # Needs `jamba-bench-at`, built with `--features cuda,autotune`. Each tuning Burn runs is logged
   # with a timestamp: which operations retune while decoding, and how long the tuning takes.
@@ -102,7 +128,7 @@ if [ "$WHAT" = scan-sass ]; then
   echo "== the exponential forms CubeCL can emit, as NVRTC compiles them (SASS)"
   NVCC=${NVCC:-/usr/local/cuda/bin/nvcc}
   $NVCC -arch=sm_90a -cubin -o "$OUT/exp_forms.cubin" exp_forms.cu && \
-    $(dirname $NVCC)/cuobjdump -sass "$OUT/exp_forms.cubin" | grep -E "Function|MUFU|FMUL|FFMA|FADD|FSETP|FSEL" | sed 's/^ *//' | cut -c1-90
+    $(dirname $NVCC)/cuobjdump -sass "$OUT/exp_forms.cubin" | grep -E "Function|MUFU|FMUL|FFMA|FADD|FSETP|FSEL|FMNMX" | sed 's/^ *//' | cut -c1-90
   rm -f "$OUT/exp_forms.cubin"
   echo "== the chunked scan's instruction mix (bf16, (1, 8192, 4096)), per variant in SASS_VARIANTS (group exp2)"
   echo "${SASS_VARIANTS:-4 0,4 1}" | tr , '\n' | while read -r g e; do
@@ -110,7 +136,7 @@ if [ "$WHAT" = scan-sass ]; then
     JAMBA_SCAN_GROUP=$g JAMBA_SCAN_EXP2=$e CUBECL_DEBUG_LOG="$OUT/src.log" ./jamba-bench kernels \
       --backend cuda --dtypes bf16 --shapes 1x8192x4096 --ops scan --tensor-ops-max 0 --reps 1 --min-ms 0 > /dev/null 2>&1
     echo "-- group $g, exp2 $e"
-    python3 kernel_sass.py "$OUT/src.log" scan_chunk_kernel --nvcc $NVCC
+    python3 kernel_sass.py "$OUT/src.log" scan_chunk_kernel --nvcc $NVCC --dump "$OUT/sass-g$g-e$e"
   done
   rm -f "$OUT/src.log"
 fi

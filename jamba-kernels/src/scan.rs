@@ -11,7 +11,9 @@
 //!
 //! The `exp` per (channel, state, step) is the bound, as in mamba_ssm: on CUDA it is compiled
 //! with reduced-precision intrinsics (`__expf`, relative error ~1e-7 on the range `Δ·A ≤ 0`;
-//! the chunked kernel asks for `2^(Δ·A·log₂e)`, one multiply fewer).
+//! the chunked kernel asks for `2^(Δ·A·log₂e)`, one multiply fewer, and on CUDA for the
+//! flush-to-zero `ex2.approx.ftz.f32`, which ptxas does not wrap in a subnormal guard; see
+//! [`crate::scan_chunked`]).
 //!
 //! [`ScanPlan`] picks the kernel: state sizes up to 16 (Jamba's) run the time-chunked kernel of
 //! [`crate::scan_chunked`], which keeps the GPU full at batch 1; this tiled kernel serves larger

@@ -21,7 +21,10 @@
 //! (consecutive channels) and issued a group of steps ahead. `B` and `C` are common to the cube
 //! and staged through shared memory a tile at a time, as vectors of 4 states (one shared load
 //! per 4 states: on the H200 the kernel is bound by instruction issue, ~76% of issue slots
-//! busy, the exponential unit next at ~60%).
+//! busy, the exponential unit next at ~60%). For the same reason, on CUDA its exponentials and
+//! logarithms are the bare flush-to-zero instructions and its divisions the fast ones
+//! (`declare_ftz_intrinsics`): 7.5 and 10.2 instructions per (channel, state, step) in the
+//! two passes' loops instead of 11.0 and 14.5.
 
 use burn_cubecl::{
     CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
@@ -65,21 +68,32 @@ fn step_group() -> usize {
         .unwrap_or(4)
 }
 
-/// Whether the decay is computed as `2^(Δ·A·log₂e)` (one multiply fewer per state and step
-/// than CUDA's `__expf`; 4-5% faster on the H200); `JAMBA_SCAN_EXP2=0` asks for `e^(Δ·A)`
-/// (for comparison).
-fn exp2_form() -> bool {
+/// How the decay `e^(Δ·A)` is computed: `0` as `e^v` (CUDA's `__expf`: a multiply by log₂e,
+/// then `ex2.approx`); `1` as `2^(Δ·A·log₂e)` (`__powf(2, v)`: one multiply fewer per state and
+/// step, 4-5% faster on the H200); `2`, on CUDA only, as `2^v` through the flush-to-zero
+/// `ex2.approx.ftz.f32`, with softplus' and the gate's `exp` and `log` flush-to-zero too (see
+/// [`declare_ftz_intrinsics`]: 11-15% faster than `1` on the H200). The default is `2` on CUDA
+/// and `1` elsewhere; `JAMBA_SCAN_EXP2` overrides it (for comparison).
+fn exp_form(cuda: bool) -> u32 {
     static EXP2: OnceLock<Option<usize>> = OnceLock::new();
-    env_usize(&EXP2, "JAMBA_SCAN_EXP2").unwrap_or(1) == 1
+    let form = env_usize(&EXP2, "JAMBA_SCAN_EXP2").unwrap_or(if cuda { 2 } else { 1 });
+    match form {
+        0 => 0,
+        2 if cuda => 2,
+        _ => 1,
+    }
 }
 
 /// The shortest chunk the default plan makes: shorter ones spend more on the carries than they
 /// gain in parallelism.
 const MIN_CHUNK: usize = 32;
 
-/// The number of units the default plan aims for: two waves of the H200 (132 multiprocessors,
-/// 1,024 resident units each at this kernel's register use).
-const TARGET_UNITS: usize = 1 << 18;
+/// The number of units the default plan aims for: about one wave of the H200 (132
+/// multiprocessors, ~1,000 resident units each at this kernel's register use). With the
+/// flush-to-zero intrinsics, 16 chunks beat 32 at (4, 2048, 1024) by 10% and tie at
+/// (1, 8192, 4096) (`run-h200.sh scan-ftz`); session 5's sweep, with a slower kernel, had
+/// preferred two waves.
+const TARGET_UNITS: usize = 1 << 17;
 
 /// The longest chunk the default plan makes: at (1, 8192, 32768) chunks of 256 steps (K = 128)
 /// took 4.49 ms in bf16 against 4.74 for the 1,024 steps that `TARGET_UNITS` alone gives
@@ -92,9 +106,9 @@ const MAX_CHUNK: usize = 256;
 ///
 /// ```
 /// use jamba_kernels::scan_chunked::default_chunks;
-/// assert_eq!(default_chunks(1, 8192, 4096), 32);
+/// assert_eq!(default_chunks(1, 8192, 4096), 16);
 /// assert_eq!(default_chunks(1, 8192, 32768), 128);
-/// assert_eq!(default_chunks(4, 2048, 1024), 32);
+/// assert_eq!(default_chunks(4, 2048, 1024), 16);
 /// ```
 pub fn default_chunks(batch: usize, channels: usize, seq: usize) -> usize {
     static FORCED: OnceLock<Option<usize>> = OnceLock::new();
@@ -116,7 +130,11 @@ fn chunk_layout(seq: usize, chunks: usize) -> (usize, usize) {
 
 #[cube(
     launch_unchecked,
-    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+    fast_math = FastMath::ReducedPrecision
+        | FastMath::NotNaN
+        | FastMath::NotInf
+        | FastMath::AllowReciprocal
+        | FastMath::UnsignedZero
 )]
 #[allow(clippy::too_many_arguments)]
 fn scan_chunk_kernel<F: Float, N: Size>(
@@ -146,9 +164,13 @@ fn scan_chunk_kernel<F: Float, N: Size>(
     #[comptime] direct_bc: bool,
     #[comptime] width: usize,
     #[comptime] group: usize,
-    #[comptime] exp2: bool,
+    #[comptime] exp_form: u32,
     #[define(F)] _dtype: StorageType,
 ) {
+    if comptime!(exp_form == 2) {
+        declare_ftz_intrinsics();
+    }
+    let exp2 = comptime!(exp_form != 0);
     let vectors = comptime!(n_state / width);
     let seq = seq as usize;
     let channels = channels as usize;
@@ -455,6 +477,27 @@ fn hardware_exp(v: f32, #[comptime] exp2: bool) -> f32 {
     }
 }
 
+/// Makes the kernel's `__powf(2, v)`, `__expf` and `__logf` calls CUDA's flush-to-zero
+/// `ex2.approx.ftz.f32` and `lg2.approx.ftz.f32` (CUDA only: the kernel calls `__powf` with
+/// base 2 alone).
+///
+/// NVRTC compiles CubeCL's kernels without `-ftz`, so every `__powf`, `exp2f` or `__expf`
+/// becomes `ex2.approx.f32`, which ptxas guards against subnormal results: a compare and two
+/// predicated multiplies around each `MUFU.EX2` (`run-h200.sh scan-sass`, kernel `exp_forms`;
+/// clamping the argument does not remove them). In this kernel, bound by instruction issue,
+/// that was 3 of the ~11 instructions per (channel, state, step) of the ends pass. CubeCL has
+/// no intrinsic for the bare instructions and no way to pass NVRTC flags, so the kernel carries
+/// a comment that closes itself and defines the three as inline `asm`; results below 2⁻¹²⁶
+/// become 0 instead of subnormals (a decay that small is already exact zero in effect, and
+/// softplus' `ln(1 + e^{−|x|})` and the gate's `e^{−x}` do not care). WGSL never sees this: the
+/// form is chosen on the host from the runtime's name.
+#[cube]
+fn declare_ftz_intrinsics() {
+    comment!(
+        "jamba-kernels: flush-to-zero ex2 and lg2 (scan_chunked::declare_ftz_intrinsics)\n*/\n#define jamba_ftz(op, x) ([](float jamba_v) { float jamba_r; asm(op \" %0, %1;\" : \"=f\"(jamba_r) : \"f\"(jamba_v)); return jamba_r; }(x))\n#define __powf(base, v) jamba_ftz(\"ex2.approx.ftz.f32\", v)\n#define __expf(v) jamba_ftz(\"ex2.approx.ftz.f32\", (v) * 1.44269504f)\n#define __logf(v) (jamba_ftz(\"lg2.approx.ftz.f32\", v) * 0.693147181f)\n/*"
+    );
+}
+
 /// `log₂ e`, for the `2^v` form of the decay.
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
@@ -599,7 +642,7 @@ pub(crate) fn launch<R: CubeRuntime>(
     let tile = bc_tile().next_multiple_of(group);
     // B and C staged as vectors of 4 (or 2, or 1) states: one shared-memory load each.
     let width = [4, 2, 1].into_iter().find(|w| state % w == 0).unwrap_or(1);
-    let exp2 = exp2_form();
+    let exp_form = exp_form(R::name(&client) == "cuda");
     let cubes_x = channels.div_ceil(cb) as u32;
     let cube_dim = CubeDim::new_1d(cb as u32);
     let entries = chunks - 1;
@@ -674,7 +717,7 @@ pub(crate) fn launch<R: CubeRuntime>(
                 seq == 1,
                 width,
                 group,
-                exp2,
+                exp_form,
                 dtype.into(),
             );
         }
