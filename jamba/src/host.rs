@@ -164,34 +164,196 @@ pub fn projection_flex(
     Tensor::from_data(TensorData::new(out, [batch, seq, outputs]), &device)
 }
 
-/// `x · w` on the host, threaded over bands of output columns: `[rows, outputs]`.
+/// `x · w` on the host: `[rows, outputs]`. Each thread streams one contiguous band of the
+/// weight's input rows into partial sums over every output column, and the partials are added
+/// at the end (`rows · outputs` adds per extra thread, nothing next to the weight). On the
+/// 2-core development machine, bands of rows and session 6's bands of columns streamed a
+/// decoding step's products at about the same rate; what mattered was how a band reaches the
+/// other core ([`pair::join`] for two bands, rayon's pool for more).
 #[cfg(feature = "flex")]
 fn gemv_host(args: &GemvArgs<'_>) -> Vec<f32> {
     use rayon::prelude::*;
     let (rows, inputs, outputs) = (args.rows, args.inputs, args.outputs);
-    // Bands of at least 64K weights (below that a thread costs more than it saves), whole
-    // multiples of 16 columns.
-    let bands = threads()
-        .min((inputs * outputs).div_ceil(1 << 16))
-        .clamp(1, outputs.div_ceil(16).max(1));
-    let per = outputs.div_ceil(bands).div_ceil(16) * 16;
+    // Bands of at least 64K weights (below that a thread costs more than it saves).
+    let bands = threads().min((inputs * outputs).div_ceil(1 << 16)).max(1);
+    let bands = bands.clamp(1, inputs.div_ceil(4).max(1));
     if bands == 1 {
-        return gemv_columns(args, 0..outputs);
+        return gemv_rows(args, 0..inputs);
     }
-    let parts: Vec<Vec<f32>> = (0..bands)
-        .into_par_iter()
-        .map(|t| gemv_columns(args, (t * per).min(outputs)..((t + 1) * per).min(outputs)))
-        .collect();
-    let mut out = vec![0.0f32; rows * outputs];
-    let mut lo = 0;
-    for part in &parts {
-        let width = part.len() / rows.max(1);
-        for r in 0..rows {
-            out[r * outputs + lo..][..width].copy_from_slice(&part[r * width..][..width]);
+    // Whole groups of 4 input rows per band (the loop's unit).
+    let per = inputs.div_ceil(bands).div_ceil(4) * 4;
+    if bands == 2 && helper_enabled() {
+        let first = std::sync::Mutex::new(Vec::new());
+        let second = std::sync::Mutex::new(Vec::new());
+        pair::join(
+            &|| *lock(&first) = gemv_rows(args, 0..per.min(inputs)),
+            &|| *lock(&second) = gemv_rows(args, per.min(inputs)..inputs),
+        );
+        let mut out = first.into_inner().unwrap_or_else(|e| e.into_inner());
+        let second = second.into_inner().unwrap_or_else(|e| e.into_inner());
+        if !second.is_empty() {
+            add_assign(&mut out, &second);
         }
-        lo += width;
+        return out;
+    }
+    let mut parts = (0..bands)
+        .into_par_iter()
+        .map(|t| gemv_rows(args, (t * per).min(inputs)..((t + 1) * per).min(inputs)))
+        .collect::<Vec<_>>()
+        .into_iter();
+    let mut out = parts.next().unwrap_or_else(|| vec![0.0; rows * outputs]);
+    for part in parts {
+        add_assign(&mut out, &part);
     }
     out
+}
+
+/// The guard of a mutex whose holder may have panicked (the value is overwritten anyway).
+#[cfg(feature = "flex")]
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `JAMBA_HOST_HELPER=off` sends two-band products to rayon's pool instead of [`pair::join`]
+/// (for comparisons; read once).
+#[cfg(feature = "flex")]
+fn helper_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| crate::ops::env_switch("JAMBA_HOST_HELPER", true))
+}
+
+/// Two-way splits of short host loops (a decoding step's products) on one helper thread.
+///
+/// Handing two jobs to rayon's pool from a thread outside it costs ~25 µs per call on the
+/// 2-core development machine (the workers sleep between a decoding step's calls, and the
+/// caller blocks on a latch until both are woken and done): a 512 × 256 product took 27-38 µs
+/// split that way and 6.8 µs on one thread. The helper instead spins for a short while after
+/// each job, so the next product of the step finds it awake, and the caller runs the other
+/// half itself.
+#[cfg(feature = "flex")]
+mod pair {
+    use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
+    use std::sync::{Mutex, OnceLock};
+    use std::time::{Duration, Instant};
+
+    const IDLE: u8 = 0;
+    const POSTED: u8 = 1;
+    const DONE: u8 = 2;
+    const PANICKED: u8 = 3;
+    /// How long the helper waits, spinning, for the next job before it parks.
+    const SPIN: Duration = Duration::from_micros(300);
+
+    /// A job whose borrow [`join`] keeps alive until the helper reports it done.
+    #[derive(Clone, Copy)]
+    struct Job(*const (dyn Fn() + Sync + 'static));
+    // SAFETY: the pointee is `Sync`, and `join` outlives its use (it waits for `DONE`).
+    unsafe impl Send for Job {}
+
+    struct Helper {
+        state: AtomicU8,
+        parked: AtomicBool,
+        job: Mutex<Option<Job>>,
+        /// Held by the one caller using the helper; others run both halves themselves.
+        busy: Mutex<()>,
+        thread: std::thread::Thread,
+    }
+
+    fn helper() -> Option<&'static Helper> {
+        static HELPER: OnceLock<Option<&'static Helper>> = OnceLock::new();
+        *HELPER.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name("jamba-host-helper".into())
+                .spawn(move || {
+                    let helper: &'static Helper = Box::leak(Box::new(Helper {
+                        state: AtomicU8::new(IDLE),
+                        parked: AtomicBool::new(false),
+                        job: Mutex::new(None),
+                        busy: Mutex::new(()),
+                        thread: std::thread::current(),
+                    }));
+                    let _ = tx.send(helper);
+                    serve(helper)
+                })
+                .ok()?;
+            rx.recv().ok()
+        })
+    }
+
+    fn serve(h: &Helper) -> ! {
+        loop {
+            let mut since = Instant::now();
+            while h.state.load(SeqCst) != POSTED {
+                if since.elapsed() < SPIN {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                // `join` stores `POSTED` before it reads `parked`, and this thread stores
+                // `parked` before it reads the state: one of the two sees the other.
+                h.parked.store(true, SeqCst);
+                if h.state.load(SeqCst) != POSTED {
+                    std::thread::park();
+                }
+                h.parked.store(false, SeqCst);
+                since = Instant::now();
+            }
+            let job = h.job.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let ok = catch_unwind(AssertUnwindSafe(|| {
+                if let Some(Job(f)) = job {
+                    // SAFETY: `join` posted this pointer from a live borrow and does not
+                    // return before `DONE` or `PANICKED` is stored below.
+                    unsafe { (*f)() }
+                }
+            }))
+            .is_ok();
+            h.state.store(if ok { DONE } else { PANICKED }, SeqCst);
+        }
+    }
+
+    /// Runs `a` on the calling thread and `b` on the helper, and returns when both are done
+    /// (both on the calling thread if the helper is taken or could not be started). A panic
+    /// in either is resumed here, after both have finished.
+    pub(super) fn join(a: &(dyn Fn() + Sync), b: &(dyn Fn() + Sync)) {
+        let Some(h) = helper() else {
+            a();
+            return b();
+        };
+        let Ok(_busy) = h.busy.try_lock() else {
+            a();
+            return b();
+        };
+        // SAFETY: only the lifetime is erased; this function waits below until the helper
+        // has finished with `b` (whatever `a` does), so the borrow outlives every use.
+        let job: *const (dyn Fn() + Sync + 'static) = unsafe {
+            std::mem::transmute::<*const (dyn Fn() + Sync + '_), *const (dyn Fn() + Sync + 'static)>(
+                b,
+            )
+        };
+        *h.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Job(job));
+        h.state.store(POSTED, SeqCst);
+        if h.parked.load(SeqCst) {
+            h.thread.unpark();
+        }
+        let ran = catch_unwind(AssertUnwindSafe(a));
+        let mut spins = 0u32;
+        while !matches!(h.state.load(SeqCst), DONE | PANICKED) {
+            spins += 1;
+            if spins < 1 << 14 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let helper_panicked = h.state.swap(IDLE, SeqCst) == PANICKED;
+        if let Err(payload) = ran {
+            resume_unwind(payload);
+        }
+        assert!(
+            !helper_panicked,
+            "a host loop panicked on the helper thread"
+        );
+    }
 }
 
 /// The mixture of experts of a few f32 tokens on flex, as host loops
@@ -315,36 +477,45 @@ struct GemvArgs<'a> {
 
 #[cfg(feature = "flex")]
 simd_dispatch! {
-    /// `x · w[:, cols]`, `[rows, cols.len()]`.
-    fn gemv_columns(p: &GemvArgs<'_>, cols: std::ops::Range<usize>) -> Vec<f32> {
-        let (rows, inputs, outputs) = (p.rows, p.inputs, p.outputs);
-        let width = cols.len();
-        let mut out = vec![0.0f32; rows * width];
-        let row = |i: usize| &p.w[i * outputs + cols.start..][..width];
-        let mut i = 0;
-        while i + 4 <= inputs {
+    /// `x[:, inputs] · w[inputs, :]` over a band of input rows: partial sums, `[rows, outputs]`.
+    fn gemv_rows(p: &GemvArgs<'_>, inputs: std::ops::Range<usize>) -> Vec<f32> {
+        let (rows, width, outputs) = (p.rows, p.inputs, p.outputs);
+        let mut out = vec![0.0f32; rows * outputs];
+        let row = |i: usize| &p.w[i * outputs..][..outputs];
+        let mut i = inputs.start;
+        while i + 4 <= inputs.end {
             let (w0, w1, w2, w3) = (row(i), row(i + 1), row(i + 2), row(i + 3));
             for r in 0..rows {
-                let xs = &p.x[r * inputs + i..][..4];
+                let xs = &p.x[r * width + i..][..4];
                 let (x0, x1, x2, x3) = (xs[0], xs[1], xs[2], xs[3]);
-                let acc = &mut out[r * width..][..width];
-                for c in 0..width {
+                let acc = &mut out[r * outputs..][..outputs];
+                for c in 0..outputs {
                     acc[c] += x0 * w0[c] + x1 * w1[c] + x2 * w2[c] + x3 * w3[c];
                 }
             }
             i += 4;
         }
-        while i < inputs {
+        while i < inputs.end {
             let wi = row(i);
             for r in 0..rows {
-                let xv = p.x[r * inputs + i];
-                for (a, &wv) in out[r * width..][..width].iter_mut().zip(wi) {
+                let xv = p.x[r * width + i];
+                for (a, &wv) in out[r * outputs..][..outputs].iter_mut().zip(wi) {
                     *a += xv * wv;
                 }
             }
             i += 1;
         }
         out
+    }
+}
+
+#[cfg(feature = "flex")]
+simd_dispatch! {
+    /// `out += part`, element by element.
+    fn add_assign(out: &mut [f32], part: &[f32]) {
+        for (o, p) in out.iter_mut().zip(part) {
+            *o += p;
+        }
     }
 }
 
@@ -901,6 +1072,28 @@ mod tests {
         check::<3>();
         check::<7>();
         check::<16>();
+    }
+
+    #[cfg(feature = "flex")]
+    #[test]
+    fn pair_join_runs_both_halves_and_passes_panics_on() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (a, b) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        for i in 1..=200 {
+            super::pair::join(&|| _ = a.fetch_add(i, Ordering::SeqCst), &|| {
+                _ = b.fetch_add(2 * i, Ordering::SeqCst)
+            });
+        }
+        assert_eq!(a.load(Ordering::SeqCst), 20_100);
+        assert_eq!(b.load(Ordering::SeqCst), 40_200);
+        let caught = std::panic::catch_unwind(|| super::pair::join(&|| (), &|| panic!("band")));
+        assert!(caught.is_err(), "a panic on the helper reaches the caller");
+        // The helper serves the next call after a panic.
+        let c = AtomicUsize::new(0);
+        super::pair::join(&|| _ = c.fetch_add(1, Ordering::SeqCst), &|| {
+            _ = c.fetch_add(1, Ordering::SeqCst)
+        });
+        assert_eq!(c.load(Ordering::SeqCst), 2);
     }
 
     #[test]
