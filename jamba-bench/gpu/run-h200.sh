@@ -102,12 +102,7 @@ if [ "$WHAT" = scan-ftz ]; then
     JAMBA_SCAN_CHUNKS=$k ./jamba-bench kernels --backend cuda --tensor-ops-max 0 --ops scan --dtypes bf16 \
       --shapes 1x8192x4096,4x2048x1024 --reps 7 2>&1 | grep -E "^scan" | sed "s/^/chunks=$k  /"
   done
-  echo "== SASS of the default scan (bf16, (1, 8192, 4096))"
-  rm -f "$OUT/src.log"
-  CUBECL_DEBUG_LOG="$OUT/src.log" ./jamba-bench kernels --backend cuda --dtypes bf16 --shapes 1x8192x4096 \
-    --ops scan --tensor-ops-max 0 --reps 1 --min-ms 0 > /dev/null 2>&1
-  python3 kernel_sass.py "$OUT/src.log" scan_chunk_kernel --dump "$OUT/sass-ftz"
-  rm -f "$OUT/src.log"
+  # The default kernel's SASS: `SASS_VARIANTS="4 2" bash run-h200.sh scan-sass`.
 fi
 if [ "$WHAT" = autotune-decode ]; then
   # Needs `jamba-bench-at`, built with `--features cuda,autotune`. Each tuning Burn runs is logged

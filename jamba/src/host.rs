@@ -175,8 +175,10 @@ fn gemv_host(args: &GemvArgs<'_>) -> Vec<f32> {
     use rayon::prelude::*;
     let (rows, inputs, outputs) = (args.rows, args.inputs, args.outputs);
     // Bands of at least 64K weights (below that a thread costs more than it saves).
-    let bands = threads().min((inputs * outputs).div_ceil(1 << 16)).max(1);
-    let bands = bands.clamp(1, inputs.div_ceil(4).max(1));
+    let bands = threads()
+        .min((inputs * outputs).div_ceil(1 << 16))
+        .min(inputs.div_ceil(4))
+        .max(1);
     if bands == 1 {
         return gemv_rows(args, 0..inputs);
     }
