@@ -321,11 +321,31 @@ fn rms_norm_grid<R: CubeRuntime>(device: &R::Device) {
             &rms_norm_expected(&window, &weight, width, eps),
             1e-5,
         );
-        let reference = rms_norm_tensor_ops(x_t, w_t, eps);
+        let reference = rms_norm_tensor_ops(x_t.clone(), w_t.clone(), eps);
         assert_close(
             &format!("{tag} vs tensor ops"),
             &ours,
             &to_vec(reference),
+            1e-5,
+        );
+        // The residual form: x (the strided window) plus a fresh update, then the norm.
+        let update = rng.normal(batch * seq * width, 0.0, 1.0);
+        let u_t = Tensor::<K<R>, 3>::from_data(
+            TensorData::new(update.clone(), [batch, seq, width]),
+            device,
+        );
+        let (sum, normed) = norm::add_rms_norm(prim(x_t), prim(u_t), prim(w_t), eps);
+        let sum_want: Vec<f32> = window.iter().zip(&update).map(|(a, b)| a + b).collect();
+        assert_close(
+            &format!("{tag}, residual sum"),
+            &to_vec(wrap::<R, 3>(sum)),
+            &sum_want,
+            0.0,
+        );
+        assert_close(
+            &format!("{tag}, norm of the residual sum"),
+            &to_vec(wrap::<R, 3>(normed)),
+            &rms_norm_expected(&sum_want, &weight, width, eps),
             1e-5,
         );
     }
@@ -663,6 +683,179 @@ fn scan_backward_grid<R: CubeRuntime>(device: &R::Device) {
     assert!(cases >= 100);
 }
 
+/// The fused Mamba decoding step ([`JambaBackend::mamba_step`], two kernels) against the same
+/// mixer's separate operations on the same device: four steps from a random conv and SSM state,
+/// comparing the layer's output and both new states. Every parameter is random (no structured
+/// `A_log` or unit `D` that would hide a transposed index), widths are not multiples of the
+/// kernels' 128 channels per cube, and the conv width, state size and rank vary.
+///
+/// In f32 the two differ by summation order (`x_proj` summed by blocks of 128 channels here, by
+/// slices of `k` in the GEMV) and by the exponentials' approximations under fast math, carried
+/// through the recurrence and into `y`, where `D · u` can cancel `C · h`: seen up to 5e-6
+/// over eight seeds, hence 2e-5. (No rank or state of 1: the norm of one value, `x / √(x² + ε)`,
+/// has a condition number up to `1/√ε`, which turned the same differences into 5e-5.)
+fn mamba_step_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    use burn::module::Param;
+    use burn::tensor::Distribution;
+    use burn::tensor::backend::Backend as _;
+    use jamba::cache::MambaState;
+    use jamba::mamba::MambaMixerConfig;
+    let seed = common::fresh_seed();
+    K::<R>::seed(device, seed);
+    let mut cases = 0;
+    let mut worst = (0.0f64, String::new());
+    for &(inner, state, rank, d_conv, conv_bias) in &[
+        (37usize, 16usize, 3usize, 4usize, true),
+        (128, 16, 8, 4, false),
+        (300, 4, 20, 2, true),
+        (256, 2, 2, 3, true),
+        (200, 64, 13, 8, false),
+        (1024, 16, 64, 4, true),
+    ] {
+        for batch in [1usize, 3] {
+            let hidden = 24;
+            let random = |shape: Vec<usize>, lo: f64, hi: f64| {
+                Tensor::<K<R>, 1>::random(
+                    [shape.iter().product::<usize>()],
+                    Distribution::Uniform(lo, hi),
+                    device,
+                )
+            };
+            let mut mixer = MambaMixerConfig::new(hidden, inner, state, d_conv, rank)
+                .with_conv_bias(conv_bias)
+                .init::<K<R>>(device);
+            mixer.a_log =
+                Param::from_tensor(random(vec![inner * state], -1.0, 1.5).reshape([inner, state]));
+            mixer.d = Param::from_tensor(random(vec![inner], -1.0, 2.0));
+            for norm in [
+                &mut mixer.dt_layernorm,
+                &mut mixer.b_layernorm,
+                &mut mixer.c_layernorm,
+            ] {
+                let size = norm.weight.dims()[0];
+                norm.weight = Param::from_tensor(random(vec![size], 0.5, 1.5));
+            }
+            let mixer = cast_module(mixer, dtype);
+            let fresh = || MambaState {
+                conv: Tensor::<K<R>, 3>::random(
+                    [batch, d_conv - 1, inner],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                )
+                .cast(dtype),
+                ssm: Tensor::<K<R>, 3>::random(
+                    [batch, inner, state],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                ),
+            };
+            let mut fused = fresh();
+            let mut unfused = fused.clone();
+            let name = format!(
+                "{dtype:?} inner {inner} N {state} rank {rank} d_conv {d_conv} bias {conv_bias} batch {batch} (seed {seed})"
+            );
+            let xz = Tensor::<K<R>, 2>::random(
+                [batch, 2 * inner],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )
+            .cast(dtype);
+            assert!(
+                K::<R>::mamba_step(mixer.step_input(xz, &fused)).is_some(),
+                "{name}: the backend did not take the fused step"
+            );
+            for step in 0..4 {
+                let x = Tensor::<K<R>, 3>::random(
+                    [batch, 1, hidden],
+                    Distribution::Normal(0.0, 1.0),
+                    device,
+                )
+                .cast(dtype);
+                let y = mixer.forward(x.clone(), None, Some(&mut fused));
+                let y_want = mixer.forward_unfused(x, None, Some(&mut unfused));
+                let name = format!("{name}, step {step}");
+                let (y, y_want) = (to_vec(y), to_vec(y_want));
+                let err = rel_err(&y, &y_want);
+                if err > worst.0 {
+                    worst = (err, name.clone());
+                }
+                assert_close(&format!("y, {name}"), &y, &y_want, tolerance);
+                assert_close(
+                    &format!("conv state, {name}"),
+                    &to_vec(fused.conv.clone()),
+                    &to_vec(unfused.conv.clone()),
+                    0.0,
+                );
+                assert_close(
+                    &format!("SSM state, {name}"),
+                    &to_vec(fused.ssm.clone()),
+                    &to_vec(unfused.ssm.clone()),
+                    tolerance,
+                );
+            }
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 12);
+    eprintln!(
+        "fused Mamba step: worst rel. error of y {:.2e} (tolerance {tolerance:.0e}) at {}",
+        worst.0, worst.1
+    );
+}
+
+/// The fused dense MLP ([`JambaBackend::swiglu`], four kernels) against the same MLP's separate
+/// operations on the same device, on random weights and inputs: widths that are not multiples
+/// of the kernels' 32 columns, one row to the most the kernels take.
+fn swiglu_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    use burn::tensor::Distribution;
+    use burn::tensor::backend::Backend as _;
+    use jamba::mlp::MlpConfig;
+    let seed = common::fresh_seed();
+    K::<R>::seed(device, seed);
+    for &(hidden, inner) in &[(24usize, 72usize), (100, 300), (512, 1408), (7, 5)] {
+        let mlp = cast_module(MlpConfig::new(hidden, inner).init::<K<R>>(device), dtype);
+        for rows in [1usize, 3, jamba::kernels::moe::MAX_SLOTS] {
+            let name = format!("{dtype:?} hidden {hidden} inner {inner} rows {rows} (seed {seed})");
+            let x = Tensor::<K<R>, 3>::random(
+                [rows, 1, hidden],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )
+            .cast(dtype);
+            assert!(
+                K::<R>::swiglu(
+                    x.clone().reshape([rows, hidden]),
+                    mlp.gate_proj.weight.val(),
+                    mlp.up_proj.weight.val(),
+                    mlp.down_proj.weight.val(),
+                )
+                .is_some(),
+                "{name}: the backend did not take the fused MLP"
+            );
+            let y = mlp.forward(x.clone());
+            let y_want = mlp.forward_unfused(x);
+            assert_eq!(y.dims(), y_want.dims());
+            assert_close(&name, &to_vec(y), &to_vec(y_want), tolerance);
+        }
+    }
+}
+
+/// `module` with every float parameter cast to `dtype`.
+fn cast_module<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
+    module: M,
+    dtype: DType,
+) -> M {
+    use burn::module::{ModuleMapper, Param};
+    struct Cast(DType);
+    impl<B: burn::tensor::backend::Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            Param::from_mapped_value(id, tensor.cast(self.0), mapper)
+        }
+    }
+    module.map(&mut Cast(dtype))
+}
+
 macro_rules! kernel_tests {
     ($module:ident, $runtime:ty, $feature:literal) => {
         #[cfg(feature = $feature)]
@@ -697,6 +890,16 @@ macro_rules! kernel_tests {
             #[test]
             fn gemv_kernel_matches_the_definition_over_the_grid() {
                 super::gemv_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-6);
+            }
+
+            #[test]
+            fn fused_mamba_step_matches_the_separate_operations() {
+                super::mamba_step_grid::<R>(&Default::default(), burn::tensor::DType::F32, 2e-5);
+            }
+
+            #[test]
+            fn fused_mlp_matches_the_separate_operations() {
+                super::swiglu_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-5);
             }
 
             #[test]
@@ -930,4 +1133,26 @@ fn cuda_scan_kernel_takes_half_inputs() {
             );
         }
     }
+}
+
+/// The fused Mamba step in bf16 and f16 against the separate operations in the same dtype: both
+/// round the same intermediates to the half type, so they differ by summation order, which can
+/// flip a rounding of a stored intermediate (bf16's unit roundoff 3.9e-3, f16's 4.9e-4).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_fused_mamba_step_takes_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    mamba_step_grid::<R>(&Default::default(), DType::BF16, 2e-2);
+    mamba_step_grid::<R>(&Default::default(), DType::F16, 3e-3);
+}
+
+/// The fused MLP in bf16 and f16 against the separate operations in the same dtype. Burn's SiLU
+/// rounds each of its six element-wise steps to the half type where the kernel rounds SiLU once
+/// (as PyTorch does), so they differ by a few roundings.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_fused_mlp_takes_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    swiglu_grid::<R>(&Default::default(), DType::BF16, 2e-2);
+    swiglu_grid::<R>(&Default::default(), DType::F16, 3e-3);
 }

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -150,6 +150,21 @@ if [ "$WHAT" = decode-variants ]; then
       --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 2>&1 >/dev/null \
       | grep "^decode" | sed "s/^/[$v]  /"
   done
+fi
+if [ "$WHAT" = fused-step ]; then
+  echo "== decoding with the fused Mamba step (default) and without (JAMBA_FUSED_STEP=off), alternated, bf16 then f32"
+  for dt in bf16 f32; do
+    for round in 1 2; do
+      for v in on off; do
+        JAMBA_FUSED_STEP=$v ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda \
+          --dtype $dt --prefill 0 --decode-batch 1,16 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 \
+          2>&1 >/dev/null | grep "^decode" | sed "s/^/$dt r$round fused=$v  /"
+      done
+    done
+  done
+  echo "== the fused step's kernel tests (f32, bf16, f16), then every kernel test and the parity tests"
+  timeout ${TEST_SECS:-300} ./kernels --test-threads 1 2>&1 | grep -E "^test |panicked|rel. error|test result" | head -40
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
 fi
 if [ "$WHAT" = scan-stalls ]; then
   echo "== why the chunked scan waits: ncu stall reasons per issued instruction, (1, 8192, 4096) bf16"

@@ -13,6 +13,9 @@
 //! - [`norm::rms_norm`]: RMSNorm with f32 statistics in one launch instead of eight.
 //! - [`gemv::gemv`]: products of a few rows by a weight (a decoding step's projections) at
 //!   memory bandwidth, f32 accumulation.
+//! - [`mamba_step::mamba_step`]: a Mamba mixer's decoding step between `in_proj` and
+//!   `out_proj` (conv, `x_proj`, the Δ/B/C norms, `dt_proj`, the state update, the gate) in two
+//!   launches instead of about fifteen.
 //! - [`moe::routed_experts`]: a mixture-of-experts feed-forward for a few tokens with the
 //!   router's softmax and top-k on the device (no routing read back to the host).
 //!
@@ -23,6 +26,7 @@
 
 pub mod conv;
 pub mod gemv;
+pub mod mamba_step;
 pub mod matmul;
 pub mod moe;
 pub mod norm;

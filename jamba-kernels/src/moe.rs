@@ -87,6 +87,7 @@ fn routed_partial_kernel<F: Float>(
     k_per_slice: u32,
     slots_per_row: u32,
     #[comptime] paired: bool,
+    #[comptime] dense: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     // Unit: (column, slice of k) within the cube grid's x and y, the slot along z. Slot s
@@ -103,21 +104,30 @@ fn routed_partial_kernel<F: Float>(
         CUBE_COUNT_Z as usize,
         (CUBE_COUNT_Y * SLICES as u32) as usize,
     );
-    let expert = indices[slot] as usize;
     let row = slot / slots_per_row as usize;
     let k0 = slice * k_per_slice;
     let k1 = min(k0 + k_per_slice, k);
-    let w_base = expert * w.stride(0) + col * w.stride(2);
-    let w2_base = expert * w2.stride(0) + col * w2.stride(2);
+    // Dense (a plain MLP): the weights are `[k, n]`, one for every slot.
+    let mut w_base = col * w.stride(1);
+    let mut w_step = w.stride(0);
+    let mut w2_base = col * w2.stride(1);
+    let mut w2_step = w2.stride(0);
+    if comptime!(!dense) {
+        let expert = indices[slot] as usize;
+        w_base = expert * w.stride(0) + col * w.stride(2);
+        w_step = w.stride(1);
+        w2_base = expert * w2.stride(0) + col * w2.stride(2);
+        w2_step = w2.stride(1);
+    }
     let x_base = row * x.stride(0);
     let mut acc = 0.0f32;
     let mut acc2 = 0.0f32;
     let mut kk = k0;
     while kk < k1 {
         let xv = f32::cast_from(x[x_base + kk * x.stride(1)]);
-        acc += xv * f32::cast_from(w[w_base + kk * w.stride(1)]);
+        acc += xv * f32::cast_from(w[w_base + kk * w_step]);
         if comptime!(paired) {
-            acc2 += xv * f32::cast_from(w2[w2_base + kk * w2.stride(1)]);
+            acc2 += xv * f32::cast_from(w2[w2_base + kk * w2_step]);
         }
         kk += 1;
     }
@@ -164,9 +174,11 @@ fn down_reduce_kernel<F: Float>(
     n: u32,
     slices: u32,
     #[comptime] top_k: usize,
+    #[comptime] weighted: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    // One (token, column): the token's experts' outputs, each rounded and weighted, summed.
+    // One (token, column): the token's experts' outputs, each rounded and weighted, summed
+    // (unweighted: a dense MLP's one output).
     let (tokens, n, slices) = (tokens as usize, n as usize, slices as usize);
     let i = (CUBE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X + ABSOLUTE_POS_X) as usize;
     if i >= tokens * n {
@@ -182,8 +194,11 @@ fn down_reduce_kernel<F: Float>(
         for s in 0..slices {
             out += partial[(s * slots + slot) * n + col];
         }
-        let weighted = f32::cast_from(F::cast_from(out)) * f32::cast_from(weights[slot]);
-        acc += f32::cast_from(F::cast_from(weighted));
+        let mut term = f32::cast_from(F::cast_from(out));
+        if comptime!(weighted) {
+            term = f32::cast_from(F::cast_from(term * f32::cast_from(weights[slot])));
+        }
+        acc += term;
     }
     y[t * y.stride(0) + col * y.stride(1)] = F::cast_from(acc);
 }
@@ -318,6 +333,7 @@ pub fn routed_experts_stages<R: CubeRuntime>(
         indices.clone(),
         partial.clone(),
         [hidden, inner, per_slice, slices, slots, top_k],
+        false,
     );
     let gate_up_partial = partial.clone();
     let act = empty(vec![slots, inner], dtype);
@@ -348,6 +364,7 @@ pub fn routed_experts_stages<R: CubeRuntime>(
         indices.clone(),
         partial.clone(),
         [inner, hidden, per_slice, slices, slots, 1],
+        false,
     );
     let down_partial = partial.clone();
     let (count, dim) = elementwise(tokens * hidden);
@@ -365,6 +382,7 @@ pub fn routed_experts_stages<R: CubeRuntime>(
             hidden as u32,
             slices as u32,
             top_k,
+            true,
             dtype.into(),
         );
     }
@@ -377,7 +395,7 @@ pub fn routed_experts_stages<R: CubeRuntime>(
 }
 
 /// Launches [`routed_partial_kernel`]: `dims` is `[k, n, k per slice, slices, slots, slots per
-/// row of x]`.
+/// row of x]`; `dense`: the weights are one `[k, n]` matrix and `indices` is not read.
 fn launch_partial<R: CubeRuntime>(
     x: CubeTensor<R>,
     w: CubeTensor<R>,
@@ -385,6 +403,7 @@ fn launch_partial<R: CubeRuntime>(
     indices: CubeTensor<R>,
     partial: CubeTensor<R>,
     [k, n, per_slice, slices, slots, per_row]: [usize; 6],
+    dense: bool,
 ) {
     let client = x.client.clone();
     let dtype = x.dtype;
@@ -394,7 +413,8 @@ fn launch_partial<R: CubeRuntime>(
     assert!(col_cubes <= MAX_CUBES_X, "routed_experts: {n} columns");
     // SAFETY: units whose column is past `n` return first; the others read row
     // `slot / per_row` of `x` (below its rows: slots = rows · per_row), the weights of expert
-    // `indices[slot]` (an index the route kernel chose below the number of experts), `k`
+    // `indices[slot]` (an index the route kernel chose below the number of experts; dense:
+    // the one `[k, n]` weight, and `indices` is not read), `k`
     // indices below `k` (the slice's range is clamped), and write their own element of each
     // of the `slices` (2 · slices when paired) partial sums.
     unsafe {
@@ -412,9 +432,117 @@ fn launch_partial<R: CubeRuntime>(
             per_slice as u32,
             per_row as u32,
             paired,
+            dense,
             dtype.into(),
         );
     }
+}
+
+/// A dense SwiGLU MLP of a few rows, `down(silu(x · gate) · (x · up))` for `x` `[rows, hidden]`
+/// and bias-free weights in Burn's `[in, out]` layout (`gate`, `up` `[hidden, inner]`, `down`
+/// `[inner, hidden]`): the routed kernels with one slot per row and no router, four launches
+/// where the separate operations take thirteen (three products of two launches each, Burn's
+/// SiLU as six element-wise launches, and the product of the gate and up). Rounding as
+/// [`routed_experts`]: each product rounded, SiLU of the rounded gate rounded, their product
+/// rounded. Every tensor shares one float dtype, which the result has. Any strides.
+///
+/// # Panics
+/// If `rows` exceeds [`MAX_SLOTS`] or the shapes disagree (the caller checks).
+pub fn swiglu<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    gate: CubeTensor<R>,
+    up: CubeTensor<R>,
+    down: CubeTensor<R>,
+) -> CubeTensor<R> {
+    let [rows, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let inner = gate.meta.shape()[1];
+    assert!(
+        rows <= MAX_SLOTS,
+        "swiglu: {rows} rows (at most {MAX_SLOTS})"
+    );
+    for (name, t, shape) in [
+        ("gate", &gate, [hidden, inner]),
+        ("up", &up, [hidden, inner]),
+        ("down", &down, [inner, hidden]),
+    ] {
+        assert_eq!(t.meta.shape().as_slice(), shape, "swiglu: {name}");
+    }
+    let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
+    let empty = |shape: Vec<usize>, dtype: DType| {
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
+    };
+    if rows == 0 || hidden == 0 {
+        return empty(vec![rows, hidden], dtype);
+    }
+    if inner == 0 {
+        return burn_cubecl::ops::numeric::zeros_client(
+            client,
+            device,
+            [rows, hidden].into(),
+            dtype,
+        );
+    }
+    let (per_slice, slices) = plan(hidden, 2 * rows * inner);
+    let partial = empty(vec![2, slices, rows, inner], DType::F32);
+    // `indices` is not read by the dense kernel: any buffer of 4-byte elements stands in.
+    launch_partial::<R>(
+        x,
+        gate,
+        Some(up),
+        partial.clone(),
+        partial.clone(),
+        [hidden, inner, per_slice, slices, rows, 1],
+        true,
+    );
+    let act = empty(vec![rows, inner], dtype);
+    let (count, dim) = elementwise(rows * inner);
+    // SAFETY: as in `routed_experts_stages`, with `rows` slots.
+    unsafe {
+        gate_up_reduce_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            partial.into_tensor_arg(),
+            act.clone().into_tensor_arg(),
+            rows as u32,
+            inner as u32,
+            slices as u32,
+            dtype.into(),
+        );
+    }
+    let (per_slice, slices) = plan(inner, rows * hidden);
+    let partial = empty(vec![slices, rows, hidden], DType::F32);
+    launch_partial::<R>(
+        act.clone(),
+        down,
+        None,
+        partial.clone(),
+        partial.clone(),
+        [inner, hidden, per_slice, slices, rows, 1],
+        true,
+    );
+    let y = empty(vec![rows, hidden], dtype);
+    let (count, dim) = elementwise(rows * hidden);
+    // SAFETY: units past `rows · hidden` return first; the others read their row's partial
+    // sums (one slot per row, `top_k` 1) and write their element of `y`; the unweighted kernel
+    // does not read its weights argument, for which `act` stands in.
+    unsafe {
+        down_reduce_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            partial.into_tensor_arg(),
+            act.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            rows as u32,
+            hidden as u32,
+            slices as u32,
+            1,
+            false,
+            dtype.into(),
+        );
+    }
+    y
 }
 
 /// A grid of 256-unit cubes covering `units` elements.

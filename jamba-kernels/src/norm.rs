@@ -19,13 +19,16 @@ const MAX_CUBES_X: usize = 65_535;
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_kernel<F: Float>(
     x: &CubeArg<F>,
+    update: &CubeArg<F>,
     weight: &CubeArg<F>,
+    sum_out: &mut CubeArg<F>,
     out: &mut CubeArg<F>,
     rows: u32,
     seq: u32,
     width: u32,
     eps: f32,
     #[comptime] units: usize,
+    #[comptime] add: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     // A cube per row: its units stride over the row, sum their squares, and reduce through
@@ -39,10 +42,18 @@ fn rms_norm_kernel<F: Float>(
     let (b, t) = (row / seq, row % seq);
     let base = b * x.stride(0) + t * x.stride(1);
     let step = x.stride(2);
+    let u_base = b * update.stride(0) + t * update.stride(1);
+    let s_base = b * sum_out.stride(0) + t * sum_out.stride(1);
     let mut acc = 0.0f32;
     let mut j = unit;
     while j < width {
-        let v = f32::cast_from(x[base + j * step]);
+        let mut v = f32::cast_from(x[base + j * step]);
+        if comptime!(add) {
+            // The residual sum, rounded to the dtype as a separate addition would store it.
+            let sum = F::cast_from(v + f32::cast_from(update[u_base + j * update.stride(2)]));
+            sum_out[s_base + j * sum_out.stride(2)] = sum;
+            v = f32::cast_from(sum);
+        }
         acc += v * v;
         j += units;
     }
@@ -61,7 +72,13 @@ fn rms_norm_kernel<F: Float>(
     let out_base = b * out.stride(0) + t * out.stride(1);
     let mut j = unit;
     while j < width {
-        let normed = F::cast_from(f32::cast_from(x[base + j * step]) * scale);
+        let mut v = f32::cast_from(x[base + j * step]);
+        if comptime!(add) {
+            v = f32::cast_from(F::cast_from(
+                v + f32::cast_from(update[u_base + j * update.stride(2)]),
+            ));
+        }
+        let normed = F::cast_from(v * scale);
         out[out_base + j * out.stride(2)] =
             F::cast_from(f32::cast_from(normed) * f32::cast_from(weight[j * weight.stride(0)]));
         j += units;
@@ -86,10 +103,45 @@ pub fn rms_norm<R: CubeRuntime>(
     out
 }
 
+/// The residual sum `x + update` and its RMSNorm, in one launch (a pre-norm layer's residual
+/// connection followed by the next norm): returns `(x + update, rms_norm(x + update))`, the sum
+/// rounded to the dtype of `x` before it is normalised, as the two operations give.
+/// `update` has the shape and dtype of `x`; either may be a strided view.
+pub fn add_rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    update: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    assert_eq!(
+        x.meta.shape(),
+        update.meta.shape(),
+        "add_rms_norm: x and update"
+    );
+    let shape = x.meta.shape().clone();
+    let empty = || {
+        empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape.clone(), x.dtype)
+    };
+    let (sum, out) = (empty(), empty());
+    launch(x, Some((update, sum.clone())), weight, eps, out.clone());
+    (sum, out)
+}
+
 /// [`rms_norm`] writing into `out` (`[batch, seq, width]` in the dtype of `x`, any strides, not
 /// aliasing `x`).
 pub fn rms_norm_into<R: CubeRuntime>(
     x: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+    out: CubeTensor<R>,
+) {
+    launch(x, None, weight, eps, out);
+}
+
+/// The norm of `x`, or with `add` `(update, sum)`, of `x + update`, also written to `sum`.
+fn launch<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    add: Option<(CubeTensor<R>, CubeTensor<R>)>,
     weight: CubeTensor<R>,
     eps: f64,
     out: CubeTensor<R>,
@@ -108,22 +160,28 @@ pub fn rms_norm_into<R: CubeRuntime>(
     );
     let client = x.client.clone();
     let dtype = x.dtype;
+    let adds = add.is_some();
+    // Without `add`, the kernel reads no `update` and writes no `sum`: `x` and `out` stand in.
+    let (update, sum) = add.unwrap_or_else(|| (x.clone(), out.clone()));
     // SAFETY: a cube whose row is past the end returns before touching memory; every other
-    // index is an element of its row in a tensor of that shape, and `units` matches the cube
-    // dimension and the shared buffer.
+    // index is an element of its row in a tensor of that shape (`update` and `sum` have the
+    // shape of `x`), and `units` matches the cube dimension and the shared buffer.
     unsafe {
         rms_norm_kernel::launch_unchecked::<R>(
             &client,
             count,
             CubeDim::new_1d(units as u32),
             x.into_tensor_arg(),
+            update.into_tensor_arg(),
             weight.into_tensor_arg(),
+            sum.into_tensor_arg(),
             out.into_tensor_arg(),
             rows as u32,
             seq as u32,
             width as u32,
             eps as f32,
             units,
+            adds,
             dtype.into(),
         )
     };

@@ -115,8 +115,7 @@ impl<B: JambaBackend> DecoderLayer<B> {
             (Mixer::Mamba(mamba), None) => mamba.forward(normed, masks.keep.as_ref(), None),
             _ => unreachable!("the cache is built from the same layer plan as the model"),
         };
-        let x = x + mixed;
-        let normed = self.pre_ff_layernorm.forward(x.clone());
+        let (x, normed) = self.pre_ff_layernorm.add_forward(x, mixed);
         let (ff, router_logits) = match &self.feed_forward {
             FeedForward::Mlp(mlp) => (mlp.forward(normed), None),
             FeedForward::Moe(moe) => {

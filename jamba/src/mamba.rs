@@ -7,7 +7,7 @@ use burn::tensor::{Distribution, Tensor, backend::Backend};
 
 use crate::cache::MambaState;
 use crate::norm::{RmsNorm, RmsNormConfig};
-use crate::ops::{ConvInput, JambaBackend, project};
+use crate::ops::{ConvInput, JambaBackend, MambaStepInput, project};
 use crate::scan::{ScanInput, selective_scan};
 
 /// Configuration of [`MambaMixer`].
@@ -156,20 +156,112 @@ impl<B: JambaBackend> MambaMixer<B> {
     /// mixer's input and the convolution's output are zeroed at padded positions so that padding
     /// never reaches the state. With a `cache`, the convolution continues from its state and the
     /// scan from its SSM state, and both are updated.
+    ///
+    /// A decoding step (one token per row, a cache, no padding) takes the backend's fused step
+    /// ([`JambaBackend::mamba_step`]) where it has one; [`forward_unfused`](Self::forward_unfused)
+    /// is the same computation as separate operations.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
         keep: Option<&Tensor<B, 3>>,
         cache: Option<&mut MambaState<B>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
+        let x = match keep {
+            Some(k) => x * k.clone(),
+            None => x,
+        };
+        let projected = project(&self.in_proj, x);
+        let [batch, seq, width] = projected.dims();
+        let mut cache = cache;
+        if let (1, None, Some(state)) = (seq, keep, cache.as_deref_mut())
+            && self.step_fusable()
+            && let Some(out) =
+                B::mamba_step(self.step_input(projected.clone().reshape([batch, width]), state))
+        {
+            state.conv = out.conv_state;
+            state.ssm = out.ssm_state;
+            let inner = self.intermediate_size();
+            return project(&self.out_proj, out.y.reshape([batch, 1, inner]));
+        }
+        self.mix(projected, keep, cache)
+    }
+
+    /// [`forward`](Self::forward) without the backend's fused decoding step: the reference
+    /// form of every step, for comparisons.
+    pub fn forward_unfused(
+        &self,
+        x: Tensor<B, 3>,
+        keep: Option<&Tensor<B, 3>>,
+        cache: Option<&mut MambaState<B>>,
+    ) -> Tensor<B, 3> {
+        let x = match keep {
+            Some(k) => x * k.clone(),
+            None => x,
+        };
+        self.mix(project(&self.in_proj, x), keep, cache)
+    }
+
+    /// Whether the fused step computes this mixer: `x_proj` without bias and one epsilon for
+    /// the three norms (as every Jamba checkpoint has).
+    fn step_fusable(&self) -> bool {
+        self.x_proj.bias.is_none()
+            && self.b_layernorm.eps == self.dt_layernorm.eps
+            && self.c_layernorm.eps == self.dt_layernorm.eps
+    }
+
+    /// The inputs of [`JambaBackend::mamba_step`] for this mixer: `xz` is `in_proj`'s output
+    /// for one token per row, `[batch, 2 · inner]`, and `state` the layer's cache. For tests and
+    /// benchmarks of a backend's fused step; [`forward`](Self::forward) calls it itself.
+    ///
+    /// ```
+    /// use jamba::backends::Cpu;
+    /// use jamba::ops::JambaBackend;
+    /// use jamba::mamba::MambaMixerConfig;
+    /// let device = Default::default();
+    /// let mixer = MambaMixerConfig::new(16, 32, 4, 4, 1).init::<Cpu>(&device);
+    /// let state = jamba::cache::MambaState {
+    ///     conv: burn::tensor::Tensor::zeros([2, 3, 32], &device),
+    ///     ssm: burn::tensor::Tensor::zeros([2, 32, 4], &device),
+    /// };
+    /// let input = mixer.step_input(burn::tensor::Tensor::ones([2, 64], &device), &state);
+    /// assert!(Cpu::mamba_step(input).is_none()); // the CPU runs the separate operations
+    /// ```
+    pub fn step_input(&self, xz: Tensor<B, 2>, state: &MambaState<B>) -> MambaStepInput<B> {
+        MambaStepInput {
+            xz,
+            conv_state: state.conv.clone(),
+            conv_weight: self.conv_weight.val(),
+            conv_bias: self.conv_bias.as_ref().map(|b| b.val()),
+            x_proj: self.x_proj.weight.val(),
+            norms: [
+                self.dt_layernorm.weight.val(),
+                self.b_layernorm.weight.val(),
+                self.c_layernorm.weight.val(),
+            ],
+            eps: self.dt_layernorm.eps,
+            dt_proj: self.dt_proj.weight.val(),
+            dt_bias: self.dt_proj.bias.as_ref().map(|b| b.val()),
+            a_log: self.a_log.val(),
+            d: self.d.val(),
+            ssm_state: state.ssm.clone(),
+        }
+    }
+
+    /// Everything after `in_proj` as separate operations: `projected` is `[batch, seq, 2 ·
+    /// inner]`.
+    fn mix(
+        &self,
+        projected: Tensor<B, 3>,
+        keep: Option<&Tensor<B, 3>>,
+        cache: Option<&mut MambaState<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = projected.dims();
         let inner = self.intermediate_size();
-        let dtype = x.dtype();
+        let dtype = projected.dtype();
         let masked = |t: Tensor<B, 3>| match keep {
             Some(k) => t * k.clone(),
             None => t,
         };
-        let projected = project(&self.in_proj, masked(x));
         let xs = projected.clone().slice([0..batch, 0..seq, 0..inner]);
         let z = projected.slice([0..batch, 0..seq, inner..2 * inner]);
 

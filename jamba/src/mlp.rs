@@ -50,8 +50,30 @@ impl MlpConfig {
 }
 
 impl<B: JambaBackend> Mlp<B> {
-    /// Applies the MLP to the last dimension.
+    /// Applies the MLP to the last dimension. A few rows (a decoding step) take the backend's
+    /// fused MLP where it has one ([`JambaBackend::swiglu`]).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dims = x.dims();
+        let hidden = dims[D - 1];
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let biased = [&self.gate_proj, &self.up_proj, &self.down_proj]
+            .iter()
+            .any(|l| l.bias.is_some());
+        if !biased
+            && let Some(y) = B::swiglu(
+                x.clone().reshape([rows, hidden]),
+                self.gate_proj.weight.val(),
+                self.up_proj.weight.val(),
+                self.down_proj.weight.val(),
+            )
+        {
+            return y.reshape(dims);
+        }
+        self.forward_unfused(x)
+    }
+
+    /// [`forward`](Self::forward) as separate operations, for comparisons.
+    pub fn forward_unfused<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let gate = silu(project(&self.gate_proj, x.clone()));
         project(&self.down_proj, gate.mul(project(&self.up_proj, x)))
     }

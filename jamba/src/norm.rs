@@ -69,4 +69,28 @@ impl<B: JambaBackend> RmsNorm<B> {
         let x3 = Tensor::<B, 3>::from_primitive(x.into_primitive());
         Tensor::from_primitive(B::rms_norm(x3, self.weight.val(), self.eps).into_primitive())
     }
+
+    /// A residual connection then this norm: `(x + update, norm(x + update))`, one kernel on
+    /// GPU backends ([`JambaBackend::add_rms_norm`]).
+    ///
+    /// ```
+    /// use jamba::backends::Cpu;
+    /// use burn::tensor::Tensor;
+    /// use jamba::norm::RmsNormConfig;
+    /// let device = Default::default();
+    /// let norm = RmsNormConfig::new(4).init::<Cpu>(&device);
+    /// let (sum, normed) = norm.add_forward(
+    ///     Tensor::<Cpu, 3>::ones([1, 2, 4], &device),
+    ///     Tensor::ones([1, 2, 4], &device),
+    /// );
+    /// assert_eq!(sum.into_data().to_vec::<f32>().unwrap(), vec![2.0; 8]);
+    /// assert_eq!(normed.dims(), [1, 2, 4]);
+    /// ```
+    pub fn add_forward(
+        &self,
+        x: Tensor<B, 3>,
+        update: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        B::add_rms_norm(x, update, self.weight.val(), self.eps)
+    }
 }

@@ -64,6 +64,48 @@ pub struct RoutedExperts<B: Backend> {
     pub top_k: usize,
 }
 
+/// The inputs of one Mamba decoding step between `in_proj` and `out_proj`
+/// ([`JambaBackend::mamba_step`]): one new token per batch row. Weights in the checkpoint's
+/// dtype (Burn's `[in, out]` layout for the projections); the SSM state in f32.
+#[derive(Debug, Clone)]
+pub struct MambaStepInput<B: Backend> {
+    /// `in_proj`'s output, `[batch, 2 · inner]`: `x`, then the gate `z`.
+    pub xz: Tensor<B, 2>,
+    /// The last `d_conv − 1` conv inputs, `[batch, d_conv − 1, inner]`.
+    pub conv_state: Tensor<B, 3>,
+    /// `[inner, d_conv]`.
+    pub conv_weight: Tensor<B, 2>,
+    /// `[inner]`.
+    pub conv_bias: Option<Tensor<B, 1>>,
+    /// `x_proj`'s weight, `[inner, dt_rank + 2 · d_state]`.
+    pub x_proj: Tensor<B, 2>,
+    /// The weights of the norms of Δ (`[dt_rank]`), B and C (`[d_state]`).
+    pub norms: [Tensor<B, 1>; 3],
+    /// The norms' epsilon.
+    pub eps: f64,
+    /// `dt_proj`'s weight, `[dt_rank, inner]`.
+    pub dt_proj: Tensor<B, 2>,
+    /// `dt_proj`'s bias, `[inner]`.
+    pub dt_bias: Option<Tensor<B, 1>>,
+    /// `[inner, d_state]`.
+    pub a_log: Tensor<B, 2>,
+    /// The skip `D`, `[inner]`.
+    pub d: Tensor<B, 1>,
+    /// The SSM state, `[batch, inner, d_state]`, f32.
+    pub ssm_state: Tensor<B, 3>,
+}
+
+/// The result of [`JambaBackend::mamba_step`].
+#[derive(Debug, Clone)]
+pub struct MambaStepOutput<B: Backend> {
+    /// The gated output before `out_proj`, `[batch, inner]`, the dtype of `xz`.
+    pub y: Tensor<B, 2>,
+    /// The new conv state.
+    pub conv_state: Tensor<B, 3>,
+    /// The new SSM state, f32.
+    pub ssm_state: Tensor<B, 3>,
+}
+
 /// A Burn backend with Jamba's Mamba operations. Implemented for every backend this crate
 /// knows; implement it (with an empty body for the tensor-op path) for your own.
 pub trait JambaBackend: Backend {
@@ -143,6 +185,22 @@ pub trait JambaBackend: Backend {
         rms_norm_tensor_ops(x, weight, eps)
     }
 
+    /// A residual connection and the norm after it: `(x + update, rms_norm(x + update))`, the
+    /// sum in the dtype of `x` (as [`JambaBackend::rms_norm`] otherwise; `update` has the shape
+    /// and dtype of `x`).
+    ///
+    /// CubeCL backends do both in one launch instead of two (`JAMBA_FUSED_STEP=off` turns it
+    /// off, for comparisons).
+    fn add_rms_norm(
+        x: Tensor<Self, 3>,
+        update: Tensor<Self, 3>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        let sum = x + update;
+        (sum.clone(), Self::rms_norm(sum, weight, eps))
+    }
+
     /// Whether [`crate::moe::SparseMoe`] runs many tokens' experts as three batched products
     /// (every expert's tokens gathered into one `[experts, capacity, ·]` block, padded to the
     /// busiest expert's count) rather than three products per active expert on exactly its
@@ -171,6 +229,34 @@ pub trait JambaBackend: Backend {
     /// per MoE layer of a decoding step. Flex runs it as host loops for up to 8 f32 tokens
     /// (no per-operation overhead between the experts' products).
     fn routed_experts(_input: RoutedExperts<Self>) -> Option<Tensor<Self, 2>> {
+        None
+    }
+
+    /// A dense SwiGLU MLP of a few rows, `down(silu(x · gate) · (x · up))` for `x`
+    /// `[rows, hidden]` and bias-free weights in Burn's `[in, out]` layout, or `None` to let
+    /// [`crate::mlp::Mlp`] run it as separate operations (the default).
+    ///
+    /// CubeCL backends override it for up to `jamba_kernels::moe::MAX_SLOTS` rows (decoding
+    /// steps) with four launches where the separate operations take thirteen.
+    /// `JAMBA_FUSED_STEP=off` turns it off, for comparisons.
+    fn swiglu(
+        _x: Tensor<Self, 2>,
+        _gate: Tensor<Self, 2>,
+        _up: Tensor<Self, 2>,
+        _down: Tensor<Self, 2>,
+    ) -> Option<Tensor<Self, 2>> {
+        None
+    }
+
+    /// One decoding step of a Mamba mixer between `in_proj` and `out_proj` (conv + SiLU,
+    /// `x_proj`, the norms of Δ, B and C, `dt_proj`, softplus, the state update, the D skip and
+    /// the SiLU(z) gate), or `None` to let [`crate::mamba::MambaMixer`] run it as separate
+    /// operations (the default).
+    ///
+    /// CubeCL backends override it with two kernels (`jamba_kernels::mamba_step`) where the
+    /// unfused form is about fifteen launches per Mamba layer, and a GPU decoding step is bound
+    /// by launches. `JAMBA_FUSED_STEP=off` turns it off, for comparisons.
+    fn mamba_step(_input: MambaStepInput<Self>) -> Option<MambaStepOutput<Self>> {
         None
     }
 
@@ -430,6 +516,15 @@ pub fn kernels_enabled() -> bool {
     *ENABLED.get_or_init(|| env_switch("JAMBA_KERNELS", true))
 }
 
+/// Whether CubeCL backends fuse a decoding step's Mamba mixer ([`JambaBackend::mamba_step`],
+/// two kernels), dense MLPs of few rows ([`JambaBackend::swiglu`], four kernels) and each
+/// residual addition with the norm after it ([`JambaBackend::add_rms_norm`], one kernel);
+/// `JAMBA_FUSED_STEP=off` runs the separate operations, for comparisons.
+pub fn fused_step_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_FUSED_STEP", true))
+}
+
 /// An on/off environment switch: `on`, `1`, `true`, `yes` or `off`, `0`, `false`, `no`;
 /// `default` when unset or anything else. Callers read it once (a `OnceLock`), not per call.
 pub(crate) fn env_switch(name: &str, default: bool) -> bool {
@@ -445,9 +540,12 @@ pub(crate) fn env_switch(name: &str, default: bool) -> bool {
 pub mod cube {
     use burn::tensor::{DType, Tensor, TensorPrimitive};
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-    use jamba_kernels::{conv, gemv, matmul, moe, norm, scan, scan_bwd};
+    use jamba_kernels::{conv, gemv, mamba_step, matmul, moe, norm, scan, scan_bwd};
 
-    use super::{ConvInput, ConvOutput, JambaBackend, RoutedExperts, ScanGrads, kernels_enabled};
+    use super::{
+        ConvInput, ConvOutput, JambaBackend, MambaStepInput, MambaStepOutput, RoutedExperts,
+        ScanGrads, kernels_enabled,
+    };
     use crate::scan::{ScanInput, ScanOutput};
 
     type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -685,6 +783,100 @@ pub mod cube {
                 return super::rms_norm_tensor_ops(x, weight, eps);
             }
             wrap(norm::rms_norm(prim(x), prim(weight), eps))
+        }
+
+        fn add_rms_norm(
+            x: Tensor<Self, 3>,
+            update: Tensor<Self, 3>,
+            weight: Tensor<Self, 1>,
+            eps: f64,
+        ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+            let dtype = x.dtype();
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || weight.dtype() != dtype
+                || update.dtype() != dtype
+                || update.dims() != x.dims()
+            {
+                let sum = x + update;
+                return (sum.clone(), Self::rms_norm(sum, weight, eps));
+            }
+            let (sum, normed) = norm::add_rms_norm(prim(x), prim(update), prim(weight), eps);
+            (wrap(sum), wrap(normed))
+        }
+
+        fn swiglu(
+            x: Tensor<Self, 2>,
+            gate: Tensor<Self, 2>,
+            up: Tensor<Self, 2>,
+            down: Tensor<Self, 2>,
+        ) -> Option<Tensor<Self, 2>> {
+            let [rows, hidden] = x.dims();
+            let [_, inner] = gate.dims();
+            let dtype = x.dtype();
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || rows > moe::MAX_SLOTS
+                || [&gate, &up, &down].iter().any(|t| t.dtype() != dtype)
+                || gate.dims() != [hidden, inner]
+                || up.dims() != [hidden, inner]
+                || down.dims() != [inner, hidden]
+            {
+                return None;
+            }
+            Some(wrap(moe::swiglu(prim(x), prim(gate), prim(up), prim(down))))
+        }
+
+        fn mamba_step(input: MambaStepInput<Self>) -> Option<MambaStepOutput<Self>> {
+            let dtype = input.xz.dtype();
+            let [batch, width] = input.xz.dims();
+            let [inner, d_conv] = input.conv_weight.dims();
+            let [rank, _] = input.dt_proj.dims();
+            let state = input.a_log.dims()[1];
+            let same_dtype = [
+                &input.conv_weight,
+                &input.x_proj,
+                &input.dt_proj,
+                &input.a_log,
+            ]
+            .iter()
+            .all(|t| t.dtype() == dtype)
+                && input.norms.iter().all(|t| t.dtype() == dtype)
+                && [&input.conv_bias, &input.dt_bias]
+                    .iter()
+                    .all(|t| t.as_ref().is_none_or(|t| t.dtype() == dtype))
+                && input.d.dtype() == dtype;
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || !same_dtype
+                || !mamba_step::supports(d_conv, rank, state)
+                || width != 2 * inner
+                || input.conv_state.dims() != [batch, d_conv - 1, inner]
+                || input.ssm_state.dims() != [batch, inner, state]
+            {
+                return None;
+            }
+            let (y, conv_state, ssm_state) = mamba_step::mamba_step(mamba_step::MambaStepTensors {
+                xz: prim(input.xz),
+                conv_state: prim(input.conv_state.cast(dtype)),
+                conv_weight: prim(input.conv_weight),
+                conv_bias: input.conv_bias.map(prim),
+                x_proj: prim(input.x_proj),
+                dt_norm: prim(input.norms[0].clone()),
+                b_norm: prim(input.norms[1].clone()),
+                c_norm: prim(input.norms[2].clone()),
+                eps: input.eps,
+                dt_proj: prim(input.dt_proj),
+                dt_bias: input.dt_bias.map(prim),
+                a_log: prim(input.a_log),
+                d: prim(input.d),
+                ssm_state: prim(input.ssm_state.cast(DType::F32)),
+            });
+            Some(MambaStepOutput {
+                y: wrap(y),
+                conv_state: wrap(conv_state),
+                ssm_state: wrap(ssm_state),
+            })
         }
 
         fn device_memory_reserved(device: &Self::Device) -> Option<u64> {

@@ -1,0 +1,436 @@
+//! One decoding step of the Mamba mixer between `in_proj` and `out_proj`, in two launches.
+//!
+//! A decoding step is bound by launches on a GPU (each costs the host ~8 µs to issue through
+//! CubeCL, more than most of these kernels take to run). Unfused, the middle of a Mamba layer
+//! is the conv and its state (2 launches), `x_proj` (2), the three norms of Δ, B and C (3),
+//! `dt_proj` (2), `A = −exp(A_log)` (2) and the state update (1), plus, in half precision, a
+//! cast to f32 of each small parameter (4). Here it is:
+//!
+//! 1. [`mamba_step_front_kernel`], a cube per 128 channels and batch row: the conv window
+//!    (state then the new input) with bias and SiLU, the new conv state, and that block's
+//!    partial sums of `x_proj` (f32, one row of `[batch, blocks, R + 2N]`);
+//! 2. [`mamba_step_scan_kernel`], a cube per 32 channels and batch row: every cube sums the
+//!    blocks' partials (R + 2N values, a few KB read from L2) and normalises Δ, B and C itself,
+//!    so no third launch is needed; then per channel `dt_proj`, softplus(· + bias), the state
+//!    update with `A = −exp(A_log)`, the C contraction, the D skip and the SiLU(z) gate.
+//!
+//! Values are rounded to the model's dtype where the unfused path stores them (the conv output
+//! `u`, `x_proj`'s output, the normalised and the weighted norm outputs, `dt_proj`'s output,
+//! `y`), so half-precision models get the unfused path's numbers up to summation order.
+
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
+use burn_std::DType;
+use cubecl::ir::FastMath;
+use cubecl::prelude::Tensor as CubeArg;
+use cubecl::prelude::*;
+
+use crate::scan::{silu_f32, softplus_f32};
+
+/// Channels per cube of the first kernel (one unit each for the conv).
+const FRONT_UNITS: usize = 128;
+/// Output columns per pass of the first kernel's `x_proj` (a warp's lanes).
+const LANES: usize = 32;
+/// Units per cube of the second kernel.
+const SCAN_UNITS: usize = 128;
+/// The norms of Δ, B and C.
+const NORMS: usize = 3;
+/// The widest conv the first kernel unrolls.
+pub const MAX_CONV: usize = 8;
+/// The largest state size (as the scan kernels).
+pub const MAX_STATE: usize = 256;
+/// The most `x_proj` outputs (`dt_rank + 2 · d_state`): two f32 copies live in shared memory.
+pub const MAX_OUTPUTS: usize = 2048;
+
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+fn mamba_step_front_kernel<F: Float>(
+    xz: &CubeArg<F>,
+    conv_state: &CubeArg<F>,
+    conv_w: &CubeArg<F>,
+    conv_b: &CubeArg<F>,
+    x_proj: &CubeArg<F>,
+    u_out: &mut CubeArg<F>,
+    state_out: &mut CubeArg<F>,
+    partial: &mut CubeArg<f32>,
+    inner: u32,
+    outputs: u32,
+    #[comptime] k: usize,
+    #[comptime] has_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (inner, outputs) = (inner as usize, outputs as usize);
+    let unit = UNIT_POS_X as usize;
+    let block = CUBE_POS_X as usize;
+    let blocks = CUBE_COUNT_X as usize;
+    let row = CUBE_POS_Y as usize;
+    let c = block * FRONT_UNITS + unit;
+    let lead = comptime!(k - 1);
+
+    // The conv window of channel `c`: the `k − 1` inputs of the state, then the new one.
+    let mut uv = 0.0f32;
+    if c < inner {
+        let mut acc = 0.0f32;
+        if comptime!(has_bias) {
+            acc = f32::cast_from(conv_b[c * conv_b.stride(0)]);
+        }
+        let sb = row * conv_state.stride(0) + c * conv_state.stride(2);
+        let so = row * state_out.stride(0) + c * state_out.stride(2);
+        #[unroll]
+        for j in 0..lead {
+            acc += f32::cast_from(conv_w[c * conv_w.stride(0) + j * conv_w.stride(1)])
+                * f32::cast_from(conv_state[sb + j * conv_state.stride(1)]);
+        }
+        let xv = xz[row * xz.stride(0) + c * xz.stride(1)];
+        acc += f32::cast_from(conv_w[c * conv_w.stride(0) + lead * conv_w.stride(1)])
+            * f32::cast_from(xv);
+        // The new state: the window shifted by one.
+        #[unroll]
+        for j in 1..lead {
+            state_out[so + (j - 1) * state_out.stride(1)] =
+                conv_state[sb + j * conv_state.stride(1)];
+        }
+        state_out[so + (lead - 1) * state_out.stride(1)] = xv;
+        let u = F::cast_from(silu_f32(acc));
+        u_out[row * u_out.stride(0) + c * u_out.stride(1)] = u;
+        uv = f32::cast_from(u);
+    }
+    let mut u_s = SharedMemory::<f32>::new(FRONT_UNITS);
+    u_s[unit] = uv;
+    sync_cube();
+
+    // This block's share of x_proj: lanes over output columns (coalesced weight rows),
+    // groups over the block's channels, summed through shared memory.
+    let groups = comptime!(FRONT_UNITS / LANES);
+    let lane = unit % LANES;
+    let group = unit / LANES;
+    let mut red = SharedMemory::<f32>::new(FRONT_UNITS);
+    let mut ob = 0usize;
+    while ob < outputs {
+        let o = ob + lane;
+        let mut acc = 0.0f32;
+        if o < outputs {
+            let mut i = group;
+            while i < FRONT_UNITS {
+                let ch = block * FRONT_UNITS + i;
+                if ch < inner {
+                    acc += u_s[i]
+                        * f32::cast_from(x_proj[ch * x_proj.stride(0) + o * x_proj.stride(1)]);
+                }
+                i += groups;
+            }
+        }
+        red[unit] = acc;
+        sync_cube();
+        if group == 0 && o < outputs {
+            let mut sum = 0.0f32;
+            #[unroll]
+            for g in 0..groups {
+                sum += red[g * LANES + lane];
+            }
+            partial[(row * blocks + block) * outputs + o] = sum;
+        }
+        sync_cube();
+        ob += LANES;
+    }
+}
+
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+fn mamba_step_scan_kernel<F: Float>(
+    partial: &CubeArg<f32>,
+    dt_norm: &CubeArg<F>,
+    b_norm: &CubeArg<F>,
+    c_norm: &CubeArg<F>,
+    dt_proj: &CubeArg<F>,
+    dt_bias: &CubeArg<F>,
+    a_log: &CubeArg<F>,
+    dskip: &CubeArg<F>,
+    u: &CubeArg<F>,
+    xz: &CubeArg<F>,
+    h0: &CubeArg<f32>,
+    y: &mut CubeArg<F>,
+    h_out: &mut CubeArg<f32>,
+    inner: u32,
+    blocks: u32,
+    rank: u32,
+    n_state: u32,
+    eps: f32,
+    #[comptime] outputs: usize,
+    #[comptime] spu: usize,
+    #[comptime] groups: usize,
+    #[comptime] per_cube: usize,
+    #[comptime] has_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (inner, blocks) = (inner as usize, blocks as usize);
+    let (rank, n_state) = (rank as usize, n_state as usize);
+    let units = comptime!(groups * per_cube);
+    let g = UNIT_POS_X as usize;
+    let local = UNIT_POS_Y as usize;
+    let unit = local * groups + g;
+    let row = CUBE_POS_Y as usize;
+
+    // x_proj's output for this row: the blocks' partial sums, rounded to the model dtype.
+    let mut dbc = SharedMemory::<f32>::new(outputs);
+    let mut o = unit;
+    while o < outputs {
+        let mut acc = 0.0f32;
+        for b in 0..blocks {
+            acc += partial[(row * blocks + b) * outputs + o];
+        }
+        dbc[o] = f32::cast_from(F::cast_from(acc));
+        o += units;
+    }
+    sync_cube();
+
+    // The RMSNorm scales of Δ, B and C (as the norm kernel: f32 statistics).
+    let mut scale = SharedMemory::<f32>::new(NORMS);
+    if unit < NORMS {
+        let mut start = 0usize;
+        let mut len = rank;
+        if unit == 1 {
+            start = rank;
+            len = n_state;
+        }
+        if unit == 2 {
+            start = rank + n_state;
+            len = n_state;
+        }
+        let mut ss = 0.0f32;
+        for i in 0..len {
+            let v = dbc[start + i];
+            ss += v * v;
+        }
+        scale[unit] = 1.0f32 / f32::sqrt(ss / f32::cast_from(len) + eps);
+    }
+    sync_cube();
+    let mut normed = SharedMemory::<f32>::new(outputs);
+    let mut o = unit;
+    while o < outputs {
+        let mut s = scale[0];
+        let mut w = 0.0f32;
+        if o < rank {
+            w = f32::cast_from(dt_norm[o * dt_norm.stride(0)]);
+        }
+        if o >= rank && o < rank + n_state {
+            s = scale[1];
+            w = f32::cast_from(b_norm[(o - rank) * b_norm.stride(0)]);
+        }
+        if o >= rank + n_state {
+            s = scale[2];
+            w = f32::cast_from(c_norm[(o - rank - n_state) * c_norm.stride(0)]);
+        }
+        let v = f32::cast_from(F::cast_from(dbc[o] * s));
+        normed[o] = f32::cast_from(F::cast_from(v * w));
+        o += units;
+    }
+    sync_cube();
+
+    // Channel `d`: dt_proj, softplus, the state update over this unit's state indices.
+    let d = CUBE_POS_X as usize * per_cube + local;
+    let active = d < inner;
+    let mut contribution = 0.0f32;
+    let mut uv = 0.0f32;
+    if active {
+        let mut delta = 0.0f32;
+        for r in 0..rank {
+            delta +=
+                normed[r] * f32::cast_from(dt_proj[r * dt_proj.stride(0) + d * dt_proj.stride(1)]);
+        }
+        let mut x = f32::cast_from(F::cast_from(delta));
+        if comptime!(has_bias) {
+            x += f32::cast_from(dt_bias[d * dt_bias.stride(0)]);
+        }
+        x = softplus_f32(x);
+        uv = f32::cast_from(u[row * u.stride(0) + d * u.stride(1)]);
+        let du = x * uv;
+        let hs = row * h0.stride(0) + d * h0.stride(1);
+        let os = row * h_out.stride(0) + d * h_out.stride(1);
+        let ab = d * a_log.stride(0);
+        #[unroll]
+        for k in 0..spu {
+            let n = g + k * groups;
+            let a = -(f32::cast_from(a_log[ab + n * a_log.stride(1)]).exp());
+            let hv = (x * a).exp() * h0[hs + n * h0.stride(2)] + du * normed[rank + n];
+            h_out[os + n * h_out.stride(2)] = hv;
+            contribution += hv * normed[rank + n_state + n];
+        }
+    }
+    let mut part = SharedMemory::<f32>::new(units);
+    part[unit] = contribution;
+    sync_cube();
+    if active && g == 0 {
+        let mut acc = 0.0f32;
+        for i in 0..groups {
+            acc += part[local * groups + i];
+        }
+        acc += f32::cast_from(dskip[d * dskip.stride(0)]) * uv;
+        acc *= silu_f32(f32::cast_from(
+            xz[row * xz.stride(0) + (inner + d) * xz.stride(1)],
+        ));
+        y[row * y.stride(0) + d * y.stride(1)] = F::cast_from(acc);
+    }
+}
+
+/// The inputs of [`mamba_step`]: one new token per batch row. Every float tensor but the SSM
+/// state has the dtype of `xz`; any strides.
+pub struct MambaStepTensors<R: CubeRuntime> {
+    /// `in_proj`'s output, `[batch, 2 · inner]`: `x` then the gate `z`.
+    pub xz: CubeTensor<R>,
+    /// The conv state, `[batch, d_conv − 1, inner]`.
+    pub conv_state: CubeTensor<R>,
+    /// `[inner, d_conv]`.
+    pub conv_weight: CubeTensor<R>,
+    /// `[inner]`.
+    pub conv_bias: Option<CubeTensor<R>>,
+    /// `x_proj`'s weight, `[inner, dt_rank + 2 · d_state]` (Burn's `[in, out]` layout).
+    pub x_proj: CubeTensor<R>,
+    /// The norm weights of Δ `[dt_rank]`, B and C `[d_state]`.
+    pub dt_norm: CubeTensor<R>,
+    /// See `dt_norm`.
+    pub b_norm: CubeTensor<R>,
+    /// See `dt_norm`.
+    pub c_norm: CubeTensor<R>,
+    /// The norms' epsilon.
+    pub eps: f64,
+    /// `dt_proj`'s weight, `[dt_rank, inner]`.
+    pub dt_proj: CubeTensor<R>,
+    /// `dt_proj`'s bias, `[inner]` (added in f32 before softplus).
+    pub dt_bias: Option<CubeTensor<R>>,
+    /// `[inner, d_state]`.
+    pub a_log: CubeTensor<R>,
+    /// The skip `D`, `[inner]`.
+    pub d: CubeTensor<R>,
+    /// The SSM state, `[batch, inner, d_state]`, f32.
+    pub ssm_state: CubeTensor<R>,
+}
+
+/// Whether [`mamba_step`] takes a mixer of these sizes.
+pub fn supports(d_conv: usize, dt_rank: usize, d_state: usize) -> bool {
+    (2..=MAX_CONV).contains(&d_conv)
+        && (1..=MAX_STATE).contains(&d_state)
+        && dt_rank >= 1
+        && dt_rank + 2 * d_state <= MAX_OUTPUTS
+}
+
+/// One decoding step of the mixer's middle: returns `y` (`[batch, inner]`, gated, before
+/// `out_proj`), the new conv state (`[batch, d_conv − 1, inner]`) and the new SSM state
+/// (`[batch, inner, d_state]`, f32), all new buffers.
+///
+/// # Panics
+/// If the sizes fail [`supports`] or the shapes disagree (the caller checks them).
+pub fn mamba_step<R: CubeRuntime>(
+    t: MambaStepTensors<R>,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let batch = t.xz.meta.shape()[0];
+    let [inner, k] = [t.conv_weight.meta.shape()[0], t.conv_weight.meta.shape()[1]];
+    let rank = t.dt_proj.meta.shape()[0];
+    let n_state = t.a_log.meta.shape()[1];
+    let outputs = rank + 2 * n_state;
+    assert!(
+        supports(k, rank, n_state),
+        "mamba_step: d_conv {k}, dt_rank {rank}, d_state {n_state}"
+    );
+    assert_eq!(t.xz.meta.shape()[1], 2 * inner, "mamba_step: xz width");
+    assert_eq!(
+        t.x_proj.meta.shape().as_slice(),
+        &[inner, outputs],
+        "mamba_step: x_proj"
+    );
+    assert_eq!(
+        t.ssm_state.dtype,
+        DType::F32,
+        "mamba_step: the SSM state is f32"
+    );
+    let client = t.xz.client.clone();
+    let device = t.xz.device.clone();
+    let dtype = t.xz.dtype;
+    let empty = |shape: Vec<usize>, dtype| {
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
+    };
+    let y = empty(vec![batch, inner], dtype);
+    let u = empty(vec![batch, inner], dtype);
+    let conv_out = empty(vec![batch, k - 1, inner], dtype);
+    let h_out = empty(vec![batch, inner, n_state], DType::F32);
+    if batch == 0 || inner == 0 {
+        return (y, conv_out, h_out);
+    }
+    let blocks = inner.div_ceil(FRONT_UNITS);
+    let partial = empty(vec![batch, blocks, outputs], DType::F32);
+    let has_conv_bias = t.conv_bias.is_some();
+    let conv_bias = t.conv_bias.unwrap_or_else(|| t.d.clone());
+    // SAFETY: units whose channel is past `inner` touch only their shared-memory slot; the
+    // others read their row and channel of tensors of the checked shapes (`j < d_conv` along
+    // the conv weight, `j < d_conv − 1` along the state); output columns stop below `outputs`,
+    // the width of `x_proj` and of `partial`, whose block index is the cube's x position.
+    unsafe {
+        mamba_step_front_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(blocks as u32, batch as u32, 1),
+            CubeDim::new_1d(FRONT_UNITS as u32),
+            t.xz.clone().into_tensor_arg(),
+            t.conv_state.into_tensor_arg(),
+            t.conv_weight.into_tensor_arg(),
+            conv_bias.into_tensor_arg(),
+            t.x_proj.into_tensor_arg(),
+            u.clone().into_tensor_arg(),
+            conv_out.clone().into_tensor_arg(),
+            partial.clone().into_tensor_arg(),
+            inner as u32,
+            outputs as u32,
+            k,
+            has_conv_bias,
+            dtype.into(),
+        );
+    }
+    let spu = [4usize, 2]
+        .into_iter()
+        .find(|s| n_state % s == 0)
+        .unwrap_or(1);
+    let groups = n_state / spu;
+    let per_cube = (SCAN_UNITS / groups).max(1);
+    let has_dt_bias = t.dt_bias.is_some();
+    let dt_bias = t.dt_bias.unwrap_or_else(|| t.d.clone());
+    // SAFETY: the shared arrays hold `outputs` values and the loops over them stop there;
+    // the norm segments (`rank`, `n_state`, `n_state` long) tile `0..outputs`; units whose
+    // channel is past `inner` only write their shared slot; state indices `g + k · groups`
+    // stay below `n_state = spu · groups`; `xz`'s gate half is `inner..2 · inner`.
+    unsafe {
+        mamba_step_scan_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(inner.div_ceil(per_cube) as u32, batch as u32, 1),
+            CubeDim::new_2d(groups as u32, per_cube as u32),
+            partial.into_tensor_arg(),
+            t.dt_norm.into_tensor_arg(),
+            t.b_norm.into_tensor_arg(),
+            t.c_norm.into_tensor_arg(),
+            t.dt_proj.into_tensor_arg(),
+            dt_bias.into_tensor_arg(),
+            t.a_log.into_tensor_arg(),
+            t.d.into_tensor_arg(),
+            u.into_tensor_arg(),
+            t.xz.into_tensor_arg(),
+            t.ssm_state.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            h_out.clone().into_tensor_arg(),
+            inner as u32,
+            blocks as u32,
+            rank as u32,
+            n_state as u32,
+            t.eps as f32,
+            outputs,
+            spu,
+            groups,
+            per_cube,
+            has_dt_bias,
+            dtype.into(),
+        );
+    }
+    (y, conv_out, h_out)
+}
