@@ -10,14 +10,16 @@
 //!   checkpoints instead of storing `[seq, state]` per channel.
 //! - [`conv::causal_conv1d`]: depthwise causal conv1d + bias + SiLU over a sequence, continuing
 //!   from a conv state and returning the new one (length 1: the decoding update).
-//! - [`norm::rms_norm`]: RMSNorm with f32 statistics in one launch instead of eight.
+//! - [`norm::rms_norm`]: RMSNorm with f32 statistics in one launch instead of eight;
+//!   [`norm::add_rms_norm`]: a residual addition and the norm after it in one.
 //! - [`gemv::gemv`]: products of a few rows by a weight (a decoding step's projections) at
 //!   memory bandwidth, f32 accumulation.
 //! - [`mamba_step::mamba_step`]: a Mamba mixer's decoding step between `in_proj` and
 //!   `out_proj` (conv, `x_proj`, the Δ/B/C norms, `dt_proj`, the state update, the gate) in two
 //!   launches instead of about fifteen.
 //! - [`moe::routed_experts`]: a mixture-of-experts feed-forward for a few tokens with the
-//!   router's softmax and top-k on the device (no routing read back to the host).
+//!   router's softmax and top-k on the device (no routing read back to the host);
+//!   [`moe::swiglu`]: a dense SwiGLU MLP of a few rows on the same kernels, four launches.
 //!
 //! The functions take and return Burn's [`CubeTensor`](burn_cubecl::tensor::CubeTensor)s; the
 //! `jamba` crate's `JambaBackend` trait calls them for `CubeBackend` and keeps its tensor-op

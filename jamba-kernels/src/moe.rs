@@ -323,19 +323,56 @@ pub fn routed_experts_stages<R: CubeRuntime>(
         );
     }
 
+    let (gate_up_partial, act, down_partial) = expert_mlp::<R>(
+        x,
+        [weights.gate, weights.up, weights.down],
+        indices.clone(),
+        Some(routing.clone()),
+        y.clone(),
+        top_k,
+    );
+    RoutedStages {
+        gate_up_partial: Some(gate_up_partial),
+        act: Some(act),
+        down_partial: Some(down_partial),
+        ..stages(y)
+    }
+}
+
+/// The expert MLPs of every slot, `down(silu(x · gate) · (x · up))`, then their sum into `y`
+/// `[tokens, hidden]`: with `routing`, over each token's `top_k` slots of experts `indices`
+/// (`weights` stacked over the experts), each output weighted; without, one unweighted slot
+/// per row of `x` and bare `[in, out]` weights (`indices` is not read). Returns the gate/up
+/// partial sums, the SiLU gate's output and the down partial sums.
+fn expert_mlp<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    [gate, up, down]: [CubeTensor<R>; 3],
+    indices: CubeTensor<R>,
+    routing: Option<CubeTensor<R>>,
+    y: CubeTensor<R>,
+    top_k: usize,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+    let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let inner = *gate.meta.shape().last().expect("a weight has a shape");
+    let dense = routing.is_none();
+    let slots = tokens * top_k;
+    let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
+    let empty = |shape: Vec<usize>, dtype: DType| {
+        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
+    };
+
     // The gate and up products of every slot, then their SiLU gate.
     let (per_slice, slices) = plan(hidden, 2 * slots * inner);
-    let partial = empty(vec![2, slices, slots, inner], DType::F32);
+    let gate_up_partial = empty(vec![2, slices, slots, inner], DType::F32);
     launch_partial::<R>(
         x,
-        weights.gate,
-        Some(weights.up),
+        gate,
+        Some(up),
         indices.clone(),
-        partial.clone(),
+        gate_up_partial.clone(),
         [hidden, inner, per_slice, slices, slots, top_k],
-        false,
+        dense,
     );
-    let gate_up_partial = partial.clone();
     let act = empty(vec![slots, inner], dtype);
     let (count, dim) = elementwise(slots * inner);
     // SAFETY: units past `slots · inner` return first; the others read their element of each
@@ -345,7 +382,7 @@ pub fn routed_experts_stages<R: CubeRuntime>(
             &client,
             count,
             dim,
-            partial.into_tensor_arg(),
+            gate_up_partial.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
             slots as u32,
             inner as u32,
@@ -354,44 +391,41 @@ pub fn routed_experts_stages<R: CubeRuntime>(
         );
     }
 
-    // The down products, then the weighted sum over each token's slots.
+    // The down products, then the (weighted) sum over each token's slots.
     let (per_slice, slices) = plan(inner, slots * hidden);
-    let partial = empty(vec![slices, slots, hidden], DType::F32);
+    let down_partial = empty(vec![slices, slots, hidden], DType::F32);
     launch_partial::<R>(
         act.clone(),
-        weights.down.clone(),
+        down,
         None,
-        indices.clone(),
-        partial.clone(),
+        indices,
+        down_partial.clone(),
         [inner, hidden, per_slice, slices, slots, 1],
-        false,
+        dense,
     );
-    let down_partial = partial.clone();
     let (count, dim) = elementwise(tokens * hidden);
+    // Unweighted, the kernel reads no routing weights: `act` stands in.
+    let routing = routing.unwrap_or_else(|| act.clone());
     // SAFETY: units past `tokens · hidden` return first; the others read the partial sums of
-    // their token's `top_k` slots and the slots' routing weights, and write their element of `y`.
+    // their token's `top_k` slots and (weighted) the slots' routing weights, and write their
+    // element of `y`.
     unsafe {
         down_reduce_kernel::launch_unchecked::<R>(
             &client,
             count,
             dim,
-            partial.into_tensor_arg(),
-            routing.clone().into_tensor_arg(),
-            y.clone().into_tensor_arg(),
+            down_partial.clone().into_tensor_arg(),
+            routing.into_tensor_arg(),
+            y.into_tensor_arg(),
             tokens as u32,
             hidden as u32,
             slices as u32,
             top_k,
-            true,
+            !dense,
             dtype.into(),
         );
     }
-    RoutedStages {
-        gate_up_partial: Some(gate_up_partial),
-        act: Some(act),
-        down_partial: Some(down_partial),
-        ..stages(y)
-    }
+    (gate_up_partial, act, down_partial)
 }
 
 /// Launches [`routed_partial_kernel`]: `dims` is `[k, n, k per slice, slices, slots, slots per
@@ -482,66 +516,10 @@ pub fn swiglu<R: CubeRuntime>(
             dtype,
         );
     }
-    let (per_slice, slices) = plan(hidden, 2 * rows * inner);
-    let partial = empty(vec![2, slices, rows, inner], DType::F32);
-    // `indices` is not read by the dense kernel: any buffer of 4-byte elements stands in.
-    launch_partial::<R>(
-        x,
-        gate,
-        Some(up),
-        partial.clone(),
-        partial.clone(),
-        [hidden, inner, per_slice, slices, rows, 1],
-        true,
-    );
-    let act = empty(vec![rows, inner], dtype);
-    let (count, dim) = elementwise(rows * inner);
-    // SAFETY: as in `routed_experts_stages`, with `rows` slots.
-    unsafe {
-        gate_up_reduce_kernel::launch_unchecked::<R>(
-            &client,
-            count,
-            dim,
-            partial.into_tensor_arg(),
-            act.clone().into_tensor_arg(),
-            rows as u32,
-            inner as u32,
-            slices as u32,
-            dtype.into(),
-        );
-    }
-    let (per_slice, slices) = plan(inner, rows * hidden);
-    let partial = empty(vec![slices, rows, hidden], DType::F32);
-    launch_partial::<R>(
-        act.clone(),
-        down,
-        None,
-        partial.clone(),
-        partial.clone(),
-        [inner, hidden, per_slice, slices, rows, 1],
-        true,
-    );
     let y = empty(vec![rows, hidden], dtype);
-    let (count, dim) = elementwise(rows * hidden);
-    // SAFETY: units past `rows · hidden` return first; the others read their row's partial
-    // sums (one slot per row, `top_k` 1) and write their element of `y`; the unweighted kernel
-    // does not read its weights argument, for which `act` stands in.
-    unsafe {
-        down_reduce_kernel::launch_unchecked::<R>(
-            &client,
-            count,
-            dim,
-            partial.into_tensor_arg(),
-            act.into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            rows as u32,
-            hidden as u32,
-            slices as u32,
-            1,
-            false,
-            dtype.into(),
-        );
-    }
+    // The dense kernels read no `indices`: any buffer stands in.
+    let stand_in = x.clone();
+    expert_mlp::<R>(x, [gate, up, down], stand_in, None, y.clone(), 1);
     y
 }
 

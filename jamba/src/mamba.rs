@@ -166,11 +166,7 @@ impl<B: JambaBackend> MambaMixer<B> {
         keep: Option<&Tensor<B, 3>>,
         cache: Option<&mut MambaState<B>>,
     ) -> Tensor<B, 3> {
-        let x = match keep {
-            Some(k) => x * k.clone(),
-            None => x,
-        };
-        let projected = project(&self.in_proj, x);
+        let projected = project(&self.in_proj, masked(x, keep));
         let [batch, seq, width] = projected.dims();
         let mut cache = cache;
         if let (1, None, Some(state)) = (seq, keep, cache.as_deref_mut())
@@ -194,11 +190,7 @@ impl<B: JambaBackend> MambaMixer<B> {
         keep: Option<&Tensor<B, 3>>,
         cache: Option<&mut MambaState<B>>,
     ) -> Tensor<B, 3> {
-        let x = match keep {
-            Some(k) => x * k.clone(),
-            None => x,
-        };
-        self.mix(project(&self.in_proj, x), keep, cache)
+        self.mix(project(&self.in_proj, masked(x, keep)), keep, cache)
     }
 
     /// Whether the fused step computes this mixer: `x_proj` without bias and one epsilon for
@@ -258,10 +250,6 @@ impl<B: JambaBackend> MambaMixer<B> {
         let [batch, seq, _] = projected.dims();
         let inner = self.intermediate_size();
         let dtype = projected.dtype();
-        let masked = |t: Tensor<B, 3>| match keep {
-            Some(k) => t * k.clone(),
-            None => t,
-        };
         let xs = projected.clone().slice([0..batch, 0..seq, 0..inner]);
         let z = projected.slice([0..batch, 0..seq, inner..2 * inner]);
 
@@ -271,7 +259,7 @@ impl<B: JambaBackend> MambaMixer<B> {
         };
         let conv = B::causal_conv1d(self.conv_input(xs, prefix, true));
         let conv_state = conv.state;
-        let u = masked(conv.y);
+        let u = masked(conv.y, keep);
 
         let (r, n) = (self.dt_rank, self.d_state);
         let dbc = project(&self.x_proj, u.clone());
@@ -332,5 +320,13 @@ impl<B: JambaBackend> MambaMixer<B> {
             prefix,
             silu,
         }
+    }
+}
+
+/// `x` with padded positions zeroed (`keep` is 1 for real tokens, 0 for padding).
+fn masked<B: Backend>(x: Tensor<B, 3>, keep: Option<&Tensor<B, 3>>) -> Tensor<B, 3> {
+    match keep {
+        Some(k) => x * k.clone(),
+        None => x,
     }
 }
