@@ -197,8 +197,7 @@ pub trait JambaBackend: Backend {
         weight: Tensor<Self, 1>,
         eps: f64,
     ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
-        let sum = x + update;
-        (sum.clone(), Self::rms_norm(sum, weight, eps))
+        add_then_rms_norm(x, update, weight, eps)
     }
 
     /// Whether [`crate::moe::SparseMoe`] runs many tokens' experts as three batched products
@@ -395,6 +394,17 @@ pub fn attention_with<B: Backend>(
     let numerator = (scores - max).exp();
     let sum = numerator.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
     matmul(numerator / sum, v)
+}
+
+/// [`JambaBackend::add_rms_norm`] as two operations: the addition, then the backend's norm.
+pub fn add_then_rms_norm<B: JambaBackend>(
+    x: Tensor<B, 3>,
+    update: Tensor<B, 3>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let sum = x + update;
+    (sum.clone(), B::rms_norm(sum, weight, eps))
 }
 
 /// RMSNorm in tensor ops over the last dimension (any rank).
@@ -798,8 +808,7 @@ pub mod cube {
                 || update.dtype() != dtype
                 || update.dims() != x.dims()
             {
-                let sum = x + update;
-                return (sum.clone(), Self::rms_norm(sum, weight, eps));
+                return super::add_then_rms_norm(x, update, weight, eps);
             }
             let (sum, normed) = norm::add_rms_norm(prim(x), prim(update), prim(weight), eps);
             (wrap(sum), wrap(normed))
