@@ -395,20 +395,131 @@ fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
                         expected.push(acc as f32);
                     }
                 }
-                let bias = with_bias.then(|| prim(b_full.reshape([n])));
-                let y = wrap::<R, 2>(gemv::gemv(prim(x), prim(w), bias));
-                assert_eq!(y.dims(), [rows, n]);
-                assert_close(
-                    &format!("{dtype:?} gemv rows {rows} k {k} n {n} bias {with_bias}"),
-                    &to_vec(y.cast(DType::F32)),
-                    &expected,
-                    tolerance,
-                );
-                cases += 1;
+                for (form, run) in [
+                    ("single", gemv::gemv_single::<R> as fn(_, _, _) -> _),
+                    ("split", gemv::gemv_split::<R>),
+                ] {
+                    let bias = with_bias.then(|| prim(b_full.clone().reshape([n])));
+                    let y = wrap::<R, 2>(run(prim(x.clone()), prim(w.clone()), bias));
+                    assert_eq!(y.dims(), [rows, n]);
+                    assert_close(
+                        &format!(
+                            "{dtype:?} gemv ({form}) rows {rows} k {k} n {n} bias {with_bias}"
+                        ),
+                        &to_vec(y.cast(DType::F32)),
+                        &expected,
+                        tolerance,
+                    );
+                    cases += 1;
+                }
             }
         }
     }
-    assert_eq!(cases, 30);
+    assert_eq!(cases, 60);
+}
+
+/// One-query attention over a cache against an f64 loop: grouped heads (1, 2 and 4 query heads
+/// per key/value head), head widths below and at a cube's units and not multiples of 32, key
+/// counts in one chunk and across several (the online softmax's rescaling), keys and values read
+/// in place from a larger preallocated buffer (strided views), and a padding mask that hides
+/// some keys of one row and every key of another (which must give zeros). Inputs are rounded to
+/// `dtype` first; the error left is f32 arithmetic and the output's rounding.
+fn decode_attention_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    use jamba::kernels::attention;
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let mut cases = 0;
+    for &(batch, heads, kv_heads, dim, keys) in &[
+        (1usize, 8usize, 2usize, 128usize, 1usize),
+        (1, 8, 2, 128, 300),
+        (3, 4, 4, 24, 257),
+        (2, 6, 3, 256, 700),
+        (3, 2, 1, 40, 33),
+    ] {
+        for masked in [false, true] {
+            let capacity = keys + 5;
+            let round = |v: Vec<f32>, shape: [usize; 4]| {
+                let t = Tensor::<K<R>, 4>::from_data(TensorData::new(v, shape), device).cast(dtype);
+                let host = to_vec(t.clone().cast(DType::F32));
+                (t, host)
+            };
+            let q_shape = [batch, heads, 1, dim];
+            let (q, q_host) = round(rng.normal(batch * heads * dim, 0.0, 1.0), q_shape);
+            let kv_shape = [batch, kv_heads, capacity, dim];
+            let n = batch * kv_heads * capacity * dim;
+            let (k_full, k_host) = round(rng.normal(n, 0.0, 1.0), kv_shape);
+            let (v_full, v_host) = round(rng.normal(n, 0.0, 1.0), kv_shape);
+            let view = [0..batch, 0..kv_heads, 0..keys];
+            let (k, v) = (k_full.slice(view.clone()), v_full.slice(view));
+            // Row 0 hides its first third of keys, the last row (when there are two) all of them.
+            let hidden: Vec<bool> = (0..batch * keys)
+                .map(|i| {
+                    let (row, key) = (i / keys, i % keys);
+                    masked && ((row == 0 && key < keys / 3) || (row > 0 && row == batch - 1))
+                })
+                .collect();
+            let scale = 1.0 / (dim as f64).sqrt();
+            let mut expected = vec![0f32; batch * heads * dim];
+            for b in 0..batch {
+                for h in 0..heads {
+                    let g = h / (heads / kv_heads);
+                    let at = |t: &[f32], j: usize, d: usize| {
+                        t[((b * kv_heads + g) * capacity + j) * dim + d] as f64
+                    };
+                    let scores: Vec<f64> = (0..keys)
+                        .map(|j| {
+                            if hidden[b * keys + j] {
+                                return f64::NEG_INFINITY;
+                            }
+                            (0..dim)
+                                .map(|d| {
+                                    q_host[(b * heads + h) * dim + d] as f64 * at(&k_host, j, d)
+                                })
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    if max == f64::NEG_INFINITY {
+                        continue; // every key hidden: zeros
+                    }
+                    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let total: f64 = weights.iter().sum();
+                    for d in 0..dim {
+                        let o: f64 = (0..keys).map(|j| weights[j] * at(&v_host, j, d)).sum();
+                        expected[(b * heads + h) * dim + d] = (o / total) as f32;
+                    }
+                }
+            }
+            let pad = masked.then(|| {
+                let t = Tensor::<K<R>, 1>::from_data(
+                    TensorData::new(
+                        hidden.iter().map(|&h| h as i32 as f32).collect::<Vec<_>>(),
+                        [batch * keys],
+                    ),
+                    device,
+                );
+                prim(t.reshape([batch, keys]))
+            });
+            let y = wrap::<R, 2>(attention::decode_attention(
+                prim(q.reshape([batch, heads, dim])),
+                prim(k),
+                prim(v),
+                pad,
+                scale,
+            ));
+            assert_eq!(y.dims(), [batch, heads * dim]);
+            assert_close(
+                &format!(
+                    "{dtype:?} decode attention b {batch} heads {heads}/{kv_heads} dim {dim} keys {keys} masked {masked}"
+                ),
+                &to_vec(y.cast(DType::F32)),
+                &expected,
+                tolerance,
+            );
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 10);
 }
 
 /// The device-routed mixture of experts against an f64 loop (softmax, top-k by probability,
@@ -893,6 +1004,15 @@ macro_rules! kernel_tests {
             }
 
             #[test]
+            fn decode_attention_kernel_matches_the_definition() {
+                super::decode_attention_grid::<R>(
+                    &Default::default(),
+                    burn::tensor::DType::F32,
+                    1e-5,
+                );
+            }
+
+            #[test]
             fn fused_mamba_step_matches_the_separate_operations() {
                 super::mamba_step_grid::<R>(&Default::default(), burn::tensor::DType::F32, 2e-5);
             }
@@ -964,6 +1084,15 @@ fn cuda_gemv_kernel_takes_half_inputs() {
     type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
     gemv_grid::<R>(&Default::default(), DType::BF16, 4e-3);
     gemv_grid::<R>(&Default::default(), DType::F16, 5e-4);
+}
+
+/// One-query attention with bf16 and f16 operands: f32 arithmetic, the output rounded once.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_decode_attention_takes_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    decode_attention_grid::<R>(&Default::default(), DType::BF16, 4e-3);
+    decode_attention_grid::<R>(&Default::default(), DType::F16, 5e-4);
 }
 
 /// A split-k projection (`jamba::ops::split_k`: a long inner dimension into few outputs, as

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -150,6 +150,36 @@ if [ "$WHAT" = decode-variants ]; then
       --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 2>&1 >/dev/null \
       | grep "^decode" | sed "s/^/[$v]  /"
   done
+fi
+if [ "$WHAT" = host ]; then
+  # Where a decoding step's host time goes. Needs `perfkit.tar.xz` (perf and its libraries,
+  # `jamba-bench/gpu/perfkit.sh`) and `jamba-bench-sym` (the bench with its symbols) beside this.
+  echo "== profile: whole step, normal and on CubeCL's device thread (JambaBackend::exclusive)"
+  ./jamba-bench profile --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --batch 1 --context 512 --steps 50 2>&1 | grep -v "^layer"
+  echo "== throughput, JAMBA_EXCLUSIVE on/off alternated"
+  for round in 1 2; do
+    for v in on off; do
+      JAMBA_EXCLUSIVE=$v ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda \
+        --dtype bf16 --prefill 0 --decode-batch 1,16 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 \
+        2>&1 >/dev/null | grep "^decode" | sed "s/^/r$round exclusive=$v  /"
+    done
+  done
+  if [ -f perfkit.tar.xz ] && [ -f jamba-bench-sym ]; then
+    tar xJf perfkit.tar.xz
+    for v in off on; do
+      echo "== perf, decode b1 bf16, JAMBA_EXCLUSIVE=$v"
+      JAMBA_EXCLUSIVE=$v LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf record -F 4999 -o perf-$v.data \
+        ./jamba-bench-sym throughput --config configs/bench-jamba-1b.config.json --backend cuda \
+        --dtype bf16 --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 256 --reps 3 --warmup 1 \
+        2>&1 >/dev/null | grep "^decode"
+      LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf report -i perf-$v.data --sort comm --stdio 2>/dev/null \
+        | grep -v "^#" | grep . | head -8
+      LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf report -i perf-$v.data --sort comm,dso,sym --stdio 2>/dev/null \
+        > "$OUT/perf-$v.txt"
+      grep -v "^#" "$OUT/perf-$v.txt" | grep . | head -60 | cut -c1-200
+    done
+  fi
 fi
 if [ "$WHAT" = fused-step ]; then
   echo "== decoding with the fused Mamba step (default) and without (JAMBA_FUSED_STEP=off), alternated, bf16 then f32"

@@ -354,19 +354,26 @@ fn throughput<B: jamba::JambaBackend>(
                         context,
                         args.prefill_chunk.or(Some(2048)),
                     )?;
-                    let mut next = jamba::generation::argmax_last(logits).reshape([batch, 1]);
-                    let _ = next.to_data();
+                    let next = jamba::generation::argmax_last(logits);
                     let keep = ForwardOptions {
                         logits_to_keep: Some(1),
                         ..Default::default()
                     };
+                    let mut ids: Vec<i64> = next.into_data().convert::<i64>().into_vec().unwrap();
                     let t = Instant::now();
                     for _ in 0..args.decode_steps {
-                        let logits = model.forward(next, None, Some(&mut cache), &keep)?.logits;
                         // As in generation: the chosen ids come back to the host every step.
-                        next = jamba::generation::argmax_last(logits).reshape([batch, 1]);
-                        let ids = next.to_data();
-                        next = Tensor::from_data(ids, device);
+                        let mut step = || -> jamba::Result<Vec<i64>> {
+                            let out =
+                                model.forward_ids(&ids, batch, None, Some(&mut cache), &keep)?;
+                            let next = jamba::generation::argmax_last(out.logits);
+                            Ok(next.into_data().convert::<i64>().into_vec().unwrap())
+                        };
+                        ids = if jamba::ops::exclusive_enabled() {
+                            B::exclusive(device, step)?
+                        } else {
+                            step()?
+                        };
                     }
                     sync::<B>(device)?;
                     Ok(t.elapsed().as_secs_f64())

@@ -167,34 +167,46 @@ pub fn run<B: JambaBackend>(args: &ProfileArgs, device: &B::Device) -> jamba::Re
     // The cache itself, not a clone: on CubeCL backends an in-place update of a buffer that a
     // clone shares copies it first (whole preallocated KV buffers, every step).
     let mut c = cache;
-    let mut ids = next;
-    let whole = per_call::<B>(device, n, || {
-        let logits = model
-            .forward(ids.clone(), None, Some(&mut c), &keep)?
-            .logits;
-        let chosen = jamba::generation::argmax_last(logits).reshape([batch, 1]);
-        ids = Tensor::from_data(chosen.to_data(), device);
+    let mut ids: Vec<i64> = next.into_data().convert::<i64>().into_vec().unwrap();
+    let step = |c: &mut jamba::JambaCache<B>, ids: &mut Vec<i64>| -> jamba::Result<()> {
+        let logits = model.forward_ids(ids, batch, None, Some(c), &keep)?.logits;
+        let chosen = jamba::generation::argmax_last(logits);
+        *ids = chosen.into_data().convert::<i64>().into_vec().unwrap();
         Ok(())
+    };
+    let whole = per_call::<B>(device, n, || step(&mut c, &mut ids))?;
+    // The same on the backend's device thread (`JambaBackend::exclusive`, `JAMBA_EXCLUSIVE`).
+    let whole_exclusive = per_call::<B>(device, n, || {
+        B::exclusive(device, || step(&mut c, &mut ids))
     })?;
     println!(
-        "whole step: {whole:.3} ms = {:.1} tokens/s",
-        batch as f64 * 1e3 / whole
+        "whole step: {whole:.3} ms = {:.1} tokens/s; on the device thread: {whole_exclusive:.3} ms = {:.1} tokens/s",
+        batch as f64 * 1e3 / whole,
+        batch as f64 * 1e3 / whole_exclusive
     );
     // The floor under any step made of backend operations: what one small operation costs
     // the host to issue (a step issues a few hundred).
     let one = Tensor::<B, 1>::ones([hidden], device).cast(args.dtype);
     let ops = 200;
-    let (op_ms, op_issued) = timed::<B>(device, n, || {
+    let chain = || {
         let mut t = one.clone();
         for _ in 0..ops {
             t = t.add_scalar(1.0);
         }
+    };
+    let (op_ms, op_issued) = timed::<B>(device, n, || {
+        chain();
+        Ok(())
+    })?;
+    let (op_excl_ms, _) = timed::<B>(device, n, || {
+        B::exclusive(device, chain);
         Ok(())
     })?;
     println!(
-        "one element-wise operation on [{hidden}]: {:.2} us per operation, issued in {:.2} us",
+        "one element-wise operation on [{hidden}]: {:.2} us per operation, issued in {:.2} us; {:.2} us on the device thread",
         op_ms * 1e3 / ops as f64,
-        op_issued * 1e3 / ops as f64
+        op_issued * 1e3 / ops as f64,
+        op_excl_ms * 1e3 / ops as f64,
     );
 
     println!("sum of the parts: {:.3} ms", total + head + argmax);

@@ -111,6 +111,65 @@ fn gemv_reduce_kernel<F: Float>(
     y[r * y.stride(0) + col * y.stride(1)] = F::cast_from(acc);
 }
 
+/// The one-launch form: a cube per `COLS` columns whose `slices` units per column split all of
+/// `k` between them and sum their partials in shared memory, so no partial sums leave the cube.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_single_kernel<F: Float>(
+    x: &CubeArg<F>,
+    w: &CubeArg<F>,
+    bias: &CubeArg<F>,
+    y: &mut CubeArg<F>,
+    k: u32,
+    n: u32,
+    k_per_slice: u32,
+    #[comptime] rows: usize,
+    #[comptime] slices: usize,
+    #[comptime] has_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
+    let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
+    let slice = UNIT_POS_Y as usize;
+    let active = col < n;
+    let k0 = slice * k_per_slice;
+    let mut k1 = min(k0 + k_per_slice, k);
+    if !active {
+        k1 = k0;
+    }
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        acc[r] = 0.0;
+    }
+    let mut kk = k0;
+    while kk < k1 {
+        let wv = f32::cast_from(w[kk * w.stride(0) + col * w.stride(1)]);
+        #[unroll]
+        for r in 0..rows {
+            acc[r] += f32::cast_from(x[r * x.stride(0) + kk * x.stride(1)]) * wv;
+        }
+        kk += 1;
+    }
+    let mut shared = SharedMemory::<f32>::new(slices * COLS * rows);
+    let lane = UNIT_POS_X as usize;
+    #[unroll]
+    for r in 0..rows {
+        shared[(slice * rows + r) * COLS + lane] = acc[r];
+    }
+    sync_cube();
+    if active && slice < rows {
+        let mut sum = 0.0f32;
+        for s in 0..slices {
+            sum += shared[(s * rows + slice) * COLS + lane];
+        }
+        if comptime!(has_bias) {
+            sum += f32::cast_from(bias[col * bias.stride(0)]);
+        }
+        y[slice * y.stride(0) + col * y.stride(1)] = F::cast_from(sum);
+    }
+}
+
 /// How [`gemv`] cuts a problem: `k` per slice and the number of slices (a multiple of the
 /// slices per cube).
 pub(crate) fn plan(k: usize, n: usize) -> (usize, usize) {
@@ -121,8 +180,31 @@ pub(crate) fn plan(k: usize, n: usize) -> (usize, usize) {
     (k_per_slice, slices)
 }
 
+/// How [`gemv`] runs a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvForm {
+    /// One launch: each cube owns its columns and all of `k` ([`gemv_single`]).
+    Single,
+    /// Two launches: partial sums over slices of `k` from many cubes, then their sum
+    /// ([`gemv_split`]).
+    Split,
+}
+
+/// The form [`gemv`] uses: `JAMBA_GEMV=single|split`, by default split. A decoding step on
+/// a GPU is bound by the host issuing launches, not by the device reading weights, so one
+/// launch that streams the weight at a fraction of the bandwidth may beat two that stream it
+/// at most of it; not yet measured on the H200, hence not the default.
+pub fn gemv_form() -> GemvForm {
+    static FORM: std::sync::OnceLock<GemvForm> = std::sync::OnceLock::new();
+    *FORM.get_or_init(|| match std::env::var("JAMBA_GEMV").as_deref() {
+        Ok("single") => GemvForm::Single,
+        _ => GemvForm::Split,
+    })
+}
+
 /// `x [rows, k] · w [k, n] (+ bias [n])` for `rows <= MAX_ROWS`, f32 accumulation; `x`, `w`
-/// and `bias` share one float dtype, which the result `[rows, n]` has too. Any strides.
+/// and `bias` share one float dtype, which the result `[rows, n]` has too. Any strides. In
+/// the form [`gemv_form`] names.
 ///
 /// # Panics
 /// If `rows` exceeds [`MAX_ROWS`] or the shapes disagree (the caller checks).
@@ -131,6 +213,69 @@ pub fn gemv<R: CubeRuntime>(
     w: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
 ) -> CubeTensor<R> {
+    match gemv_form() {
+        GemvForm::Single => gemv_single(x, w, bias),
+        GemvForm::Split => gemv_split(x, w, bias),
+    }
+}
+
+/// [`gemv`] in one launch: a cube per 32 columns with up to 32 units per column (as many as
+/// the device allows in a cube), each summing a slice of `k`, the slices added in shared
+/// memory.
+///
+/// # Panics
+/// As [`gemv`].
+pub fn gemv_single<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
+    let (rows, k, n) = check_shapes(&x, &w);
+    let client = x.client.clone();
+    let dtype = x.dtype;
+    let y =
+        empty_device_contiguous_dtype(client.clone(), x.device.clone(), [rows, n].into(), dtype);
+    if rows == 0 || n == 0 {
+        return y;
+    }
+    let max_units = client.properties().hardware.max_units_per_cube as usize;
+    // At least `rows` slices: the first `rows` units of each column write the results.
+    let slices = (max_units / COLS).clamp(rows.max(1), 32);
+    let k_per_slice = k.div_ceil(slices).max(1);
+    let col_cubes = n.div_ceil(COLS);
+    let count = CubeCount::Static(
+        col_cubes.min(MAX_CUBES_X) as u32,
+        1,
+        col_cubes.div_ceil(MAX_CUBES_X) as u32,
+    );
+    let has_bias = bias.is_some();
+    let bias = bias.unwrap_or_else(|| y.clone());
+    // SAFETY: units whose column is past `n` read nothing and write nothing; the others read
+    // rows below `rows` of `x` and `k` indices below `k` (each slice's range is clamped), and
+    // the first `rows` units of each column write that column of their row of `y`. Shared
+    // memory holds `slices · COLS · rows` values, written once per unit before the barrier.
+    unsafe {
+        gemv_single_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            CubeDim::new_2d(COLS as u32, slices as u32),
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            bias.into_tensor_arg(),
+            y.clone().into_tensor_arg(),
+            k as u32,
+            n as u32,
+            k_per_slice as u32,
+            rows,
+            slices,
+            has_bias,
+            dtype.into(),
+        );
+    }
+    y
+}
+
+fn check_shapes<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>) -> (usize, usize, usize) {
     let (rows, k) = (x.meta.shape()[0], x.meta.shape()[1]);
     let n = w.meta.shape()[1];
     assert!(
@@ -143,6 +288,20 @@ pub fn gemv<R: CubeRuntime>(
         "gemv: x is [{rows}, {k}], w is {:?}",
         w.meta.shape()
     );
+    (rows, k, n)
+}
+
+/// [`gemv`] in two launches, partial sums over slices of `k` from many cubes and then their
+/// sum: the weight streams at most of the memory bandwidth.
+///
+/// # Panics
+/// As [`gemv`].
+pub fn gemv_split<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
+    let (rows, k, n) = check_shapes(&x, &w);
     let client = x.client.clone();
     let dtype = x.dtype;
     let y =

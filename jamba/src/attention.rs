@@ -92,7 +92,7 @@ impl<B: JambaBackend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q = heads(project(&self.q_proj, x.clone()), self.num_heads);
+        let q_flat = project(&self.q_proj, x.clone());
         let k = heads(project(&self.k_proj, x.clone()), self.num_kv_heads);
         let v = heads(project(&self.v_proj, x), self.num_kv_heads);
         let (k, v) = match cache {
@@ -100,8 +100,28 @@ impl<B: JambaBackend> Attention<B> {
             None => (k, v),
         };
         if seq == 1 {
+            let keys = k.dims()[2];
+            // A pad query keeps every key, as in the general path (its output is ignored).
+            let hidden = mask.map(|m| {
+                let real_query = m.query_padding.clone().bool_not().reshape([batch, 1]);
+                m.key_padding
+                    .clone()
+                    .bool_and(real_query.expand([batch, keys]))
+            });
+            let q = q_flat
+                .clone()
+                .reshape([batch, self.num_heads, self.head_dim]);
+            let scale = 1.0 / (self.head_dim as f64).sqrt();
+            if let Some(out) = B::decode_attention(q, k.clone(), v.clone(), hidden, scale) {
+                return project(
+                    &self.o_proj,
+                    out.reshape([batch, 1, self.num_heads * self.head_dim]),
+                );
+            }
+            let q = heads(q_flat, self.num_heads);
             return project(&self.o_proj, self.attend_one(q, k, v, mask));
         }
+        let q = heads(q_flat, self.num_heads);
         // Burn's fused attention has no GQA broadcast: repeat each key/value head.
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
         let keys = k.dims()[2];

@@ -1,10 +1,10 @@
 //! Text generation over the hybrid cache: batched left-padded prefill (optionally in chunks),
 //! then one decode step per token, with greedy, temperature, top-k and top-p sampling.
 
-use crate::ops::JambaBackend;
+use crate::ops::{JambaBackend, exclusive_enabled};
 use std::time::Instant;
 
-use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Int, Tensor, backend::Backend};
 
 use crate::error::{JambaError, Result};
 use crate::model::{ForwardOptions, Jamba};
@@ -331,19 +331,16 @@ pub fn generate<B: JambaBackend>(
                 .flat_map(|row| row[begin..end].iter().copied())
                 .collect()
         };
-        let ids = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(cols(&ids), [batch, end - begin]),
-            &device,
-        );
-        let mask = padded.then(|| {
-            Tensor::<B, 2, Int>::from_data(
-                TensorData::new(cols(&mask), [batch, end - begin]),
-                &device,
-            )
-        });
+        let mask = padded.then(|| cols(&mask));
         logits = Some(
             model
-                .forward(ids, mask, Some(&mut cache), &keep_last)?
+                .forward_ids(
+                    &cols(&ids),
+                    batch,
+                    mask.as_deref(),
+                    Some(&mut cache),
+                    &keep_last,
+                )?
                 .logits,
         );
         stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
@@ -393,11 +390,15 @@ pub fn generate<B: JambaBackend>(
             })
             .collect();
         let running = finish.iter().filter(|f| f.is_none()).count();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(step, [batch, 1]), &device);
-        let logits = model
-            .forward(ids, None, Some(&mut cache), &keep_last)?
-            .logits;
-        next = pick(logits, &config.sampling, &mut rng)?;
+        let mut decode_step = || -> Result<Vec<u32>> {
+            let out = model.forward_ids(&step, batch, None, Some(&mut cache), &keep_last)?;
+            pick(out.logits, &config.sampling, &mut rng)
+        };
+        next = if exclusive_enabled() {
+            B::exclusive(&device, decode_step)?
+        } else {
+            decode_step()?
+        };
         stats.decode_tokens += running;
         stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
     }

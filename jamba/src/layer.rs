@@ -103,7 +103,25 @@ impl<B: JambaBackend> DecoderLayer<B> {
         masks: &LayerMasks<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
-        let normed = self.input_layernorm.forward(x.clone());
+        let out = self.forward_deferred(x, None, masks, cache);
+        (out.residual + out.feed_forward, out.router_logits)
+    }
+
+    /// The layer with its last residual addition left to the caller, who fuses it with the
+    /// next norm ([`RmsNorm::add_forward`]: one launch instead of two on CubeCL backends). The
+    /// layer's output is `residual + feed_forward`; `pending` is the previous layer's
+    /// `feed_forward`, added to `x` here together with the input norm.
+    pub fn forward_deferred(
+        &self,
+        x: Tensor<B, 3>,
+        pending: Option<Tensor<B, 3>>,
+        masks: &LayerMasks<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> DeferredOutput<B> {
+        let (x, normed) = match pending {
+            Some(p) => self.input_layernorm.add_forward(x, p),
+            None => (x.clone(), self.input_layernorm.forward(x)),
+        };
         let mixed = match (&self.mixer, cache) {
             (Mixer::Attention(attn), Some(LayerCache::Attention(kv))) => {
                 attn.forward(normed, masks.attention.as_ref(), Some(kv))
@@ -115,14 +133,29 @@ impl<B: JambaBackend> DecoderLayer<B> {
             (Mixer::Mamba(mamba), None) => mamba.forward(normed, masks.keep.as_ref(), None),
             _ => unreachable!("the cache is built from the same layer plan as the model"),
         };
-        let (x, normed) = self.pre_ff_layernorm.add_forward(x, mixed);
-        let (ff, router_logits) = match &self.feed_forward {
+        let (residual, normed) = self.pre_ff_layernorm.add_forward(x, mixed);
+        let (feed_forward, router_logits) = match &self.feed_forward {
             FeedForward::Mlp(mlp) => (mlp.forward(normed), None),
             FeedForward::Moe(moe) => {
                 let (y, logits) = moe.forward(normed);
                 (y, Some(logits))
             }
         };
-        (x + ff, router_logits)
+        DeferredOutput {
+            residual,
+            feed_forward,
+            router_logits,
+        }
     }
+}
+
+/// What [`DecoderLayer::forward_deferred`] returns.
+#[derive(Debug, Clone)]
+pub struct DeferredOutput<B: Backend> {
+    /// The residual stream after the mixer, `[batch, seq, hidden]`.
+    pub residual: Tensor<B, 3>,
+    /// The feed-forward block's output, not yet added to `residual`.
+    pub feed_forward: Tensor<B, 3>,
+    /// For a MoE layer, the router logits `[batch · seq, num_experts]`.
+    pub router_logits: Option<Tensor<B, 2>>,
 }

@@ -4,7 +4,7 @@
 use crate::ops::{JambaBackend, project};
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
-use burn::tensor::{DType, ElementConversion, Int, Tensor, backend::Backend};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData, backend::Backend};
 
 use crate::attention::AttentionMask;
 use crate::cache::{JambaCache, LayerCache};
@@ -145,14 +145,81 @@ impl<B: JambaBackend> Jamba<B> {
         &self,
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
+        cache: Option<&mut JambaCache<B>>,
+        options: &ForwardOptions,
+    ) -> Result<JambaOutput<B>> {
+        let device = input_ids.device();
+        debug_sync::<B>(&device, "the input upload")?;
+        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref(), true)?;
+        debug_sync::<B>(&device, "the input checks")?;
+        self.forward_checked(input_ids, attention_mask, cache, options)
+    }
+
+    /// [`forward`](Self::forward) for token ids held on the host, `[batch, ids.len() / batch]`
+    /// row-major, with an optional mask of the same layout. The ids are checked on the host,
+    /// so a decoding step reads nothing back from the device before its logits
+    /// (`forward` reads the ids' minimum and maximum to check them).
+    ///
+    /// ```
+    /// use jamba::backends::Cpu;
+    /// use jamba::{ForwardOptions, Jamba, JambaConfig};
+    /// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 2,
+    ///     "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64,
+    ///     "attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 4}"#).unwrap();
+    /// let model = Jamba::<Cpu>::init(&config, &Default::default());
+    /// let mut cache = model.new_cache(2);
+    /// let out = model.forward_ids(&[5, 6, 7, 8], 2, None, Some(&mut cache), &Default::default());
+    /// assert_eq!(out.unwrap().logits.dims(), [2, 2, 64]);
+    /// assert!(model.forward_ids(&[5, 64], 1, None, None, &Default::default()).is_err());
+    /// ```
+    pub fn forward_ids(
+        &self,
+        ids: &[i64],
+        batch: usize,
+        attention_mask: Option<&[i64]>,
+        cache: Option<&mut JambaCache<B>>,
+        options: &ForwardOptions,
+    ) -> Result<JambaOutput<B>> {
+        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+            return Err(JambaError::Input(format!(
+                "{} token ids do not make {batch} non-empty rows",
+                ids.len()
+            )));
+        }
+        let seq = ids.len() / batch;
+        let vocab = self.config().vocab_size as i64;
+        if let Some(&bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
+            return Err(JambaError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if let Some(mask) = attention_mask
+            && mask.len() != ids.len()
+        {
+            return Err(JambaError::Input(format!(
+                "attention mask has {} entries but the input ids have [{batch}, {seq}]",
+                mask.len()
+            )));
+        }
+        let device = self.device();
+        let tensor = |v: &[i64]| {
+            Tensor::<B, 2, Int>::from_data(TensorData::new(v.to_vec(), [batch, seq]), &device)
+        };
+        let input_ids = tensor(ids);
+        let attention_mask = attention_mask.map(tensor);
+        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref(), false)?;
+        self.forward_checked(input_ids, attention_mask, cache, options)
+    }
+
+    fn forward_checked(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
         mut cache: Option<&mut JambaCache<B>>,
         options: &ForwardOptions,
     ) -> Result<JambaOutput<B>> {
         let [batch, seq] = input_ids.dims();
         let device = input_ids.device();
-        debug_sync::<B>(&device, "the input upload")?;
-        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref())?;
-        debug_sync::<B>(&device, "the input checks")?;
         let dtype = self.dtype();
 
         let padding = attention_mask.map(|m| m.equal_elem(0));
@@ -184,19 +251,31 @@ impl<B: JambaBackend> Jamba<B> {
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();
         let layers = self.layers.len();
+        // Each layer's last residual addition is fused with the next norm, unless every
+        // layer's output is wanted.
+        let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            if options.output_hidden_states {
-                hidden_states.push(x.clone());
-            }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let (y, logits) = layer.forward(x, &masks, layer_cache);
+            let logits = if options.output_hidden_states {
+                hidden_states.push(x.clone());
+                let (y, logits) = layer.forward(x, &masks, layer_cache);
+                x = y;
+                logits
+            } else {
+                let out = layer.forward_deferred(x, pending.take(), &masks, layer_cache);
+                x = out.residual;
+                pending = Some(out.feed_forward);
+                out.router_logits
+            };
             debug_sync::<B>(&device, &format!("layer {i}"))?;
-            x = y;
             if let (true, Some(logits)) = (options.output_router_logits, logits) {
                 router_logits.push((i, logits));
             }
         }
-        let x = self.final_layernorm.forward(x);
+        let x = match pending {
+            Some(p) => self.final_layernorm.add_forward(x, p).1,
+            None => self.final_layernorm.forward(x),
+        };
         if options.output_hidden_states {
             // transformers reports the last layer's output after the final norm.
             if layers > 0 {
@@ -230,6 +309,7 @@ impl<B: JambaBackend> Jamba<B> {
         input_ids: &Tensor<B, 2, Int>,
         attention_mask: Option<&Tensor<B, 2, Int>>,
         cache: Option<&JambaCache<B>>,
+        check_range: bool,
     ) -> Result<()> {
         let [batch, seq] = input_ids.dims();
         if batch == 0 || seq == 0 {
@@ -238,10 +318,14 @@ impl<B: JambaBackend> Jamba<B> {
             )));
         }
         let vocab = self.config().vocab_size as i64;
-        let (min, max) = (
-            input_ids.clone().min().into_scalar().elem::<i64>(),
-            input_ids.clone().max().into_scalar().elem::<i64>(),
-        );
+        let (min, max) = if check_range {
+            (
+                input_ids.clone().min().into_scalar().elem::<i64>(),
+                input_ids.clone().max().into_scalar().elem::<i64>(),
+            )
+        } else {
+            (0, 0)
+        };
         if min < 0 || max >= vocab {
             let bad = if min < 0 { min } else { max };
             return Err(JambaError::Input(format!(

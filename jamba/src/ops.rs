@@ -266,6 +266,39 @@ pub trait JambaBackend: Backend {
     fn device_memory_reserved(_device: &Self::Device) -> Option<u64> {
         None
     }
+
+    /// Attention of one new position per row over its cached keys and values: `q [batch,
+    /// heads, dim]`, `k` and `v` `[batch, kv_heads, keys, dim]` (query head `h` reads key/value
+    /// head `h / (heads / kv_heads)`), `hidden [batch, keys]` true where a key is masked.
+    /// Returns `softmax(q·kᵀ · scale) · v` as `[batch, heads · dim]`, or `None` where the
+    /// backend has no fused form for these shapes (the caller runs the separate operations).
+    ///
+    /// CubeCL backends run `jamba_kernels::attention::decode_attention`, one launch for
+    /// contexts up to its `MAX_KEYS`, with `JAMBA_FUSED_ATTENTION=on` (off by default until
+    /// measured on a GPU).
+    fn decode_attention(
+        _q: Tensor<Self, 3>,
+        _k: Tensor<Self, 4>,
+        _v: Tensor<Self, 4>,
+        _hidden: Option<Tensor<Self, 2, burn::tensor::Bool>>,
+        _scale: f64,
+    ) -> Option<Tensor<Self, 2>> {
+        None
+    }
+
+    /// Runs `f` where the backend issues work most cheaply. CubeCL backends hand every
+    /// operation to a device thread through a queue; running a whole decoding step on that
+    /// thread (`ComputeClient::exclusive`) issues each operation directly instead. Elsewhere it
+    /// is `f()`. [`exclusive_enabled`] says whether generation uses it (`JAMBA_EXCLUSIVE`).
+    ///
+    /// ```
+    /// use jamba::backends::Cpu;
+    /// use jamba::JambaBackend;
+    /// assert_eq!(Cpu::exclusive(&Default::default(), || 2 + 2), 4);
+    /// ```
+    fn exclusive<R: Send + 'static>(_device: &Self::Device, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
 }
 
 /// Gradients of a selective scan, one per input of [`ScanInput`], each in its input's dtype.
@@ -535,6 +568,20 @@ pub fn fused_step_enabled() -> bool {
     *ENABLED.get_or_init(|| env_switch("JAMBA_FUSED_STEP", true))
 }
 
+/// Whether CubeCL backends run a decoding step's attention in one kernel
+/// ([`JambaBackend::decode_attention`]; `JAMBA_FUSED_ATTENTION=on`, off by default).
+pub fn fused_attention_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_FUSED_ATTENTION", false))
+}
+
+/// Whether generation runs each decoding step through [`JambaBackend::exclusive`]
+/// (`JAMBA_EXCLUSIVE=on|off`).
+pub fn exclusive_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_EXCLUSIVE", false))
+}
+
 /// An on/off environment switch: `on`, `1`, `true`, `yes` or `off`, `0`, `false`, `no`;
 /// `default` when unset or anything else. Callers read it once (a `OnceLock`), not per call.
 pub(crate) fn env_switch(name: &str, default: bool) -> bool {
@@ -550,7 +597,7 @@ pub(crate) fn env_switch(name: &str, default: bool) -> bool {
 pub mod cube {
     use burn::tensor::{DType, Tensor, TensorPrimitive};
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-    use jamba_kernels::{conv, gemv, mamba_step, matmul, moe, norm, scan, scan_bwd};
+    use jamba_kernels::{attention, conv, gemv, mamba_step, matmul, moe, norm, scan, scan_bwd};
 
     use super::{
         ConvInput, ConvOutput, JambaBackend, MambaStepInput, MambaStepOutput, RoutedExperts,
@@ -895,6 +942,47 @@ pub mod cube {
                 .map(|m| m.bytes_reserved)
         }
 
+        fn decode_attention(
+            q: Tensor<Self, 3>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            hidden: Option<Tensor<Self, 2, burn::tensor::Bool>>,
+            scale: f64,
+        ) -> Option<Tensor<Self, 2>> {
+            let [_, heads, dim] = q.dims();
+            let [_, kv_heads, keys, _] = k.dims();
+            let dtype = q.dtype();
+            if !kernels_enabled()
+                || !super::fused_attention_enabled()
+                || keys > attention::MAX_KEYS
+                || dim > attention::UNITS
+                || kv_heads == 0
+                || heads % kv_heads != 0
+                || k.dtype() != dtype
+                || v.dtype() != dtype
+            {
+                return None;
+            }
+            let pad = hidden.map(|h| prim(h.float().cast(DType::F32)));
+            Some(wrap(attention::decode_attention(
+                prim(q),
+                prim(k),
+                prim(v),
+                pad,
+                scale,
+            )))
+        }
+
+        fn exclusive<T: Send + 'static>(device: &Self::Device, f: impl FnOnce() -> T + Send) -> T {
+            let client = R::client(device);
+            let mut f = Some(f);
+            // The channel is down only when the device thread is gone; then run in place.
+            match client.exclusive(|| (f.take().expect("runs once"))()) {
+                Ok(t) => t,
+                Err(_) => (f.take().expect("not run when the channel is down"))(),
+            }
+        }
+
         fn selective_scan_backward(
             input: ScanInput<Self>,
             grad_y: Tensor<Self, 3>,
@@ -1119,6 +1207,10 @@ mod autodiff {
 
         fn device_memory_reserved(device: &Self::Device) -> Option<u64> {
             B::device_memory_reserved(device)
+        }
+
+        fn exclusive<T: Send + 'static>(device: &Self::Device, f: impl FnOnce() -> T + Send) -> T {
+            B::exclusive(device, f)
         }
         // `scaled_dot_product_attention` stays Burn's: autodiff differentiates it; the override is for inference.
     }
