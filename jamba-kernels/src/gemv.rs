@@ -27,24 +27,26 @@ const MIN_K_PER_SLICE: usize = 16;
 /// Cubes along x before they continue along z (wgpu allows 65,535 per dimension).
 const MAX_CUBES_X: usize = 65_535;
 
-#[cube(launch_unchecked)]
+/// What both forms share: unit `(lane, slice)` of a cube of `COLS × slices` units sums its
+/// slice of `k` for column `col` and every row, and the cube adds its slices in shared memory.
+/// Returns that sum for row `UNIT_POS_Y` to the first `rows` units of each active column (0
+/// to the rest). Slice `s` of cube row `CUBE_POS_Y` covers `k` from
+/// `(CUBE_POS_Y · slices + s) · k_per_slice`. Units past the last column (`!active`) stay for
+/// the shared-memory sum but read nothing.
+#[cube]
 #[allow(clippy::too_many_arguments)]
-fn gemv_partial_kernel<F: Float>(
+fn cube_column_sum<F: Float>(
     x: &CubeArg<F>,
     w: &CubeArg<F>,
-    partial: &mut CubeArg<f32>,
-    k: u32,
-    n: u32,
-    k_per_slice: u32,
+    col: usize,
+    active: bool,
+    k: usize,
+    k_per_slice: usize,
     #[comptime] rows: usize,
-    #[define(F)] _dtype: StorageType,
-) {
-    let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
-    let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
-    let slice = (CUBE_POS_Y * SLICES as u32 + UNIT_POS_Y) as usize;
-    // Units past the last column stay for the cube's shared-memory sum but read nothing.
-    let active = col < n;
-    let k0 = slice * k_per_slice;
+    #[comptime] slices: usize,
+) -> f32 {
+    let unit_slice = UNIT_POS_Y as usize;
+    let k0 = (CUBE_POS_Y as usize * slices + unit_slice) * k_per_slice;
     let mut k1 = min(k0 + k_per_slice, k);
     if !active {
         k1 = k0;
@@ -63,23 +65,44 @@ fn gemv_partial_kernel<F: Float>(
         }
         kk += 1;
     }
+    let mut shared = SharedMemory::<f32>::new(slices * COLS * rows);
+    let lane = UNIT_POS_X as usize;
+    #[unroll]
+    for r in 0..rows {
+        shared[(unit_slice * rows + r) * COLS + lane] = acc[r];
+    }
+    sync_cube();
+    let mut sum = 0.0f32;
+    if active && unit_slice < rows {
+        #[unroll]
+        for s in 0..slices {
+            sum += shared[(s * rows + unit_slice) * COLS + lane];
+        }
+    }
+    sum
+}
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_partial_kernel<F: Float>(
+    x: &CubeArg<F>,
+    w: &CubeArg<F>,
+    partial: &mut CubeArg<f32>,
+    k: u32,
+    n: u32,
+    k_per_slice: u32,
+    #[comptime] rows: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
+    let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
+    let active = col < n;
     // The cube's slices of k are summed in shared memory: the reduction launch then reads one
     // partial per cube of slices instead of one per slice (64 reads per output for a
     // 1024 × 4096 weight made it the larger half of the product's time).
-    let mut shared = SharedMemory::<f32>::new(SLICES * COLS * rows);
-    let lane = UNIT_POS_X as usize;
+    let sum = cube_column_sum(x, w, col, active, k, k_per_slice, rows, SLICES);
     let y = UNIT_POS_Y as usize;
-    #[unroll]
-    for r in 0..rows {
-        shared[(y * rows + r) * COLS + lane] = acc[r];
-    }
-    sync_cube();
     if active && y < rows {
-        let mut sum = 0.0f32;
-        #[unroll]
-        for s in 0..SLICES {
-            sum += shared[(s * rows + y) * COLS + lane];
-        }
         partial[(CUBE_POS_Y as usize * rows + y) * n + col] = sum;
     }
 }
@@ -111,8 +134,8 @@ fn gemv_reduce_kernel<F: Float>(
     y[r * y.stride(0) + col * y.stride(1)] = F::cast_from(acc);
 }
 
-/// The one-launch form: a cube per `COLS` columns whose `slices` units per column split all of
-/// `k` between them and sum their partials in shared memory, so no partial sums leave the cube.
+/// The one-launch form: one cube along y, whose `slices` units per column split all of `k`
+/// between them, so no partial sums leave the cube.
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_single_kernel<F: Float>(
@@ -130,43 +153,14 @@ fn gemv_single_kernel<F: Float>(
 ) {
     let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
     let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
-    let slice = UNIT_POS_Y as usize;
     let active = col < n;
-    let k0 = slice * k_per_slice;
-    let mut k1 = min(k0 + k_per_slice, k);
-    if !active {
-        k1 = k0;
-    }
-    let mut acc = Array::<f32>::new(rows);
-    #[unroll]
-    for r in 0..rows {
-        acc[r] = 0.0;
-    }
-    let mut kk = k0;
-    while kk < k1 {
-        let wv = f32::cast_from(w[kk * w.stride(0) + col * w.stride(1)]);
-        #[unroll]
-        for r in 0..rows {
-            acc[r] += f32::cast_from(x[r * x.stride(0) + kk * x.stride(1)]) * wv;
-        }
-        kk += 1;
-    }
-    let mut shared = SharedMemory::<f32>::new(slices * COLS * rows);
-    let lane = UNIT_POS_X as usize;
-    #[unroll]
-    for r in 0..rows {
-        shared[(slice * rows + r) * COLS + lane] = acc[r];
-    }
-    sync_cube();
-    if active && slice < rows {
-        let mut sum = 0.0f32;
-        for s in 0..slices {
-            sum += shared[(s * rows + slice) * COLS + lane];
-        }
+    let mut sum = cube_column_sum(x, w, col, active, k, k_per_slice, rows, slices);
+    let r = UNIT_POS_Y as usize;
+    if active && r < rows {
         if comptime!(has_bias) {
             sum += f32::cast_from(bias[col * bias.stride(0)]);
         }
-        y[slice * y.stride(0) + col * y.stride(1)] = F::cast_from(sum);
+        y[r * y.stride(0) + col * y.stride(1)] = F::cast_from(sum);
     }
 }
 
