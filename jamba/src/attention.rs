@@ -101,25 +101,24 @@ impl<B: JambaBackend> Attention<B> {
         };
         if seq == 1 {
             let keys = k.dims()[2];
-            // A pad query keeps every key, as in the general path (its output is ignored).
+            // As in the general path, a pad query keeps every key (its output is ignored).
             let hidden = mask.map(|m| {
                 let real_query = m.query_padding.clone().bool_not().reshape([batch, 1]);
                 m.key_padding
                     .clone()
                     .bool_and(real_query.expand([batch, keys]))
             });
-            let q = q_flat
-                .clone()
-                .reshape([batch, self.num_heads, self.head_dim]);
+            let q = q_flat.reshape([batch, self.num_heads, self.head_dim]);
             let scale = 1.0 / (self.head_dim as f64).sqrt();
-            if let Some(out) = B::decode_attention(q, k.clone(), v.clone(), hidden, scale) {
-                return project(
-                    &self.o_proj,
-                    out.reshape([batch, 1, self.num_heads * self.head_dim]),
-                );
-            }
-            let q = heads(q_flat, self.num_heads);
-            return project(&self.o_proj, self.attend_one(q, k, v, mask));
+            let out =
+                match B::decode_attention(q.clone(), k.clone(), v.clone(), hidden.clone(), scale) {
+                    Some(out) => out,
+                    None => self.attend_one(q, k, v, hidden),
+                };
+            return project(
+                &self.o_proj,
+                out.reshape([batch, 1, self.num_heads * self.head_dim]),
+            );
         }
         let q = heads(q_flat, self.num_heads);
         // Burn's fused attention has no GQA broadcast: repeat each key/value head.
@@ -154,25 +153,22 @@ impl<B: JambaBackend> Attention<B> {
     /// One new position per row (decoding). The query heads that share a key/value head become
     /// that head's query rows, so the cached keys and values are read as they are instead of
     /// being copied once per query head (`repeat_kv` would copy the whole cache every step).
-    /// With a single new position every cached key is causally visible: only padding is masked.
+    /// With a single new position every cached key is causally visible: only the keys marked in
+    /// `hidden` `[batch, keys]` are masked. `q` is `[batch, heads, dim]`; returns `[batch,
+    /// heads · dim]`, as [`JambaBackend::decode_attention`] does.
     fn attend_one(
         &self,
-        q: Tensor<B, 4>,
+        q: Tensor<B, 3>,
         k: Tensor<B, 4>,
         v: Tensor<B, 4>,
-        mask: Option<&AttentionMask<B>>,
-    ) -> Tensor<B, 3> {
-        let [batch, _, _, dim] = q.dims();
+        hidden: Option<Tensor<B, 2, Bool>>,
+    ) -> Tensor<B, 2> {
+        let [batch, _, dim] = q.dims();
         let (groups, rep) = (self.num_kv_heads, self.num_heads / self.num_kv_heads);
         let keys = k.dims()[2];
         let q = q.reshape([batch, groups, rep, dim]);
-        // As in the general path, a pad query keeps every key (its output is ignored).
-        let mask = mask.map(|m| {
-            let real_query = m.query_padding.clone().bool_not().reshape([batch, 1, 1, 1]);
-            m.key_padding
-                .clone()
-                .reshape([batch, 1, 1, keys])
-                .bool_and(real_query.expand([batch, 1, 1, keys]))
+        let mask = hidden.map(|h| {
+            h.reshape([batch, 1, 1, keys])
                 .expand([batch, groups, rep, keys])
         });
         let options = AttentionModuleOptions {
@@ -180,11 +176,8 @@ impl<B: JambaBackend> Attention<B> {
             softcap: None,
             is_causal: false,
         };
-        B::scaled_dot_product_attention(q, k, v, mask, options).reshape([
-            batch,
-            1,
-            self.num_heads * dim,
-        ])
+        B::scaled_dot_product_attention(q, k, v, mask, options)
+            .reshape([batch, self.num_heads * dim])
     }
 
     fn repeat_kv(&self, t: Tensor<B, 4>) -> Tensor<B, 4> {

@@ -150,7 +150,18 @@ impl<B: JambaBackend> Jamba<B> {
     ) -> Result<JambaOutput<B>> {
         let device = input_ids.device();
         debug_sync::<B>(&device, "the input upload")?;
-        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref(), true)?;
+        let id_range = || {
+            (
+                input_ids.clone().min().into_scalar().elem::<i64>(),
+                input_ids.clone().max().into_scalar().elem::<i64>(),
+            )
+        };
+        self.check_inputs(
+            &input_ids,
+            id_range,
+            attention_mask.as_ref(),
+            cache.as_deref(),
+        )?;
         debug_sync::<B>(&device, "the input checks")?;
         self.forward_checked(input_ids, attention_mask, cache, options)
     }
@@ -187,12 +198,6 @@ impl<B: JambaBackend> Jamba<B> {
             )));
         }
         let seq = ids.len() / batch;
-        let vocab = self.config().vocab_size as i64;
-        if let Some(&bad) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
-            return Err(JambaError::Input(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
-        }
         if let Some(mask) = attention_mask
             && mask.len() != ids.len()
         {
@@ -207,7 +212,16 @@ impl<B: JambaBackend> Jamba<B> {
         };
         let input_ids = tensor(ids);
         let attention_mask = attention_mask.map(tensor);
-        self.check_inputs(&input_ids, attention_mask.as_ref(), cache.as_deref(), false)?;
+        let id_range = || {
+            let (min, max) = (ids.iter().min(), ids.iter().max());
+            (*min.expect("non-empty"), *max.expect("non-empty"))
+        };
+        self.check_inputs(
+            &input_ids,
+            id_range,
+            attention_mask.as_ref(),
+            cache.as_deref(),
+        )?;
         self.forward_checked(input_ids, attention_mask, cache, options)
     }
 
@@ -307,9 +321,9 @@ impl<B: JambaBackend> Jamba<B> {
     fn check_inputs(
         &self,
         input_ids: &Tensor<B, 2, Int>,
+        id_range: impl FnOnce() -> (i64, i64),
         attention_mask: Option<&Tensor<B, 2, Int>>,
         cache: Option<&JambaCache<B>>,
-        check_range: bool,
     ) -> Result<()> {
         let [batch, seq] = input_ids.dims();
         if batch == 0 || seq == 0 {
@@ -318,14 +332,9 @@ impl<B: JambaBackend> Jamba<B> {
             )));
         }
         let vocab = self.config().vocab_size as i64;
-        let (min, max) = if check_range {
-            (
-                input_ids.clone().min().into_scalar().elem::<i64>(),
-                input_ids.clone().max().into_scalar().elem::<i64>(),
-            )
-        } else {
-            (0, 0)
-        };
+        // The smallest and largest id: read back from the device for `forward`, taken from the
+        // host copy for `forward_ids`. Called only once the input is known to be non-empty.
+        let (min, max) = id_range();
         if min < 0 || max >= vocab {
             let bad = if min < 0 { min } else { max };
             return Err(JambaError::Input(format!(
