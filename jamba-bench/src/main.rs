@@ -239,6 +239,23 @@ pub(crate) fn random_model<B: jamba::JambaBackend>(
     Ok((config, model))
 }
 
+/// One greedy decoding step as generation runs it: `ids` `[batch]` in, the model's argmax per
+/// row back on the host.
+pub(crate) fn greedy_step<B: jamba::JambaBackend>(
+    model: &jamba::Jamba<B>,
+    cache: &mut jamba::JambaCache<B>,
+    ids: &[i64],
+    batch: usize,
+) -> jamba::Result<Vec<i64>> {
+    let keep = ForwardOptions {
+        logits_to_keep: Some(1),
+        ..Default::default()
+    };
+    let out = model.forward_ids(ids, batch, None, Some(cache), &keep)?;
+    let chosen = jamba::generation::argmax_last(out.logits).into_data();
+    Ok(chosen.convert::<i64>().into_vec().expect("int data"))
+}
+
 pub(crate) fn sync<B: Backend>(device: &B::Device) -> jamba::Result<()> {
     B::sync(device).map_err(|e| JambaError::Input(format!("device error: {e:?}")))
 }
@@ -355,20 +372,11 @@ fn throughput<B: jamba::JambaBackend>(
                         args.prefill_chunk.or(Some(2048)),
                     )?;
                     let next = jamba::generation::argmax_last(logits);
-                    let keep = ForwardOptions {
-                        logits_to_keep: Some(1),
-                        ..Default::default()
-                    };
                     let mut ids: Vec<i64> = next.into_data().convert::<i64>().into_vec().unwrap();
                     let t = Instant::now();
                     for _ in 0..args.decode_steps {
                         // As in generation: the chosen ids come back to the host every step.
-                        let mut step = || -> jamba::Result<Vec<i64>> {
-                            let out =
-                                model.forward_ids(&ids, batch, None, Some(&mut cache), &keep)?;
-                            let next = jamba::generation::argmax_last(out.logits);
-                            Ok(next.into_data().convert::<i64>().into_vec().unwrap())
-                        };
+                        let mut step = || greedy_step(&model, &mut cache, &ids, batch);
                         ids = if jamba::ops::exclusive_enabled() {
                             B::exclusive(device, step)?
                         } else {

@@ -18,11 +18,11 @@ use clap::Args;
 use jamba::backends::{BackendKind, parse_dtype};
 use jamba::cache::LayerCache;
 use jamba::layer::{FeedForward, LayerMasks, Mixer};
-use jamba::{ForwardOptions, JambaBackend, JambaError};
+use jamba::{JambaBackend, JambaError};
 
 use jamba::generation::SplitMix64;
 
-use crate::{prefill, random_model, sync};
+use crate::{greedy_step, prefill, random_model, sync};
 
 #[derive(Args, Clone)]
 pub struct ProfileArgs {
@@ -89,10 +89,6 @@ pub fn run<B: JambaBackend>(args: &ProfileArgs, device: &B::Device) -> jamba::Re
         Some(2048),
     )?;
     let next = jamba::generation::argmax_last(logits).reshape([batch, 1]);
-    let keep = ForwardOptions {
-        logits_to_keep: Some(1),
-        ..Default::default()
-    };
     println!(
         "{}: {:?} {:?}, batch {batch}, context {}, {n} calls per component (ms per call)",
         args.config.display(),
@@ -169,9 +165,7 @@ pub fn run<B: JambaBackend>(args: &ProfileArgs, device: &B::Device) -> jamba::Re
     let mut c = cache;
     let mut ids: Vec<i64> = next.into_data().convert::<i64>().into_vec().unwrap();
     let step = |c: &mut jamba::JambaCache<B>, ids: &mut Vec<i64>| -> jamba::Result<()> {
-        let logits = model.forward_ids(ids, batch, None, Some(c), &keep)?.logits;
-        let chosen = jamba::generation::argmax_last(logits);
-        *ids = chosen.into_data().convert::<i64>().into_vec().unwrap();
+        *ids = greedy_step(&model, c, ids, batch)?;
         Ok(())
     };
     let whole = per_call::<B>(device, n, || step(&mut c, &mut ids))?;
