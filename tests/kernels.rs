@@ -359,7 +359,7 @@ fn rms_norm_grid<R: CubeRuntime>(device: &R::Device) {
 fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
     let mut cases = 0;
-    for &rows in &[1usize, 3, gemv::MAX_ROWS] {
+    for &rows in &[1usize, 3, 8, gemv::MAX_ROWS] {
         for &(k, n) in &[
             (1usize, 1usize),
             (5, 17),
@@ -415,7 +415,7 @@ fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
             }
         }
     }
-    assert_eq!(cases, 60);
+    assert_eq!(cases, 80);
 }
 
 /// One-query attention over a cache against an f64 loop: grouped heads (1, 2 and 4 query heads

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -194,6 +194,54 @@ if [ "$WHAT" = fused-step ]; then
   done
   echo "== the fused step's kernel tests (f32, bf16, f16), then every kernel test and the parity tests"
   timeout ${TEST_SECS:-300} ./kernels --test-threads 1 2>&1 | grep -E "^test |panicked|rel. error|test result" | head -40
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+fi
+if [ "$WHAT" = switches ]; then
+  # Session 14's three decoding switches, each alone and all together, against the defaults;
+  # the combinations alternated, two rounds, in one run.
+  echo "== bf16 decoding, b1 and b16 after 512: JAMBA_FUSED_ATTENTION, JAMBA_GEMV, JAMBA_EXCLUSIVE"
+  for round in 1 2; do
+    for v in "JAMBA_NONE=0" "JAMBA_FUSED_ATTENTION=on" "JAMBA_GEMV=single" "JAMBA_EXCLUSIVE=on" \
+        "JAMBA_FUSED_ATTENTION=on JAMBA_GEMV=single" \
+        "JAMBA_FUSED_ATTENTION=on JAMBA_GEMV=single JAMBA_EXCLUSIVE=on"; do
+      env $v ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda \
+        --dtype bf16 --prefill 0 --decode-batch 1,16 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 \
+        2>&1 >/dev/null | grep "^decode" | sed "s/^/r$round [$v]  /"
+    done
+  done
+  echo "== kernel tests, then the parity tests with the defaults and with every switch on"
+  timeout ${TEST_SECS:-300} ./kernels --test-threads 1 2>&1 | grep -E "^test |panicked|test result" | head -40
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+  JAMBA_FUSED_ATTENTION=on JAMBA_GEMV=single JAMBA_EXCLUSIVE=on ./parity cuda --test-threads 1 2>&1 \
+    | grep -E "^test |test result|FAIL|panicked" | sed "s/^/switches on  /" | head -12
+fi
+if [ "$WHAT" = decode-kernels ]; then
+  # Needs `jamba-bench-prev`, the previous build's bench: the two alternated in one run, then
+  # ncu's device time of every kernel of a b1 step, then the tests.
+  echo "== bf16, prefill 512/2048, decode b1/b16 after 512: previous build, then this one, alternated"
+  for round in 1 2; do
+    for bin in ./jamba-bench-prev ./jamba-bench; do
+      [ -x "$bin" ] || continue
+      $bin throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+        --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 \
+        --out "$OUT/h200-bench-jamba-1b-bf16-$(basename $bin)-r$round.json" 2>&1 >/dev/null \
+        | grep -E "^(prefill|decode)" | sed "s/^/r$round $(basename $bin)  /"
+    done
+  done
+  echo "== ncu: device time per kernel of a b1 decoding step (8 steps of the difference, twice: warmup and run)"
+  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-decode-1.csv" $B --decode-steps 4 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-decode-2.csv" $B --decode-steps 12 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-decode-2.csv" --minus "$OUT/ncu-decode-1.csv" --top 16
+  (cd "$OUT" && xz -6 -f ncu-*.csv)
+  echo "== profile, b1 and b16"
+  for b in 1 16; do
+    ./jamba-bench profile --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+      --batch $b --context 512 --steps 50 2>&1 | grep -E "whole step|final norm|argmax|element-wise"
+  done
+  echo "== kernel tests, parity tests"
+  timeout ${TEST_SECS:-300} ./kernels --test-threads 1 2>&1 | grep -E "^test |panicked|test result" | head -40
   ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
 fi
 if [ "$WHAT" = scan-stalls ]; then

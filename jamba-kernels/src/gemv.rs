@@ -1,5 +1,5 @@
 //! Matrix products with a few rows (a decoding step's projections): `x [rows, k] · w [k, n]`,
-//! `rows <= 8`, at memory bandwidth.
+//! `rows <= 16`, at memory bandwidth.
 //!
 //! Burn's matmul ran these at ~80 GB/s on the H200 (~100 µs for one 1024 × 4096 bf16
 //! projection of one row; 82% of a decoding step's device time, ncu): its kernels tile for
@@ -15,8 +15,11 @@ use burn_std::DType;
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
-/// The most rows [`gemv`] takes.
-pub const MAX_ROWS: usize = 8;
+/// The most rows [`gemv`] takes (a decoding step of 16 rows: above 8, Burn's matmul ran
+/// bench-jamba-1b's 1024 × 65,536 head for 16 rows in 1.8 ms on the H200).
+pub const MAX_ROWS: usize = 16;
+/// The shared memory a cube of [`gemv_single`] may use for its partial sums, in f32s.
+const SHARED_FLOATS: usize = 8192;
 /// Columns per cube (x), slices of `k` per cube (y): 256 units.
 pub(crate) const COLS: usize = 32;
 pub(crate) const SLICES: usize = 8;
@@ -28,9 +31,9 @@ const MIN_K_PER_SLICE: usize = 16;
 const MAX_CUBES_X: usize = 65_535;
 
 /// What both forms share: unit `(lane, slice)` of a cube of `COLS × slices` units sums its
-/// slice of `k` for column `col` and every row, and the cube adds its slices in shared memory.
-/// Returns that sum for row `UNIT_POS_Y` to the first `rows` units of each active column (0
-/// to the rest). Slice `s` of cube row `CUBE_POS_Y` covers `k` from
+/// slice of `k` for column `col` and every row into shared memory (`[slices, rows, COLS]`),
+/// which it returns after the cube's barrier; [`row_sum`] adds a row's slices. Rows
+/// `UNIT_POS_Y, UNIT_POS_Y + slices, …` are that unit's to finish. Slice `s` of cube row `CUBE_POS_Y` covers `k` from
 /// `(CUBE_POS_Y · slices + s) · k_per_slice`. Units past the last column (`!active`) stay for
 /// the shared-memory sum but read nothing.
 #[cube]
@@ -44,7 +47,7 @@ fn cube_column_sum<F: Float>(
     k_per_slice: usize,
     #[comptime] rows: usize,
     #[comptime] slices: usize,
-) -> f32 {
+) -> SharedMemory<f32> {
     let unit_slice = UNIT_POS_Y as usize;
     let k0 = (CUBE_POS_Y as usize * slices + unit_slice) * k_per_slice;
     let mut k1 = min(k0 + k_per_slice, k);
@@ -56,12 +59,31 @@ fn cube_column_sum<F: Float>(
     for r in 0..rows {
         acc[r] = 0.0;
     }
+    let (ws, xs) = (w.stride(0), x.stride(1));
+    let wc = col * w.stride(1);
+    // Four weights loaded before any is used: a unit's loads are otherwise one latency each
+    // (the H200 ran a 2048 × 1024 projection at ~300 GB/s with one load in flight per unit).
     let mut kk = k0;
-    while kk < k1 {
-        let wv = f32::cast_from(w[kk * w.stride(0) + col * w.stride(1)]);
+    while kk + 4 <= k1 {
+        let w0 = f32::cast_from(w[kk * ws + wc]);
+        let w1 = f32::cast_from(w[(kk + 1) * ws + wc]);
+        let w2 = f32::cast_from(w[(kk + 2) * ws + wc]);
+        let w3 = f32::cast_from(w[(kk + 3) * ws + wc]);
         #[unroll]
         for r in 0..rows {
-            acc[r] += f32::cast_from(x[r * x.stride(0) + kk * x.stride(1)]) * wv;
+            let xb = r * x.stride(0) + kk * xs;
+            acc[r] += f32::cast_from(x[xb]) * w0
+                + f32::cast_from(x[xb + xs]) * w1
+                + f32::cast_from(x[xb + 2 * xs]) * w2
+                + f32::cast_from(x[xb + 3 * xs]) * w3;
+        }
+        kk += 4;
+    }
+    while kk < k1 {
+        let wv = f32::cast_from(w[kk * ws + wc]);
+        #[unroll]
+        for r in 0..rows {
+            acc[r] += f32::cast_from(x[r * x.stride(0) + kk * xs]) * wv;
         }
         kk += 1;
     }
@@ -72,12 +94,23 @@ fn cube_column_sum<F: Float>(
         shared[(unit_slice * rows + r) * COLS + lane] = acc[r];
     }
     sync_cube();
+    shared
+}
+
+/// Row `r`'s sum over the cube's slices from [`cube_column_sum`]'s shared memory, for this
+/// unit's lane.
+#[cube]
+fn row_sum(
+    shared: &SharedMemory<f32>,
+    r: usize,
+    #[comptime] rows: usize,
+    #[comptime] slices: usize,
+) -> f32 {
+    let lane = UNIT_POS_X as usize;
     let mut sum = 0.0f32;
-    if active && unit_slice < rows {
-        #[unroll]
-        for s in 0..slices {
-            sum += shared[(s * rows + unit_slice) * COLS + lane];
-        }
+    #[unroll]
+    for s in 0..slices {
+        sum += shared[(s * rows + r) * COLS + lane];
     }
     sum
 }
@@ -100,10 +133,13 @@ fn gemv_partial_kernel<F: Float>(
     // The cube's slices of k are summed in shared memory: the reduction launch then reads one
     // partial per cube of slices instead of one per slice (64 reads per output for a
     // 1024 × 4096 weight made it the larger half of the product's time).
-    let sum = cube_column_sum(x, w, col, active, k, k_per_slice, rows, SLICES);
-    let y = UNIT_POS_Y as usize;
-    if active && y < rows {
-        partial[(CUBE_POS_Y as usize * rows + y) * n + col] = sum;
+    let shared = cube_column_sum(x, w, col, active, k, k_per_slice, rows, SLICES);
+    if active {
+        let mut r = UNIT_POS_Y as usize;
+        while r < rows {
+            partial[(CUBE_POS_Y as usize * rows + r) * n + col] = row_sum(&shared, r, rows, SLICES);
+            r += SLICES;
+        }
     }
 }
 
@@ -154,13 +190,18 @@ fn gemv_single_kernel<F: Float>(
     let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
     let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
     let active = col < n;
-    let mut sum = cube_column_sum(x, w, col, active, k, k_per_slice, rows, slices);
-    let r = UNIT_POS_Y as usize;
-    if active && r < rows {
+    let shared = cube_column_sum(x, w, col, active, k, k_per_slice, rows, slices);
+    if active {
+        let mut b = 0.0f32;
         if comptime!(has_bias) {
-            sum += f32::cast_from(bias[col * bias.stride(0)]);
+            b = f32::cast_from(bias[col * bias.stride(0)]);
         }
-        y[r * y.stride(0) + col * y.stride(1)] = F::cast_from(sum);
+        let mut r = UNIT_POS_Y as usize;
+        while r < rows {
+            y[r * y.stride(0) + col * y.stride(1)] =
+                F::cast_from(row_sum(&shared, r, rows, slices) + b);
+            r += slices;
+        }
     }
 }
 
@@ -184,15 +225,16 @@ pub enum GemvForm {
     Split,
 }
 
-/// The form [`gemv`] uses: `JAMBA_GEMV=single|split`, by default split. A decoding step on
+/// The form [`gemv`] uses: `JAMBA_GEMV=single|split`, by default single. A decoding step on
 /// a GPU is bound by the host issuing launches, not by the device reading weights, so one
-/// launch that streams the weight at a fraction of the bandwidth may beat two that stream it
-/// at most of it; not yet measured on the H200, hence not the default.
+/// launch that streams the weight at a fraction of the bandwidth beats two that stream it at
+/// most of it: on the H200, bf16 decoding at batch 1 went from ~397 to ~514 tokens/s
+/// (bench-jamba-1b, context 512), batch 16 unchanged (`jamba-bench/RESULTS.md`, session 15).
 pub fn gemv_form() -> GemvForm {
     static FORM: std::sync::OnceLock<GemvForm> = std::sync::OnceLock::new();
     *FORM.get_or_init(|| match std::env::var("JAMBA_GEMV").as_deref() {
-        Ok("single") => GemvForm::Single,
-        _ => GemvForm::Split,
+        Ok("split") => GemvForm::Split,
+        _ => GemvForm::Single,
     })
 }
 
@@ -233,8 +275,10 @@ pub fn gemv_single<R: CubeRuntime>(
         return y;
     }
     let max_units = client.properties().hardware.max_units_per_cube as usize;
-    // At least `rows` slices: the first `rows` units of each column write the results.
-    let slices = (max_units / COLS).clamp(rows.max(1), 32);
+    // As many slices as the device allows in a cube, up to 32 and to 32 KiB of shared memory.
+    let slices = (max_units / COLS)
+        .min(SHARED_FLOATS / (COLS * rows.max(1)))
+        .clamp(1, 32);
     let k_per_slice = k.div_ceil(slices).max(1);
     let col_cubes = n.div_ceil(COLS);
     let count = CubeCount::Static(
@@ -246,8 +290,9 @@ pub fn gemv_single<R: CubeRuntime>(
     let bias = bias.unwrap_or_else(|| y.clone());
     // SAFETY: units whose column is past `n` read nothing and write nothing; the others read
     // rows below `rows` of `x` and `k` indices below `k` (each slice's range is clamped), and
-    // the first `rows` units of each column write that column of their row of `y`. Shared
-    // memory holds `slices · COLS · rows` values, written once per unit before the barrier.
+    // unit `(lane, s)` writes that column of rows `s, s + slices, …` below `rows` of `y`.
+    // Shared memory holds `slices · COLS · rows` values (at most `SHARED_FLOATS`), written once
+    // per unit before the barrier.
     unsafe {
         gemv_single_kernel::launch_unchecked::<R>(
             &client,
@@ -329,8 +374,9 @@ pub fn gemv_split<R: CubeRuntime>(
     );
     // SAFETY: units whose column is past `n` read and write nothing; the others read rows
     // below `rows` of `x`, `k` indices below `k` (the slice's range is clamped), and the
-    // cube's first `rows` units of each column write its element of `partial`, which has a
-    // row of partial sums per cube along y. Shared memory holds `SLICES · COLS · rows` values.
+    // cube's unit `(lane, s)` writes that column of rows `s, s + SLICES, …` below `rows` of
+    // `partial`, which has a row of partial sums per cube along y. Shared memory holds
+    // `SLICES · COLS · rows` values.
     unsafe {
         gemv_partial_kernel::launch_unchecked::<R>(
             &client,

@@ -122,9 +122,30 @@ fn routed_partial_kernel<F: Float>(
     let x_base = row * x.stride(0);
     let mut acc = 0.0f32;
     let mut acc2 = 0.0f32;
+    let xs = x.stride(1);
     let mut kk = k0;
+    // Four steps' loads issued before their products (one latency per four, as in gemv).
+    while kk + 4 <= k1 {
+        let x0 = f32::cast_from(x[x_base + kk * xs]);
+        let x1 = f32::cast_from(x[x_base + (kk + 1) * xs]);
+        let x2 = f32::cast_from(x[x_base + (kk + 2) * xs]);
+        let x3 = f32::cast_from(x[x_base + (kk + 3) * xs]);
+        let wb = w_base + kk * w_step;
+        acc += x0 * f32::cast_from(w[wb])
+            + x1 * f32::cast_from(w[wb + w_step])
+            + x2 * f32::cast_from(w[wb + 2 * w_step])
+            + x3 * f32::cast_from(w[wb + 3 * w_step]);
+        if comptime!(paired) {
+            let wb2 = w2_base + kk * w2_step;
+            acc2 += x0 * f32::cast_from(w2[wb2])
+                + x1 * f32::cast_from(w2[wb2 + w2_step])
+                + x2 * f32::cast_from(w2[wb2 + 2 * w2_step])
+                + x3 * f32::cast_from(w2[wb2 + 3 * w2_step]);
+        }
+        kk += 4;
+    }
     while kk < k1 {
-        let xv = f32::cast_from(x[x_base + kk * x.stride(1)]);
+        let xv = f32::cast_from(x[x_base + kk * xs]);
         acc += xv * f32::cast_from(w[w_base + kk * w_step]);
         if comptime!(paired) {
             acc2 += xv * f32::cast_from(w2[w2_base + kk * w2_step]);
@@ -137,6 +158,44 @@ fn routed_partial_kernel<F: Float>(
     }
 }
 
+/// Unit `(lane, group)` of a cube of `COLS × groups` sums slices `group, group + groups, …` of
+/// `partial[s · stride + i]` for `i = base + lane` (0 where `!active`); the cube adds its
+/// groups in shared memory and returns the total to the units of group 0. (One unit summing
+/// every slice alone waited one load latency per slice: 31 µs for a MoE layer's 2 × 128
+/// slices on the H200.)
+#[cube]
+fn cube_slice_sum(
+    partial: &CubeArg<f32>,
+    base: usize,
+    stride: usize,
+    slices: usize,
+    active: bool,
+    #[comptime] groups: usize,
+) -> f32 {
+    let lane = UNIT_POS_X as usize;
+    let group = UNIT_POS_Y as usize;
+    let mut sum = 0.0f32;
+    if active {
+        let mut s = group;
+        while s < slices {
+            sum += partial[s * stride + base + lane];
+            s += groups;
+        }
+    }
+    let mut shared = SharedMemory::<f32>::new(groups * COLS);
+    shared[group * COLS + lane] = sum;
+    sync_cube();
+    let mut total = 0.0f32;
+    if group == 0 {
+        #[unroll]
+        for g in 0..groups {
+            total += shared[g * COLS + lane];
+        }
+    }
+    sync_cube();
+    total
+}
+
 #[cube(launch_unchecked)]
 fn gate_up_reduce_kernel<F: Float>(
     partial: &CubeArg<f32>,
@@ -144,24 +203,30 @@ fn gate_up_reduce_kernel<F: Float>(
     slots: u32,
     n: u32,
     slices: u32,
+    #[comptime] groups: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    // `silu(gate) · up` of one (slot, column): each product rounded, the SiLU of the rounded
-    // gate rounded, the product of the two rounded.
+    // `silu(gate) · up` of one (slot, column) per lane (a cube per 32 of them): each product
+    // rounded, the SiLU of the rounded gate rounded, the product of the two rounded.
     let (slots, n, slices) = (slots as usize, n as usize, slices as usize);
-    let i = (CUBE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X + ABSOLUTE_POS_X) as usize;
-    if i >= slots * n {
-        terminate!();
+    let base = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize * COLS;
+    let i = base + UNIT_POS_X as usize;
+    let active = i < slots * n;
+    let stride = slots * n;
+    let gate = cube_slice_sum(partial, base, stride, slices, active, groups);
+    let up = cube_slice_sum(
+        partial,
+        slices * stride + base,
+        stride,
+        slices,
+        active,
+        groups,
+    );
+    if active && UNIT_POS_Y == 0 {
+        let gate = f32::cast_from(F::cast_from(gate));
+        let silu = f32::cast_from(F::cast_from(gate / (1.0f32 + f32::exp(-gate))));
+        act[i] = F::cast_from(silu * f32::cast_from(F::cast_from(up)));
     }
-    let mut gate = 0.0f32;
-    let mut up = 0.0f32;
-    for s in 0..slices {
-        gate += partial[s * slots * n + i];
-        up += partial[(slices + s) * slots * n + i];
-    }
-    let gate = f32::cast_from(F::cast_from(gate));
-    let silu = f32::cast_from(F::cast_from(gate / (1.0f32 + f32::exp(-gate))));
-    act[i] = F::cast_from(silu * f32::cast_from(F::cast_from(up)));
 }
 
 #[cube(launch_unchecked)]
@@ -175,32 +240,31 @@ fn down_reduce_kernel<F: Float>(
     slices: u32,
     #[comptime] top_k: usize,
     #[comptime] weighted: bool,
+    #[comptime] groups: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    // One (token, column): the token's experts' outputs, each rounded and weighted, summed
-    // (unweighted: a dense MLP's one output).
+    // One (token, column) per lane, a cube per token and 32 columns: the token's experts'
+    // outputs, each rounded and weighted, summed (unweighted: a dense MLP's one output).
     let (tokens, n, slices) = (tokens as usize, n as usize, slices as usize);
-    let i = (CUBE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X + ABSOLUTE_POS_X) as usize;
-    if i >= tokens * n {
-        terminate!();
-    }
-    let (t, col) = (i / n, i % n);
+    let t = CUBE_POS_Y as usize;
+    let base = CUBE_POS_X as usize * COLS;
+    let col = base + UNIT_POS_X as usize;
+    let active = col < n;
     let slots = tokens * top_k;
     let mut acc = 0.0f32;
     #[unroll]
     for j in 0..top_k {
         let slot = t * top_k + j;
-        let mut out = 0.0f32;
-        for s in 0..slices {
-            out += partial[(s * slots + slot) * n + col];
-        }
+        let out = cube_slice_sum(partial, slot * n + base, slots * n, slices, active, groups);
         let mut term = f32::cast_from(F::cast_from(out));
         if comptime!(weighted) {
             term = f32::cast_from(F::cast_from(term * f32::cast_from(weights[slot])));
         }
         acc += term;
     }
-    y[t * y.stride(0) + col * y.stride(1)] = F::cast_from(acc);
+    if active && UNIT_POS_Y == 0 {
+        y[t * y.stride(0) + col * y.stride(1)] = F::cast_from(acc);
+    }
 }
 
 /// The experts' weights in Burn's `[in, out]` layout, stacked over the experts.
@@ -374,19 +438,28 @@ fn expert_mlp<R: CubeRuntime>(
         dense,
     );
     let act = empty(vec![slots, inner], dtype);
-    let (count, dim) = elementwise(slots * inner);
-    // SAFETY: units past `slots · inner` return first; the others read their element of each
-    // of the `2 · slices` partial sums and write their own element of `act`.
+    let groups = reduce_groups(&client, slices);
+    let cubes = (slots * inner).div_ceil(COLS);
+    let count = CubeCount::Static(
+        cubes.min(MAX_CUBES_X) as u32,
+        cubes.div_ceil(MAX_CUBES_X) as u32,
+        1,
+    );
+    // SAFETY: units past `slots · inner` read and write nothing (but stay for the cube's
+    // barriers); the others read their element of each of the `2 · slices` partial sums, and
+    // those of group 0 write their own element of `act`. Shared memory holds `groups · COLS`
+    // values, each written by its own unit between barriers.
     unsafe {
         gate_up_reduce_kernel::launch_unchecked::<R>(
             &client,
             count,
-            dim,
+            CubeDim::new_2d(COLS as u32, groups as u32),
             gate_up_partial.clone().into_tensor_arg(),
             act.clone().into_tensor_arg(),
             slots as u32,
             inner as u32,
             slices as u32,
+            groups,
             dtype.into(),
         );
     }
@@ -403,17 +476,20 @@ fn expert_mlp<R: CubeRuntime>(
         [inner, hidden, per_slice, slices, slots, 1],
         dense,
     );
-    let (count, dim) = elementwise(tokens * hidden);
     // Unweighted, the kernel reads no routing weights: `act` stands in.
     let routing = routing.unwrap_or_else(|| act.clone());
-    // SAFETY: units past `tokens · hidden` return first; the others read the partial sums of
-    // their token's `top_k` slots and (weighted) the slots' routing weights, and write their
-    // element of `y`.
+    let groups = reduce_groups(&client, slices);
+    let col_cubes = hidden.div_ceil(COLS);
+    assert!(col_cubes <= MAX_CUBES_X, "routed_experts: {hidden} columns");
+    // SAFETY: units whose column is past `hidden` read and write nothing (but stay for the
+    // cube's barriers); the others read the partial sums of their token's `top_k` slots
+    // (cube y: the token, below `tokens`) and (weighted) the slots' routing weights, and
+    // those of group 0 write their element of `y`.
     unsafe {
         down_reduce_kernel::launch_unchecked::<R>(
             &client,
-            count,
-            dim,
+            CubeCount::Static(col_cubes as u32, tokens as u32, 1),
+            CubeDim::new_2d(COLS as u32, groups as u32),
             down_partial.clone().into_tensor_arg(),
             routing.into_tensor_arg(),
             y.into_tensor_arg(),
@@ -422,10 +498,21 @@ fn expert_mlp<R: CubeRuntime>(
             slices as u32,
             top_k,
             !dense,
+            groups,
             dtype.into(),
         );
     }
     (gate_up_partial, act, down_partial)
+}
+
+/// Slice groups per cube of the reduction kernels: a power of two up to the slices, at most
+/// 32 and as many as the device allows in a cube of `COLS` lanes.
+fn reduce_groups<R: CubeRuntime>(client: &ComputeClient<R>, slices: usize) -> usize {
+    let max_units = client.properties().hardware.max_units_per_cube as usize;
+    slices
+        .next_power_of_two()
+        .min(32)
+        .min((max_units / COLS).max(1))
 }
 
 /// Launches [`routed_partial_kernel`]: `dims` is `[k, n, k per slice, slices, slots, slots per
@@ -521,17 +608,4 @@ pub fn swiglu<R: CubeRuntime>(
     let stand_in = x.clone();
     expert_mlp::<R>(x, [gate, up, down], stand_in, None, y.clone(), 1);
     y
-}
-
-/// A grid of 256-unit cubes covering `units` elements.
-fn elementwise(units: usize) -> (CubeCount, CubeDim) {
-    let cubes = units.div_ceil(256);
-    (
-        CubeCount::Static(
-            cubes.min(MAX_CUBES_X) as u32,
-            cubes.div_ceil(MAX_CUBES_X) as u32,
-            1,
-        ),
-        CubeDim::new_1d(256),
-    )
 }

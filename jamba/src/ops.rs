@@ -274,8 +274,7 @@ pub trait JambaBackend: Backend {
     /// backend has no fused form for these shapes (the caller runs the separate operations).
     ///
     /// CubeCL backends run `jamba_kernels::attention::decode_attention`, one launch for
-    /// contexts up to its `MAX_KEYS`, with `JAMBA_FUSED_ATTENTION=on` (off by default until
-    /// measured on a GPU).
+    /// contexts up to its `MAX_KEYS`; `JAMBA_FUSED_ATTENTION=off` runs the separate operations.
     fn decode_attention(
         _q: Tensor<Self, 3>,
         _k: Tensor<Self, 4>,
@@ -569,14 +568,17 @@ pub fn fused_step_enabled() -> bool {
 }
 
 /// Whether CubeCL backends run a decoding step's attention in one kernel
-/// ([`JambaBackend::decode_attention`]; `JAMBA_FUSED_ATTENTION=on`, off by default).
+/// ([`JambaBackend::decode_attention`]; on by default, `JAMBA_FUSED_ATTENTION=off` runs the
+/// separate operations). On the H200 it took bf16 decoding at batch 1 from ~397 to ~475
+/// tokens/s (bench-jamba-1b, context 512; `jamba-bench/RESULTS.md`, session 15).
 pub fn fused_attention_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| env_switch("JAMBA_FUSED_ATTENTION", false))
+    *ENABLED.get_or_init(|| env_switch("JAMBA_FUSED_ATTENTION", true))
 }
 
 /// Whether generation runs each decoding step through [`JambaBackend::exclusive`]
-/// (`JAMBA_EXCLUSIVE=on|off`).
+/// (`JAMBA_EXCLUSIVE=on|off`, off by default). On wgpu it was faster; on the H200, bf16 batch 1
+/// was slower in three runs of four (338-407 against 394-464 tokens/s; session 15).
 pub fn exclusive_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| env_switch("JAMBA_EXCLUSIVE", false))
