@@ -86,25 +86,11 @@ fn decode_attention_kernel<F: Float>(
         let mut valid = j < keys;
         let mut s = f32::new(f32::MIN);
         if valid {
-            // Four loads in flight per step, here and in the values' sum below: one at a time,
-            // each waits a memory latency (90 µs for 512 keys on the H200, most of it waiting).
-            let (qs, ks) = (q.stride(2), k.stride(3));
-            let kr = k_base + j * k.stride(2);
             let mut dot = 0.0f32;
-            let mut d = 0usize;
-            while d + 4 <= dim {
-                dot += f32::cast_from(q[q_base + d * qs]) * f32::cast_from(k[kr + d * ks])
-                    + f32::cast_from(q[q_base + (d + 1) * qs])
-                        * f32::cast_from(k[kr + (d + 1) * ks])
-                    + f32::cast_from(q[q_base + (d + 2) * qs])
-                        * f32::cast_from(k[kr + (d + 2) * ks])
-                    + f32::cast_from(q[q_base + (d + 3) * qs])
-                        * f32::cast_from(k[kr + (d + 3) * ks]);
-                d += 4;
-            }
-            while d < dim {
-                dot += f32::cast_from(q[q_base + d * qs]) * f32::cast_from(k[kr + d * ks]);
-                d += 1;
+            let kr = k_base + j * k.stride(2);
+            for d in 0..dim {
+                dot += f32::cast_from(q[q_base + d * q.stride(2)])
+                    * f32::cast_from(k[kr + d * k.stride(3)]);
             }
             if comptime!(masked) {
                 valid = pad[row * pad.stride(0) + j * pad.stride(1)] == 0.0;
@@ -131,20 +117,10 @@ fn decode_attention_kernel<F: Float>(
         m = m_new;
         let chunk = min(UNITS, keys - start);
         if unit < dim {
-            let vs = v.stride(2);
-            let vb = v_base + start * vs + unit * v.stride(3);
             let mut sum = 0.0f32;
-            let mut i = 0usize;
-            while i + 4 <= chunk {
-                sum += scores[i] * f32::cast_from(v[vb + i * vs])
-                    + scores[i + 1] * f32::cast_from(v[vb + (i + 1) * vs])
-                    + scores[i + 2] * f32::cast_from(v[vb + (i + 2) * vs])
-                    + scores[i + 3] * f32::cast_from(v[vb + (i + 3) * vs]);
-                i += 4;
-            }
-            while i < chunk {
-                sum += scores[i] * f32::cast_from(v[vb + i * vs]);
-                i += 1;
+            for i in 0..chunk {
+                sum += scores[i]
+                    * f32::cast_from(v[v_base + (start + i) * v.stride(2) + unit * v.stride(3)]);
             }
             acc = acc * correction + sum;
         }

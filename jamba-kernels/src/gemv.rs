@@ -33,8 +33,10 @@ const MAX_CUBES_X: usize = 65_535;
 /// What both forms share: unit `(lane, slice)` of a cube of `COLS × slices` units sums its
 /// slice of `k` for column `col` and every row into shared memory (`[slices, rows, COLS]`),
 /// which it returns after the cube's barrier; [`row_sum`] adds a row's slices. Rows
-/// `UNIT_POS_Y, UNIT_POS_Y + slices, …` are that unit's to finish. Slice `s` of cube row `CUBE_POS_Y` covers `k` from
-/// `(CUBE_POS_Y · slices + s) · k_per_slice`. Units past the last column (`!active`) stay for
+/// `UNIT_POS_Y, UNIT_POS_Y + slices, …` are that unit's to finish. Slice `s` of cube row
+/// `CUBE_POS_Y` covers `k` from `(CUBE_POS_Y · slices + s) · k_per_slice`. (Loading four
+/// weights before using them, by hand, made the H200's decoding GEMVs 1.5× slower: NVRTC
+/// schedules this plain loop better.) Units past the last column (`!active`) stay for
 /// the shared-memory sum but read nothing.
 #[cube]
 #[allow(clippy::too_many_arguments)]
@@ -59,31 +61,12 @@ fn cube_column_sum<F: Float>(
     for r in 0..rows {
         acc[r] = 0.0;
     }
-    let (ws, xs) = (w.stride(0), x.stride(1));
-    let wc = col * w.stride(1);
-    // Four weights loaded before any is used: a unit's loads are otherwise one latency each
-    // (the H200 ran a 2048 × 1024 projection at ~300 GB/s with one load in flight per unit).
     let mut kk = k0;
-    while kk + 4 <= k1 {
-        let w0 = f32::cast_from(w[kk * ws + wc]);
-        let w1 = f32::cast_from(w[(kk + 1) * ws + wc]);
-        let w2 = f32::cast_from(w[(kk + 2) * ws + wc]);
-        let w3 = f32::cast_from(w[(kk + 3) * ws + wc]);
-        #[unroll]
-        for r in 0..rows {
-            let xb = r * x.stride(0) + kk * xs;
-            acc[r] += f32::cast_from(x[xb]) * w0
-                + f32::cast_from(x[xb + xs]) * w1
-                + f32::cast_from(x[xb + 2 * xs]) * w2
-                + f32::cast_from(x[xb + 3 * xs]) * w3;
-        }
-        kk += 4;
-    }
     while kk < k1 {
-        let wv = f32::cast_from(w[kk * ws + wc]);
+        let wv = f32::cast_from(w[kk * w.stride(0) + col * w.stride(1)]);
         #[unroll]
         for r in 0..rows {
-            acc[r] += f32::cast_from(x[r * x.stride(0) + kk * xs]) * wv;
+            acc[r] += f32::cast_from(x[r * x.stride(0) + kk * x.stride(1)]) * wv;
         }
         kk += 1;
     }
