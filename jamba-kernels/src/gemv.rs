@@ -6,9 +6,10 @@
 //! large products and leave most of the GPU idle when `rows` is 1. Here the weight is the whole
 //! cost, so the work is cut along both of its dimensions: a unit per (column, slice of `k`)
 //! accumulates every row's partial sum in f32 registers, consecutive units reading consecutive
-//! columns (coalesced), about 2^18 units in all; each cube sums its 8 slices in shared memory,
-//! and a second launch sums the cubes' partial sums, adds the bias and rounds to the output
-//! dtype.
+//! columns (coalesced). The default form ([`gemv_single`]) keeps all of a column's slices in
+//! one cube and sums them in shared memory: one launch. The split form ([`gemv_split`]) spreads
+//! the slices over many cubes (about 2^18 units in all) and a second launch sums the cubes'
+//! partial sums, adds the bias and rounds to the output dtype.
 
 use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use burn_std::DType;
