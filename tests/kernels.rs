@@ -334,7 +334,8 @@ fn rms_norm_grid<R: CubeRuntime>(device: &R::Device) {
             TensorData::new(update.clone(), [batch, seq, width]),
             device,
         );
-        let (sum, normed) = norm::add_rms_norm(prim(x_t), prim(u_t), prim(w_t), eps);
+        let (sum, normed) =
+            norm::add_rms_norm(prim(x_t.clone()), prim(u_t.clone()), prim(w_t.clone()), eps);
         let sum_want: Vec<f32> = window.iter().zip(&update).map(|(a, b)| a + b).collect();
         assert_close(
             &format!("{tag}, residual sum"),
@@ -348,6 +349,26 @@ fn rms_norm_grid<R: CubeRuntime>(device: &R::Device) {
             &rms_norm_expected(&sum_want, &weight, width, eps),
             1e-5,
         );
+        // Two updates: (x + update) + second, each sum rounded (f32 here, so exact).
+        let second = rng.normal(batch * seq * width, 0.0, 1.0);
+        let s_t = Tensor::<K<R>, 3>::from_data(
+            TensorData::new(second.clone(), [batch, seq, width]),
+            device,
+        );
+        let (sum2, normed2) = norm::add2_rms_norm(prim(x_t), prim(u_t), prim(s_t), prim(w_t), eps);
+        let sum2_want: Vec<f32> = sum_want.iter().zip(&second).map(|(a, b)| a + b).collect();
+        assert_close(
+            &format!("{tag}, two-update residual sum"),
+            &to_vec(wrap::<R, 3>(sum2)),
+            &sum2_want,
+            0.0,
+        );
+        assert_close(
+            &format!("{tag}, norm of the two-update residual sum"),
+            &to_vec(wrap::<R, 3>(normed2)),
+            &rms_norm_expected(&sum2_want, &weight, width, eps),
+            1e-5,
+        );
     }
 }
 
@@ -359,7 +380,7 @@ fn rms_norm_grid<R: CubeRuntime>(device: &R::Device) {
 fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
     let mut cases = 0;
-    for &rows in &[1usize, 3, 8, gemv::MAX_ROWS] {
+    for &rows in &[1usize, 3, 4, 8, gemv::MAX_ROWS] {
         for &(k, n) in &[
             (1usize, 1usize),
             (5, 17),
@@ -415,7 +436,256 @@ fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
             }
         }
     }
-    assert_eq!(cases, 80);
+    assert_eq!(cases, 100);
+}
+
+/// The GEMV of an RMSNorm's output with the norm folded in (`gemv_normed`) against an f64 loop
+/// of the definition (f32) or the separate norm then GEMV on the same device (half types, whose
+/// roundings the separate kernels define): rows up to the kernel's limit, `k` from one element
+/// to more than a cube's units and not a power of two, with and without a residual update
+/// (strided: a window of wider rows) and a bias, the weight a column window.
+fn gemv_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let eps = 1e-6;
+    let mut cases = 0;
+    for rows in 1..=gemv::NORMED_MAX_ROWS {
+        for &(k, n) in &[
+            (1usize, 1usize),
+            (5, 17),
+            (1000, 300),
+            (1027, 4100),
+            (64, 65),
+        ] {
+            for (with_update, with_bias) in [(false, false), (true, false), (true, true)] {
+                let extra = 3usize;
+                let round = |v: Vec<f32>, shape: [usize; 2]| {
+                    let t =
+                        Tensor::<K<R>, 2>::from_data(TensorData::new(v, shape), device).cast(dtype);
+                    let host = to_vec(t.clone().cast(DType::F32));
+                    (t, host)
+                };
+                let (x, x_host) = round(rng.normal(rows * k, 0.3, 1.5), [rows, k]);
+                let (u_full, u_full_host) =
+                    round(rng.normal(rows * (k + extra), 0.0, 1.0), [rows, k + extra]);
+                let u = u_full.slice([0..rows, extra..k + extra]);
+                let (nw, nw_host) = round(rng.normal(k, 1.0, 0.3), [1, k]);
+                let (w_full, w_host) = round(rng.normal(k * (n + 1), 0.0, 1.0), [k, n + 1]);
+                let w = w_full.slice([0..k, 1..n + 1]);
+                let (b, b_host) = round(rng.normal(n, 0.0, 1.0), [1, n]);
+                let name = format!(
+                    "{dtype:?} gemv_normed rows {rows} k {k} n {n} update {with_update} bias {with_bias}"
+                );
+                let y = wrap::<R, 2>(gemv::gemv_normed(
+                    prim(x.clone()),
+                    gemv::PreNorm {
+                        update: with_update.then(|| prim(u.clone())),
+                        weight: prim(nw.clone().reshape([k])),
+                        eps,
+                    },
+                    prim(w.clone()),
+                    with_bias.then(|| prim(b.clone().reshape([n]))),
+                ));
+                assert_eq!(y.dims(), [rows, n]);
+                let ours = to_vec(y.cast(DType::F32));
+                let expected = if dtype == DType::F32 {
+                    let input: Vec<f32> = (0..rows * k)
+                        .map(|i| {
+                            let (r, j) = (i / k, i % k);
+                            let update = u_full_host[r * (k + extra) + extra + j];
+                            x_host[i] + if with_update { update } else { 0.0 }
+                        })
+                        .collect();
+                    let normed = rms_norm_expected(&input, &nw_host, k, eps);
+                    let mut expected = Vec::with_capacity(rows * n);
+                    for r in 0..rows {
+                        for o in 0..n {
+                            let mut acc = if with_bias { b_host[o] as f64 } else { 0.0 };
+                            for i in 0..k {
+                                acc +=
+                                    normed[r * k + i] as f64 * w_host[i * (n + 1) + 1 + o] as f64;
+                            }
+                            expected.push(acc as f32);
+                        }
+                    }
+                    expected
+                } else {
+                    let x3 = x.clone().reshape([1, rows, k]);
+                    let weight = prim(nw.clone().reshape([k]));
+                    let normed = if with_update {
+                        norm::add_rms_norm(
+                            prim(x3),
+                            prim(u.clone().reshape([1, rows, k])),
+                            weight,
+                            eps,
+                        )
+                        .1
+                    } else {
+                        norm::rms_norm(prim(x3), weight, eps)
+                    };
+                    let normed = wrap::<R, 3>(normed).reshape([rows, k]);
+                    let y = gemv::gemv_single(
+                        prim(normed),
+                        prim(w.clone()),
+                        with_bias.then(|| prim(b.clone().reshape([n]))),
+                    );
+                    to_vec(wrap::<R, 2>(y).cast(DType::F32))
+                };
+                assert_close(&name, &ours, &expected, tolerance);
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, gemv::NORMED_MAX_ROWS * 15);
+}
+
+/// A MoE layer's fused input side (`routed_experts_normed`: the residual sums, the norm, the
+/// router and the routing in one launch, then the experts) against the separate kernels on the
+/// same device (the residual norm, the router's GEMV, `routed_experts`), with and without the
+/// first update: tokens one to the slot limit, 4 to 64 experts, widths not multiples of a
+/// cube's units.
+fn routed_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let eps = 1e-6;
+    for &[tokens, experts, top_k, hidden, inner] in &[
+        [1usize, 16, 2, 1000, 72],
+        [1, 4, 1, 24, 40],
+        [3, 8, 2, 300, 64],
+        [moe::MAX_SLOTS / 2, 64, 2, 96, 33],
+    ] {
+        for with_first in [false, true] {
+            let tensor = |len: usize, std: f64, rng: &mut Rng| {
+                Tensor::<K<R>, 1>::from_data(
+                    TensorData::new(rng.normal(len, 0.0, std), [len]),
+                    device,
+                )
+                .cast(dtype)
+            };
+            let x = tensor(tokens * hidden, 1.0, &mut rng).reshape([tokens, hidden]);
+            let first = tensor(tokens * hidden, 1.0, &mut rng).reshape([tokens, hidden]);
+            let second = tensor(tokens * hidden, 1.0, &mut rng).reshape([tokens, hidden]);
+            let norm_w = tensor(hidden, 0.3, &mut rng).add_scalar(1.0);
+            let router = tensor(hidden * experts, 1.0, &mut rng).reshape([hidden, experts]);
+            let weights = moe::ExpertWeights {
+                gate: prim(
+                    tensor(experts * hidden * inner, 0.2, &mut rng)
+                        .reshape([experts, hidden, inner]),
+                ),
+                up: prim(
+                    tensor(experts * hidden * inner, 0.2, &mut rng)
+                        .reshape([experts, hidden, inner]),
+                ),
+                down: prim(
+                    tensor(experts * inner * hidden, 0.2, &mut rng)
+                        .reshape([experts, inner, hidden]),
+                ),
+            };
+            let name = format!(
+                "{dtype:?} routed_experts_normed: {tokens} tokens, top {top_k} of {experts}, \
+                 {hidden} x {inner}, first update {with_first}"
+            );
+            assert!(
+                moe::supports_normed_routing(tokens, hidden, experts, top_k),
+                "{name}"
+            );
+            let out = moe::routed_experts_normed(
+                moe::NormedRouting {
+                    x: prim(x.clone()),
+                    first: with_first.then(|| prim(first.clone())),
+                    second: prim(second.clone()),
+                    norm: prim(norm_w.clone()),
+                    eps,
+                    router: prim(router.clone()),
+                },
+                weights.clone(),
+                top_k,
+            );
+            let x3 = |t: Tensor<K<R>, 2>| prim(t.reshape([1, tokens, hidden]));
+            let (residual, normed) = if with_first {
+                norm::add2_rms_norm(x3(x), x3(first), x3(second), prim(norm_w), eps)
+            } else {
+                norm::add_rms_norm(x3(x), x3(second), prim(norm_w), eps)
+            };
+            let normed = wrap::<R, 3>(normed).reshape([tokens, hidden]);
+            // The router's GEMV over blocks of at most its row limit.
+            let logits = prim(Tensor::cat(
+                (0..tokens)
+                    .step_by(gemv::MAX_ROWS)
+                    .map(|start| {
+                        let rows = normed
+                            .clone()
+                            .slice([start..tokens.min(start + gemv::MAX_ROWS)]);
+                        wrap::<R, 2>(gemv::gemv_single(prim(rows), prim(router.clone()), None))
+                    })
+                    .collect(),
+                0,
+            ));
+            let y = moe::routed_experts(prim(normed), logits.clone(), weights, top_k);
+            let host = |t: CubeTensor<R>, d: usize| {
+                let t = wrap::<R, 2>(t);
+                assert_eq!(t.dims()[1], d, "{name}");
+                to_vec(t.cast(DType::F32))
+            };
+            let res_want = to_vec(wrap::<R, 3>(residual).cast(DType::F32));
+            assert_close(
+                &format!("{name}, residual"),
+                &host(out.residual, hidden),
+                &res_want,
+                0.0,
+            );
+            assert_close(
+                &format!("{name}, logits"),
+                &host(out.logits, experts),
+                &host(logits, experts),
+                tolerance,
+            );
+            assert_close(
+                &format!("{name}, output"),
+                &host(out.y, hidden),
+                &host(y, hidden),
+                tolerance,
+            );
+        }
+    }
+}
+
+/// The argmax kernel against a host loop over fresh random rows: widths around a block's size
+/// and a vocabulary's, several rows, the maximum repeated at a later index (the first must
+/// win) and placed in the last block.
+fn argmax_grid<R: CubeRuntime>(device: &R::Device) {
+    use jamba::kernels::argmax;
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    for &(rows, width) in &[
+        (1usize, 1usize),
+        (1, 5),
+        (3, 1023),
+        (2, 1025),
+        (1, 65_536),
+        (4, 70_001),
+    ] {
+        let mut x = rng.normal(rows * width, 0.0, 3.0);
+        for r in 0..rows {
+            let row = &mut x[r * width..(r + 1) * width];
+            let at = (rng.0.next_f64() * width as f64) as usize % width;
+            let top = row.iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+            row[at] = top;
+            if r % 2 == 1 {
+                // A tie after it, and (odd rows) the first copy in the last block.
+                row[width - 1] = top;
+            }
+        }
+        let want: Vec<i64> = x
+            .chunks_exact(width)
+            .map(|row| jamba::generation::argmax(row) as i64)
+            .collect();
+        let t = Tensor::<K<R>, 2>::from_data(TensorData::new(x, [rows, width]), device);
+        let out = argmax::argmax_rows(prim(t), DType::I32);
+        let got: Vec<i64> = Tensor::<K<R>, 1, burn::tensor::Int>::from_primitive(out)
+            .into_data()
+            .convert::<i64>()
+            .into_vec()
+            .expect("int data");
+        assert_eq!(got, want, "argmax of {rows} rows of {width}");
+    }
 }
 
 /// One-query attention over a cache against an f64 loop: grouped heads (1, 2 and 4 query heads
@@ -1023,6 +1293,21 @@ macro_rules! kernel_tests {
             }
 
             #[test]
+            fn normed_gemv_matches_the_definition() {
+                super::gemv_normed_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-5);
+            }
+
+            #[test]
+            fn normed_routing_matches_the_separate_kernels() {
+                super::routed_normed_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-5);
+            }
+
+            #[test]
+            fn argmax_kernel_matches_a_host_loop() {
+                super::argmax_grid::<R>(&Default::default());
+            }
+
+            #[test]
             fn routed_experts_kernel_matches_the_definition() {
                 super::routed_experts_grid::<R>(
                     &Default::default(),
@@ -1084,6 +1369,17 @@ fn cuda_gemv_kernel_takes_half_inputs() {
     type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
     gemv_grid::<R>(&Default::default(), DType::BF16, 4e-3);
     gemv_grid::<R>(&Default::default(), DType::F16, 5e-4);
+}
+
+/// The folded norm's GEMV and MoE routing in half precision against the separate kernels on the
+/// same device (the same roundings; the statistics' sums differ in order only).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_normed_kernels_take_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    gemv_normed_grid::<R>(&Default::default(), DType::BF16, 8e-3);
+    gemv_normed_grid::<R>(&Default::default(), DType::F16, 1e-3);
+    routed_normed_grid::<R>(&Default::default(), DType::BF16, 2e-2);
 }
 
 /// One-query attention with bf16 and f16 operands: f32 arithmetic, the output rounded once.

@@ -228,13 +228,18 @@ if [ "$WHAT" = decode-kernels ]; then
         | grep -E "^(prefill|decode)" | sed "s/^/r$round $(basename $bin)  /"
     done
   done
-  echo "== ncu: device time per kernel of a b1 decoding step (8 steps of the difference, twice: warmup and run)"
-  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512"
+  echo "== ncu: device time per kernel of a b1 decoding step (8 steps of the difference, twice: warmup and run), each build"
+  A="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512"
   M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
-  $M --log-file "$OUT/ncu-decode-1.csv" $B --decode-steps 4 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-decode-2.csv" $B --decode-steps 12 > /dev/null 2>&1
-  python3 ncu_summary.py "$OUT/ncu-decode-2.csv" --minus "$OUT/ncu-decode-1.csv" --top 16
-  (cd "$OUT" && xz -6 -f ncu-*.csv)
+  for bin in ./jamba-bench-prev ./jamba-bench; do
+    [ -x "$bin" ] || continue
+    n=$(basename $bin)
+    $M --log-file "$OUT/ncu-$n-1.csv" $bin $A --decode-steps 4 > /dev/null 2>&1
+    $M --log-file "$OUT/ncu-$n-2.csv" $bin $A --decode-steps 12 > /dev/null 2>&1
+    echo "-- $n"
+    python3 ncu_summary.py "$OUT/ncu-$n-2.csv" --minus "$OUT/ncu-$n-1.csv" --top 16
+  done
+  (cd "$OUT" && tar cJf ncu-decode.tar.xz ncu-*.csv && rm ncu-*.csv)
   echo "== profile, b1 and b16"
   for b in 1 16; do
     ./jamba-bench profile --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \

@@ -39,6 +39,11 @@ const MAX_CUBES_X: usize = 65_535;
 /// weights before using them, by hand, made the H200's decoding GEMVs 1.5× slower: NVRTC
 /// schedules this plain loop better.) Units past the last column (`!active`) stay for
 /// the shared-memory sum but read nothing.
+///
+/// With `normed`, row `r` of the input is not `x` but its RMSNorm with weight `norm` (of
+/// `x + update` with `add`), computed as it is read ([`normed_value`]) from `inv_rms` (one
+/// per row at `r · COLS · slices`, from [`row_inv_rms`]). Without it, `update`, `norm` and
+/// `inv_rms` are not read.
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn cube_column_sum<F: Float>(
@@ -48,8 +53,13 @@ fn cube_column_sum<F: Float>(
     active: bool,
     k: usize,
     k_per_slice: usize,
+    update: &CubeArg<F>,
+    norm: &CubeArg<F>,
+    inv_rms: &SharedMemory<f32>,
     #[comptime] rows: usize,
     #[comptime] slices: usize,
+    #[comptime] normed: bool,
+    #[comptime] add: bool,
 ) -> SharedMemory<f32> {
     let unit_slice = UNIT_POS_Y as usize;
     let k0 = (CUBE_POS_Y as usize * slices + unit_slice) * k_per_slice;
@@ -62,12 +72,23 @@ fn cube_column_sum<F: Float>(
     for r in 0..rows {
         acc[r] = 0.0;
     }
+    let mut inv = Array::<f32>::new(rows);
+    if comptime!(normed) {
+        #[unroll]
+        for r in 0..rows {
+            inv[r] = inv_rms[r * COLS * slices];
+        }
+    }
     let mut kk = k0;
     while kk < k1 {
         let wv = f32::cast_from(w[kk * w.stride(0) + col * w.stride(1)]);
         #[unroll]
         for r in 0..rows {
-            acc[r] += f32::cast_from(x[r * x.stride(0) + kk * x.stride(1)]) * wv;
+            let mut xv = f32::cast_from(x[r * x.stride(0) + kk * x.stride(1)]);
+            if comptime!(normed) {
+                xv = normed_value::<F>(xv, update, norm, inv[r], r, kk, add);
+            }
+            acc[r] += xv * wv;
         }
         kk += 1;
     }
@@ -79,6 +100,38 @@ fn cube_column_sum<F: Float>(
     }
     sync_cube();
     shared
+}
+
+/// [`cube_column_sum`] of `x` itself (not normalised: `x` stands in for the update and the
+/// norm, and the statistics' buffer is not read).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn plain_column_sum<F: Float>(
+    x: &CubeArg<F>,
+    w: &CubeArg<F>,
+    col: usize,
+    active: bool,
+    k: usize,
+    k_per_slice: usize,
+    #[comptime] rows: usize,
+    #[comptime] slices: usize,
+) -> SharedMemory<f32> {
+    let unused = SharedMemory::<f32>::new(1usize);
+    cube_column_sum(
+        x,
+        w,
+        col,
+        active,
+        k,
+        k_per_slice,
+        x,
+        x,
+        &unused,
+        rows,
+        slices,
+        false,
+        false,
+    )
 }
 
 /// Row `r`'s sum over the cube's slices from [`cube_column_sum`]'s shared memory, for this
@@ -99,6 +152,84 @@ fn row_sum(
     sum
 }
 
+/// Element `kk` of row `r` of the normalised input given `x`'s element `xv`: the residual sum
+/// rounded to the dtype (with `add`), times `inv`, rounded, times the norm's weight, rounded,
+/// as [`crate::norm::add_rms_norm`] stores it.
+#[cube]
+fn normed_value<F: Float>(
+    xv: f32,
+    update: &CubeArg<F>,
+    weight: &CubeArg<F>,
+    inv: f32,
+    r: usize,
+    kk: usize,
+    #[comptime] add: bool,
+) -> f32 {
+    let mut v = xv;
+    if comptime!(add) {
+        v = f32::cast_from(F::cast_from(
+            v + f32::cast_from(update[r * update.stride(0) + kk * update.stride(1)]),
+        ));
+    }
+    let normed = F::cast_from(v * inv);
+    f32::cast_from(F::cast_from(
+        f32::cast_from(normed) * f32::cast_from(weight[kk * weight.stride(0)]),
+    ))
+}
+
+/// Each row's `1 / sqrt(mean((x + update)²) + eps)` (the sum rounded to the dtype first, with
+/// `add`), over all `k` of the row, computed by the whole cube: its `units` units (a power of
+/// two, the cube's size) stride over the row and add their squares in shared memory. Row `r`'s
+/// value is entry `r · units` of the returned buffer.
+#[cube]
+fn row_inv_rms<F: Float>(
+    x: &CubeArg<F>,
+    update: &CubeArg<F>,
+    k: usize,
+    eps: f32,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] add: bool,
+) -> SharedMemory<f32> {
+    let u = UNIT_POS as usize;
+    let mut part = SharedMemory::<f32>::new(rows * units);
+    #[unroll]
+    for r in 0..rows {
+        let mut acc = 0.0f32;
+        let mut j = u;
+        while j < k {
+            let mut v = f32::cast_from(x[r * x.stride(0) + j * x.stride(1)]);
+            if comptime!(add) {
+                v = f32::cast_from(F::cast_from(
+                    v + f32::cast_from(update[r * update.stride(0) + j * update.stride(1)]),
+                ));
+            }
+            acc += v * v;
+            j += units;
+        }
+        part[r * units + u] = acc;
+    }
+    sync_cube();
+    let mut half = CUBE_DIM as usize / 2;
+    while half > 0 {
+        if u < half {
+            #[unroll]
+            for r in 0..rows {
+                part[r * units + u] = part[r * units + u] + part[r * units + u + half];
+            }
+        }
+        sync_cube();
+        half /= 2;
+    }
+    // Each row's statistic in place of its sum (unit r reads and writes only entry r · units).
+    // (A separate `rows`-long shared buffer read back wrong values for 4 rows on wgpu.)
+    if u < rows {
+        part[u * units] = 1.0f32 / f32::sqrt(part[u * units] / f32::cast_from(k) + eps);
+    }
+    sync_cube();
+    part
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn gemv_partial_kernel<F: Float>(
@@ -117,7 +248,7 @@ fn gemv_partial_kernel<F: Float>(
     // The cube's slices of k are summed in shared memory: the reduction launch then reads one
     // partial per cube of slices instead of one per slice (64 reads per output for a
     // 1024 × 4096 weight made it the larger half of the product's time).
-    let shared = cube_column_sum(x, w, col, active, k, k_per_slice, rows, SLICES);
+    let shared = plain_column_sum(x, w, col, active, k, k_per_slice, rows, SLICES);
     if active {
         let mut r = UNIT_POS_Y as usize;
         while r < rows {
@@ -174,7 +305,68 @@ fn gemv_single_kernel<F: Float>(
     let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
     let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
     let active = col < n;
-    let shared = cube_column_sum(x, w, col, active, k, k_per_slice, rows, slices);
+    let shared = plain_column_sum(x, w, col, active, k, k_per_slice, rows, slices);
+    write_rows(&shared, bias, y, col, active, rows, slices, has_bias);
+}
+
+/// [`gemv_single_kernel`] of the RMSNorm of `x` (of `x + update` with `add`) with weight
+/// `norm`: each cube first computes every row's statistic over all of `k` (`units`, its size,
+/// a power of two), then normalises the input as it reads it.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_normed_kernel<F: Float>(
+    x: &CubeArg<F>,
+    update: &CubeArg<F>,
+    norm: &CubeArg<F>,
+    w: &CubeArg<F>,
+    bias: &CubeArg<F>,
+    y: &mut CubeArg<F>,
+    k: u32,
+    n: u32,
+    k_per_slice: u32,
+    eps: f32,
+    #[comptime] rows: usize,
+    #[comptime] slices: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] add: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
+    let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
+    let active = col < n;
+    let inv_rms = row_inv_rms::<F>(x, update, k, eps, rows, COLS * slices, add);
+    let shared = cube_column_sum(
+        x,
+        w,
+        col,
+        active,
+        k,
+        k_per_slice,
+        update,
+        norm,
+        &inv_rms,
+        rows,
+        slices,
+        true,
+        add,
+    );
+    write_rows(&shared, bias, y, col, active, rows, slices, has_bias);
+}
+
+/// The single forms' last step: unit `(lane, s)` writes its column of rows `s, s + slices, …`
+/// (the sum over the cube's slices, plus the bias), rounded to the output dtype.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn write_rows<F: Float>(
+    shared: &SharedMemory<f32>,
+    bias: &CubeArg<F>,
+    y: &mut CubeArg<F>,
+    col: usize,
+    active: bool,
+    #[comptime] rows: usize,
+    #[comptime] slices: usize,
+    #[comptime] has_bias: bool,
+) {
     if active {
         let mut b = 0.0f32;
         if comptime!(has_bias) {
@@ -183,7 +375,7 @@ fn gemv_single_kernel<F: Float>(
         let mut r = UNIT_POS_Y as usize;
         while r < rows {
             y[r * y.stride(0) + col * y.stride(1)] =
-                F::cast_from(row_sum(&shared, r, rows, slices) + b);
+                F::cast_from(row_sum(shared, r, rows, slices) + b);
             r += slices;
         }
     }
@@ -250,6 +442,49 @@ pub fn gemv_single<R: CubeRuntime>(
     w: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
 ) -> CubeTensor<R> {
+    launch_single(x, None, w, bias)
+}
+
+/// The most rows [`gemv_normed`] takes: its statistics hold `rows` floats per unit of a cube
+/// in shared memory.
+pub const NORMED_MAX_ROWS: usize = 4;
+
+/// An RMSNorm for [`gemv_normed`] to apply to its input as it reads it.
+#[derive(Debug, Clone)]
+pub struct PreNorm<R: CubeRuntime> {
+    /// Added to `x` first (a residual connection not yet stored), the shape and dtype of `x`;
+    /// the sum is rounded to that dtype as an addition would store it.
+    pub update: Option<CubeTensor<R>>,
+    /// The norm's weight, `[k]`, the dtype of `x`.
+    pub weight: CubeTensor<R>,
+    /// The norm's epsilon.
+    pub eps: f64,
+}
+
+/// `rms_norm(x (+ update)) · w (+ bias)` in one launch, for `rows <= NORMED_MAX_ROWS`: what
+/// [`crate::norm::add_rms_norm`] then [`gemv_single`] give, without the norm's launch or its
+/// output. Each cube computes the rows' statistics over all of `k` itself (a few reads of
+/// `k` values from cache per unit), then normalises each input as [`gemv_single`] reads it.
+/// The rounding is the norm kernel's: the sum, the normalised value and its product with the
+/// weight each rounded to the dtype.
+///
+/// # Panics
+/// If `rows` exceeds [`NORMED_MAX_ROWS`] or the shapes disagree (the caller checks).
+pub fn gemv_normed<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm: PreNorm<R>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
+    launch_single(x, Some(norm), w, bias)
+}
+
+fn launch_single<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm: Option<PreNorm<R>>,
+    w: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+) -> CubeTensor<R> {
     let (rows, k, n) = check_shapes(&x, &w);
     let client = x.client.clone();
     let dtype = x.dtype;
@@ -259,10 +494,18 @@ pub fn gemv_single<R: CubeRuntime>(
         return y;
     }
     let max_units = client.properties().hardware.max_units_per_cube as usize;
-    // As many slices as the device allows in a cube, up to 32 and to 32 KiB of shared memory.
-    let slices = (max_units / COLS)
+    // As many slices as the device allows in a cube, up to 32 and to 32 KiB of shared memory
+    // (normalised: a power of two, for the statistics' halving sum).
+    let mut slices = (max_units / COLS)
         .min(SHARED_FLOATS / (COLS * rows.max(1)))
         .clamp(1, 32);
+    if norm.is_some() {
+        assert!(
+            rows <= NORMED_MAX_ROWS,
+            "gemv_normed takes at most {NORMED_MAX_ROWS} rows, got {rows}"
+        );
+        slices = 1 << slices.ilog2();
+    }
     let k_per_slice = k.div_ceil(slices).max(1);
     let col_cubes = n.div_ceil(COLS);
     let count = CubeCount::Static(
@@ -270,28 +513,73 @@ pub fn gemv_single<R: CubeRuntime>(
         1,
         col_cubes.div_ceil(MAX_CUBES_X) as u32,
     );
+    let dim = CubeDim::new_2d(COLS as u32, slices as u32);
     let has_bias = bias.is_some();
     let bias = bias.unwrap_or_else(|| y.clone());
-    // SAFETY: units whose column is past `n` read nothing and write nothing; the others read
-    // rows below `rows` of `x` and `k` indices below `k` (each slice's range is clamped), and
-    // unit `(lane, s)` writes that column of rows `s, s + slices, …` below `rows` of `y`.
-    // Shared memory holds `slices · COLS · rows` values (at most `SHARED_FLOATS`), written once
-    // per unit before the barrier.
+    let Some(norm) = norm else {
+        // SAFETY: units whose column is past `n` read nothing and write nothing; the others
+        // read rows below `rows` of `x` and `k` indices below `k` (each slice's range is
+        // clamped), and unit `(lane, s)` writes that column of rows `s, s + slices, …` below
+        // `rows` of `y`. Shared memory holds `slices · COLS · rows` values (at most
+        // `SHARED_FLOATS`), written once per unit before the barrier.
+        unsafe {
+            gemv_single_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                dim,
+                x.into_tensor_arg(),
+                w.into_tensor_arg(),
+                bias.into_tensor_arg(),
+                y.clone().into_tensor_arg(),
+                k as u32,
+                n as u32,
+                k_per_slice as u32,
+                rows,
+                slices,
+                has_bias,
+                dtype.into(),
+            );
+        }
+        return y;
+    };
+    assert_eq!(
+        norm.weight.meta.shape()[0],
+        k,
+        "gemv_normed: the norm's weight"
+    );
+    let add = norm.update.is_some();
+    if let Some(update) = &norm.update {
+        assert_eq!(
+            update.meta.shape(),
+            x.meta.shape(),
+            "gemv_normed: x and update"
+        );
+    }
+    // Without an update the kernel reads none: `x` stands in.
+    let update = norm.update.unwrap_or_else(|| x.clone());
+    // SAFETY: as `gemv_single_kernel`; besides, every unit reads elements of its rows below
+    // `k` of `x` and `update` (the shape of `x`) and of the norm's `[k]` weight. The
+    // statistics take `rows · COLS · slices` floats of shared memory (at most 4 · 1024), the
+    // cube's units being `COLS · slices`, a power of two as the halving sum needs.
     unsafe {
-        gemv_single_kernel::launch_unchecked::<R>(
+        gemv_normed_kernel::launch_unchecked::<R>(
             &client,
             count,
-            CubeDim::new_2d(COLS as u32, slices as u32),
+            dim,
             x.into_tensor_arg(),
+            update.into_tensor_arg(),
+            norm.weight.into_tensor_arg(),
             w.into_tensor_arg(),
             bias.into_tensor_arg(),
             y.clone().into_tensor_arg(),
             k as u32,
             n as u32,
             k_per_slice as u32,
+            norm.eps as f32,
             rows,
             slices,
             has_bias,
+            add,
             dtype.into(),
         );
     }

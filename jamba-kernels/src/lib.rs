@@ -11,21 +11,28 @@
 //! - [`conv::causal_conv1d`]: depthwise causal conv1d + bias + SiLU over a sequence, continuing
 //!   from a conv state and returning the new one (length 1: the decoding update).
 //! - [`norm::rms_norm`]: RMSNorm with f32 statistics in one launch instead of eight;
-//!   [`norm::add_rms_norm`]: a residual addition and the norm after it in one.
+//!   [`norm::add_rms_norm`] and [`norm::add2_rms_norm`]: residual additions and the norm after
+//!   them in one.
 //! - [`gemv::gemv`]: products of a few rows by a weight (a decoding step's projections) at
-//!   memory bandwidth, f32 accumulation.
+//!   memory bandwidth, f32 accumulation; [`gemv::gemv_normed`]: the same of an RMSNorm's
+//!   output, the norm computed inside the product's launch.
 //! - [`mamba_step::mamba_step`]: a Mamba mixer's decoding step between `in_proj` and
 //!   `out_proj` (conv, `x_proj`, the Δ/B/C norms, `dt_proj`, the state update, the gate) in two
 //!   launches instead of about fifteen.
 //! - [`moe::routed_experts`]: a mixture-of-experts feed-forward for a few tokens with the
 //!   router's softmax and top-k on the device (no routing read back to the host);
-//!   [`moe::swiglu`]: a dense SwiGLU MLP of a few rows on the same kernels, four launches.
+//!   [`moe::swiglu`]: a dense SwiGLU MLP of a few rows on the same kernels, four launches;
+//!   [`moe::routed_experts_normed`]: the residual sums, norm and router before the experts
+//!   taken into the routing launch.
+//! - [`argmax::argmax_rows`]: each row's largest value's index (greedy decoding) in two
+//!   launches.
 //!
 //! The functions take and return Burn's [`CubeTensor`](burn_cubecl::tensor::CubeTensor)s; the
 //! `jamba` crate's `JambaBackend` trait calls them for `CubeBackend` and keeps its tensor-op
 //! path for every other backend. Inputs may be f32, f16 or bf16 (where the runtime has them);
 //! arithmetic is f32.
 
+pub mod argmax;
 pub mod attention;
 pub mod conv;
 pub mod gemv;
@@ -45,4 +52,39 @@ pub(crate) fn env_usize(
     name: &str,
 ) -> Option<usize> {
     *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()))
+}
+
+/// Contiguous tensors of the given shapes and dtypes carved from one storage reservation.
+///
+/// CubeCL hands every allocation to its device thread as a task of its own, as it does every
+/// launch, and on the H200 that thread is what bounds a batch-1 decoding step (the memory
+/// pool's search was its largest cost). A kernel's outputs and scratch buffers taken together
+/// are one task instead of one each. The tensors share the reservation's lifetime: it is freed
+/// when the last of them is dropped, so group only buffers that die together or are small.
+pub(crate) fn empty_many<R: burn_cubecl::CubeRuntime>(
+    client: &cubecl::client::ComputeClient<R>,
+    device: &R::Device,
+    specs: &[(&[usize], burn_std::DType)],
+) -> Vec<burn_cubecl::tensor::CubeTensor<R>> {
+    use cubecl::server::{MemoryLayout, MemoryLayoutDescriptor};
+    let descriptors = specs
+        .iter()
+        .map(|(shape, dtype)| {
+            MemoryLayoutDescriptor::contiguous(shape.to_vec().into(), dtype.size())
+        })
+        .collect();
+    client
+        .empty_tensors(descriptors)
+        .into_iter()
+        .zip(specs)
+        .map(|(MemoryLayout { memory, strides }, (shape, dtype))| {
+            burn_cubecl::tensor::CubeTensor::new(
+                client.clone(),
+                memory,
+                burn_std::Metadata::new(burn_std::Shape::from(shape.to_vec()), strides),
+                device.clone(),
+                *dtype,
+            )
+        })
+        .collect()
 }

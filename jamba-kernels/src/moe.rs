@@ -74,6 +74,143 @@ fn route_kernel<F: Float>(
     }
 }
 
+/// The most units a cube of [`route_normed_kernel`] takes (wgpu's limit).
+const ROUTE_UNITS: usize = 256;
+/// The widest hidden state [`routed_experts_normed`] takes: its cube keeps a token's hidden
+/// state in shared memory (f32).
+pub const ROUTE_MAX_HIDDEN: usize = 8192;
+
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn route_normed_kernel<F: Float>(
+    x: &CubeArg<F>,
+    first: &CubeArg<F>,
+    second: &CubeArg<F>,
+    norm: &CubeArg<F>,
+    router: &CubeArg<F>,
+    residual: &mut CubeArg<F>,
+    normed: &mut CubeArg<F>,
+    logits: &mut CubeArg<F>,
+    weights: &mut CubeArg<F>,
+    indices: &mut CubeArg<u32>,
+    eps: f32,
+    #[comptime] hidden: usize,
+    #[comptime] experts: usize,
+    #[comptime] units: usize,
+    #[comptime] top_k: usize,
+    #[comptime] add_first: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    // A cube per token. Its units stride over the hidden state: the residual sum (each
+    // addition rounded to the dtype), its sum of squares halved down the cube, the normalised
+    // value (rounded, times the weight, rounded), kept in shared memory. Then the router's
+    // product: unit u sums expert u mod `experts` over every `units`-th weight of the
+    // `[hidden, experts]` matrix (`experts` divides `units`, both powers of two), eight loads
+    // in flight at a time; halving the cube down to `experts` adds each expert's partial sums.
+    // Last, unit e < experts rounds its logit and ranks it against the others (softmax in
+    // f32; ties to the lower index), as `route_kernel` does.
+    let t = CUBE_POS_X as usize;
+    let u = UNIT_POS_X as usize;
+    let mut state = SharedMemory::<f32>::new(hidden);
+    let mut part = SharedMemory::<f32>::new(units);
+    let mut sq = 0.0f32;
+    let mut j = u;
+    while j < hidden {
+        let mut v = f32::cast_from(x[t * x.stride(0) + j * x.stride(1)]);
+        if comptime!(add_first) {
+            v = f32::cast_from(F::cast_from(
+                v + f32::cast_from(first[t * first.stride(0) + j * first.stride(1)]),
+            ));
+        }
+        let sum =
+            F::cast_from(v + f32::cast_from(second[t * second.stride(0) + j * second.stride(1)]));
+        residual[t * residual.stride(0) + j * residual.stride(1)] = sum;
+        v = f32::cast_from(sum);
+        state[j] = v;
+        sq += v * v;
+        j += units;
+    }
+    part[u] = sq;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if u < half {
+            part[u] = part[u] + part[u + half];
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let inv = 1.0f32 / f32::sqrt(part[0] / f32::cast_from(hidden) + eps);
+    sync_cube();
+    let mut j = u;
+    while j < hidden {
+        let scaled = F::cast_from(state[j] * inv);
+        let value = F::cast_from(f32::cast_from(scaled) * f32::cast_from(norm[j * norm.stride(0)]));
+        normed[t * normed.stride(0) + j * normed.stride(1)] = value;
+        state[j] = f32::cast_from(value);
+        j += units;
+    }
+    sync_cube();
+    let total = hidden * experts;
+    let e = u % experts;
+    let (rs0, rs1) = (router.stride(0), router.stride(1));
+    let mut acc = 0.0f32;
+    let mut i = u;
+    while i + 7 * units < total {
+        let mut w = Array::<f32>::new(8usize);
+        #[unroll]
+        for q in 0..8usize {
+            w[q] = f32::cast_from(router[((i + q * units) / experts) * rs0 + e * rs1]);
+        }
+        #[unroll]
+        for q in 0..8usize {
+            acc += state[(i + q * units) / experts] * w[q];
+        }
+        i += 8 * units;
+    }
+    while i < total {
+        acc += state[i / experts] * f32::cast_from(router[(i / experts) * rs0 + e * rs1]);
+        i += units;
+    }
+    part[u] = acc;
+    sync_cube();
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half >= experts {
+        if u < half {
+            part[u] = part[u] + part[u + half];
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let mut scores = SharedMemory::<f32>::new(experts);
+    if u < experts {
+        let logit = F::cast_from(part[u]);
+        logits[t * logits.stride(0) + u * logits.stride(1)] = logit;
+        scores[u] = f32::cast_from(logit);
+    }
+    sync_cube();
+    if u < experts {
+        let value = scores[u];
+        let mut max = scores[0];
+        let mut rank = 0usize;
+        for o in 0..experts {
+            let other = scores[o];
+            max = max.max(other);
+            if other > value || (other == value && o < u) {
+                rank += 1;
+            }
+        }
+        if rank < top_k {
+            let mut sum = 0.0f32;
+            for o in 0..experts {
+                sum += f32::exp(scores[o] - max);
+            }
+            weights[t * top_k + rank] = F::cast_from(f32::exp(value - max) / sum);
+            indices[t * top_k + rank] = u as u32;
+        }
+    }
+}
+
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn routed_partial_kernel<F: Float>(
@@ -337,22 +474,22 @@ pub fn routed_experts_stages<R: CubeRuntime>(
         assert_eq!(t.meta.shape().as_slice(), shape, "routed_experts: {name}");
     }
     let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
-    let y = empty_device_contiguous_dtype(
-        client.clone(),
-        device.clone(),
-        [tokens, hidden].into(),
-        dtype,
-    );
     // Contiguous, not the runtime's preferred layout: CUDA pads each row of an `empty` tensor
     // to a power of two of bytes (a `[slots, 72]` f32 buffer gets rows of 128), and these
     // buffers are written by linear index. (That padding was session 7's "wrong on CUDA for
     // widths that are not powers of two": `act` written densely, read back through its padded
-    // row stride.)
-    let empty = |shape: Vec<usize>, dtype: DType| {
-        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
-    };
-    let routing = empty(vec![slots], dtype);
-    let indices = empty(vec![slots], DType::U32);
+    // row stride.) One reservation for all three.
+    let [y, routing, indices]: [CubeTensor<R>; 3] = crate::empty_many(
+        &client,
+        &device,
+        &[
+            (&[tokens, hidden], dtype),
+            (&[slots], dtype),
+            (&[slots], DType::U32),
+        ],
+    )
+    .try_into()
+    .expect("three tensors");
     let stages = |y| RoutedStages {
         routing: routing.clone(),
         indices: indices.clone(),
@@ -404,6 +541,163 @@ pub fn routed_experts_stages<R: CubeRuntime>(
     }
 }
 
+/// A MoE layer's input side fused for a decoding step: the residual connection(s) before the
+/// layer's pre-feed-forward RMSNorm, the norm, and the router's product (`[hidden, experts]`,
+/// no bias) run in the route kernel's launch, a cube per token, instead of three launches
+/// (the norm, the router's GEMV, the routing).
+#[derive(Debug, Clone)]
+pub struct NormedRouting<R: CubeRuntime> {
+    /// The residual stream `[tokens, hidden]`.
+    pub x: CubeTensor<R>,
+    /// Added to `x` first, when present (the previous layer's feed-forward output, still
+    /// pending), then `second` (the mixer's output); each sum rounded to the dtype.
+    pub first: Option<CubeTensor<R>>,
+    /// The mixer's output, `[tokens, hidden]`.
+    pub second: CubeTensor<R>,
+    /// The norm's weight, `[hidden]`.
+    pub norm: CubeTensor<R>,
+    /// The norm's epsilon.
+    pub eps: f64,
+    /// The router's weight, `[hidden, experts]`.
+    pub router: CubeTensor<R>,
+}
+
+/// What [`routed_experts_normed`] returns, each `[tokens, ·]` in the dtype of `x`.
+#[derive(Debug, Clone)]
+pub struct NormedRoutedOutput<R: CubeRuntime> {
+    /// `x (+ first) + second`: the residual stream after the mixer.
+    pub residual: CubeTensor<R>,
+    /// The mixture's output, `[tokens, hidden]`.
+    pub y: CubeTensor<R>,
+    /// The router's logits, `[tokens, experts]`.
+    pub logits: CubeTensor<R>,
+}
+
+/// Whether [`routed_experts_normed`] takes this shape: `experts` a power of two up to 256,
+/// `hidden` up to [`ROUTE_MAX_HIDDEN`], and [`routed_experts`]'s limits.
+pub fn supports_normed_routing(tokens: usize, hidden: usize, experts: usize, top_k: usize) -> bool {
+    experts.is_power_of_two()
+        && experts <= ROUTE_UNITS
+        && (1..=ROUTE_MAX_HIDDEN).contains(&hidden)
+        && tokens * top_k <= MAX_SLOTS
+        && (1..=MAX_TOP_K.min(experts)).contains(&top_k)
+}
+
+/// The residual sum, the RMSNorm and the router of a MoE layer's input ([`NormedRouting`])
+/// and then its mixture of experts, as [`routed_experts`] of the normalised input and the
+/// router's logits: five launches where the separate norm and router took seven. Rounding
+/// as the separate operations: each sum, the normalised value and its product with the norm's
+/// weight, and the logits rounded to the dtype.
+///
+/// # Panics
+/// If [`supports_normed_routing`] refuses the shape or the shapes disagree (the caller checks).
+pub fn routed_experts_normed<R: CubeRuntime>(
+    input: NormedRouting<R>,
+    weights: ExpertWeights<R>,
+    top_k: usize,
+) -> NormedRoutedOutput<R> {
+    let [tokens, hidden] = [input.x.meta.shape()[0], input.x.meta.shape()[1]];
+    let experts = input.router.meta.shape()[1];
+    assert!(
+        tokens > 0 && supports_normed_routing(tokens, hidden, experts, top_k),
+        "routed_experts_normed: {tokens} tokens of {hidden}, top {top_k} of {experts} experts"
+    );
+    assert_eq!(
+        input.router.meta.shape()[0],
+        hidden,
+        "routed_experts_normed: router"
+    );
+    assert_eq!(
+        input.norm.meta.shape()[0],
+        hidden,
+        "routed_experts_normed: norm"
+    );
+    for t in input.first.iter().chain([&input.second]) {
+        assert_eq!(
+            t.meta.shape(),
+            input.x.meta.shape(),
+            "routed_experts_normed: updates"
+        );
+    }
+    let (client, device, dtype) = (
+        input.x.client.clone(),
+        input.x.device.clone(),
+        input.x.dtype,
+    );
+    let slots = tokens * top_k;
+    let [residual, normed, logits, routing, indices, y]: [CubeTensor<R>; 6] = crate::empty_many(
+        &client,
+        &device,
+        &[
+            (&[tokens, hidden], dtype),
+            (&[tokens, hidden], dtype),
+            (&[tokens, experts], dtype),
+            (&[slots], dtype),
+            (&[slots], DType::U32),
+            (&[tokens, hidden], dtype),
+        ],
+    )
+    .try_into()
+    .expect("six tensors");
+    let max_units = client.properties().hardware.max_units_per_cube as usize;
+    let units = ROUTE_UNITS.min(1 << max_units.ilog2()).max(experts);
+    let add_first = input.first.is_some();
+    // Without `first` the kernel reads none: `x` stands in.
+    let first = input.first.unwrap_or_else(|| input.x.clone());
+    // SAFETY: cube t (below `tokens`) reads row t of `x`, `first` and `second` (the shape of
+    // `x`) and the `[hidden]` norm and `[hidden, experts]` router below their shapes, writes
+    // row t of `residual`, `normed` and `logits` and its `top_k` slots of `routing` and
+    // `indices`. `units` (a power of two that `experts` divides) is the cube's size; shared
+    // memory holds `hidden` + `units` + `experts` floats, each index below its size.
+    unsafe {
+        route_normed_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(tokens as u32, 1, 1),
+            CubeDim::new_1d(units as u32),
+            input.x.into_tensor_arg(),
+            first.into_tensor_arg(),
+            input.second.into_tensor_arg(),
+            input.norm.into_tensor_arg(),
+            input.router.into_tensor_arg(),
+            residual.clone().into_tensor_arg(),
+            normed.clone().into_tensor_arg(),
+            logits.clone().into_tensor_arg(),
+            routing.clone().into_tensor_arg(),
+            indices.clone().into_tensor_arg(),
+            input.eps as f32,
+            hidden,
+            experts,
+            units,
+            top_k,
+            add_first,
+            dtype.into(),
+        );
+    }
+    let inner = weights.gate.meta.shape()[2];
+    if inner == 0 {
+        let y =
+            burn_cubecl::ops::numeric::zeros_client(client, device, [tokens, hidden].into(), dtype);
+        return NormedRoutedOutput {
+            residual,
+            y,
+            logits,
+        };
+    }
+    expert_mlp::<R>(
+        normed,
+        [weights.gate, weights.up, weights.down],
+        indices,
+        Some(routing),
+        y.clone(),
+        top_k,
+    );
+    NormedRoutedOutput {
+        residual,
+        y,
+        logits,
+    }
+}
+
 /// The expert MLPs of every slot, `down(silu(x · gate) · (x · up))`, then their sum into `y`
 /// `[tokens, hidden]`: with `routing`, over each token's `top_k` slots of experts `indices`
 /// (`weights` stacked over the experts), each output weighted; without, one unweighted slot
@@ -422,13 +716,23 @@ fn expert_mlp<R: CubeRuntime>(
     let dense = routing.is_none();
     let slots = tokens * top_k;
     let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
-    let empty = |shape: Vec<usize>, dtype: DType| {
-        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
-    };
+
+    // One reservation for the three scratch buffers (contiguous: see `routed_experts_stages`).
+    let (per_slice, slices) = plan(hidden, 2 * slots * inner);
+    let (down_per_slice, down_slices) = plan(inner, slots * hidden);
+    let [gate_up_partial, act, down_partial]: [CubeTensor<R>; 3] = crate::empty_many(
+        &client,
+        &device,
+        &[
+            (&[2, slices, slots, inner], DType::F32),
+            (&[slots, inner], dtype),
+            (&[down_slices, slots, hidden], DType::F32),
+        ],
+    )
+    .try_into()
+    .expect("three tensors");
 
     // The gate and up products of every slot, then their SiLU gate.
-    let (per_slice, slices) = plan(hidden, 2 * slots * inner);
-    let gate_up_partial = empty(vec![2, slices, slots, inner], DType::F32);
     launch_partial::<R>(
         x,
         gate,
@@ -438,7 +742,6 @@ fn expert_mlp<R: CubeRuntime>(
         [hidden, inner, per_slice, slices, slots, top_k],
         dense,
     );
-    let act = empty(vec![slots, inner], dtype);
     let groups = reduce_groups(&client, slices);
     let cubes = (slots * inner).div_ceil(COLS);
     let count = CubeCount::Static(
@@ -466,8 +769,7 @@ fn expert_mlp<R: CubeRuntime>(
     }
 
     // The down products, then the (weighted) sum over each token's slots.
-    let (per_slice, slices) = plan(inner, slots * hidden);
-    let down_partial = empty(vec![slices, slots, hidden], DType::F32);
+    let (per_slice, slices) = (down_per_slice, down_slices);
     launch_partial::<R>(
         act.clone(),
         down,

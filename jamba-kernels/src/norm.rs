@@ -20,6 +20,7 @@ const MAX_CUBES_X: usize = 65_535;
 fn rms_norm_kernel<F: Float>(
     x: &CubeArg<F>,
     update: &CubeArg<F>,
+    second: &CubeArg<F>,
     weight: &CubeArg<F>,
     sum_out: &mut CubeArg<F>,
     out: &mut CubeArg<F>,
@@ -29,6 +30,7 @@ fn rms_norm_kernel<F: Float>(
     eps: f32,
     #[comptime] units: usize,
     #[comptime] add: bool,
+    #[comptime] add_second: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     // A cube per row: its units stride over the row, sum their squares, and reduce through
@@ -43,14 +45,21 @@ fn rms_norm_kernel<F: Float>(
     let base = b * x.stride(0) + t * x.stride(1);
     let step = x.stride(2);
     let u_base = b * update.stride(0) + t * update.stride(1);
+    let u2_base = b * second.stride(0) + t * second.stride(1);
     let s_base = b * sum_out.stride(0) + t * sum_out.stride(1);
     let mut acc = 0.0f32;
     let mut j = unit;
     while j < width {
         let mut v = f32::cast_from(x[base + j * step]);
         if comptime!(add) {
-            // The residual sum, rounded to the dtype as a separate addition would store it.
-            let sum = F::cast_from(v + f32::cast_from(update[u_base + j * update.stride(2)]));
+            // The residual sum, rounded to the dtype as a separate addition would store it
+            // (each of two additions rounded).
+            let mut sum = F::cast_from(v + f32::cast_from(update[u_base + j * update.stride(2)]));
+            if comptime!(add_second) {
+                sum = F::cast_from(
+                    f32::cast_from(sum) + f32::cast_from(second[u2_base + j * second.stride(2)]),
+                );
+            }
             sum_out[s_base + j * sum_out.stride(2)] = sum;
             v = f32::cast_from(sum);
         }
@@ -77,6 +86,11 @@ fn rms_norm_kernel<F: Float>(
             v = f32::cast_from(F::cast_from(
                 v + f32::cast_from(update[u_base + j * update.stride(2)]),
             ));
+            if comptime!(add_second) {
+                v = f32::cast_from(F::cast_from(
+                    v + f32::cast_from(second[u2_base + j * second.stride(2)]),
+                ));
+            }
         }
         let normed = F::cast_from(v * scale);
         out[out_base + j * out.stride(2)] =
@@ -118,12 +132,56 @@ pub fn add_rms_norm<R: CubeRuntime>(
         update.meta.shape(),
         "add_rms_norm: x and update"
     );
-    let shape = x.meta.shape().clone();
-    let empty = || {
-        empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), shape.clone(), x.dtype)
-    };
-    let (sum, out) = (empty(), empty());
-    launch(x, Some((update, sum.clone())), weight, eps, out.clone());
+    let (sum, out) = sum_and_out(&x);
+    launch(
+        x,
+        Some((update, None, sum.clone())),
+        weight,
+        eps,
+        out.clone(),
+    );
+    (sum, out)
+}
+
+/// [`add_rms_norm`] of two updates: returns `(s, rms_norm(s))` for `s = (x + first) + second`,
+/// each sum rounded to the dtype of `x` as two additions give (a layer's input residual
+/// connection left pending for a consumer that normalised it on the fly, then the mixer's
+/// output). `first` and `second` have the shape and dtype of `x`; any may be a strided view.
+pub fn add2_rms_norm<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    first: CubeTensor<R>,
+    second: CubeTensor<R>,
+    weight: CubeTensor<R>,
+    eps: f64,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    for (name, t) in [("first", &first), ("second", &second)] {
+        assert_eq!(
+            x.meta.shape(),
+            t.meta.shape(),
+            "add2_rms_norm: x and {name}"
+        );
+    }
+    let (sum, out) = sum_and_out(&x);
+    launch(
+        x,
+        Some((first, Some(second), sum.clone())),
+        weight,
+        eps,
+        out.clone(),
+    );
+    (sum, out)
+}
+
+/// The residual sum's and the norm's outputs, the shape and dtype of `x`, in one reservation.
+fn sum_and_out<R: CubeRuntime>(x: &CubeTensor<R>) -> (CubeTensor<R>, CubeTensor<R>) {
+    let shape = x.meta.shape().to_vec();
+    let [sum, out]: [CubeTensor<R>; 2] = crate::empty_many(
+        &x.client,
+        &x.device,
+        &[(&shape, x.dtype), (&shape, x.dtype)],
+    )
+    .try_into()
+    .expect("two tensors");
     (sum, out)
 }
 
@@ -138,10 +196,11 @@ pub fn rms_norm_into<R: CubeRuntime>(
     launch(x, None, weight, eps, out);
 }
 
-/// The norm of `x`, or with `add` `(update, sum)`, of `x + update`, also written to `sum`.
+/// The norm of `x`, or with `add` `(update, second, sum)`, of `x + update (+ second)`, also
+/// written to `sum`.
 fn launch<R: CubeRuntime>(
     x: CubeTensor<R>,
-    add: Option<(CubeTensor<R>, CubeTensor<R>)>,
+    add: Option<(CubeTensor<R>, Option<CubeTensor<R>>, CubeTensor<R>)>,
     weight: CubeTensor<R>,
     eps: f64,
     out: CubeTensor<R>,
@@ -161,11 +220,14 @@ fn launch<R: CubeRuntime>(
     let client = x.client.clone();
     let dtype = x.dtype;
     let adds = add.is_some();
-    // Without `add`, the kernel reads no `update` and writes no `sum`: `x` and `out` stand in.
-    let (update, sum) = add.unwrap_or_else(|| (x.clone(), out.clone()));
+    // Without `add`, the kernel reads no `update` and writes no `sum`: `x` and `out` stand in
+    // (and for an absent second update, `x`).
+    let (update, second, sum) = add.unwrap_or_else(|| (x.clone(), None, out.clone()));
+    let adds_second = second.is_some();
+    let second = second.unwrap_or_else(|| x.clone());
     // SAFETY: a cube whose row is past the end returns before touching memory; every other
-    // index is an element of its row in a tensor of that shape (`update` and `sum` have the
-    // shape of `x`), and `units` matches the cube dimension and the shared buffer.
+    // index is an element of its row in a tensor of that shape (`update`, `second` and `sum`
+    // have the shape of `x`), and `units` matches the cube dimension and the shared buffer.
     unsafe {
         rms_norm_kernel::launch_unchecked::<R>(
             &client,
@@ -173,6 +235,7 @@ fn launch<R: CubeRuntime>(
             CubeDim::new_1d(units as u32),
             x.into_tensor_arg(),
             update.into_tensor_arg(),
+            second.into_tensor_arg(),
             weight.into_tensor_arg(),
             sum.into_tensor_arg(),
             out.into_tensor_arg(),
@@ -182,6 +245,7 @@ fn launch<R: CubeRuntime>(
             eps as f32,
             units,
             adds,
+            adds_second,
             dtype.into(),
         )
     };

@@ -89,12 +89,27 @@ impl<B: JambaBackend> Attention<B> {
         mask: Option<&AttentionMask<B>>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
-        let [batch, seq, _] = x.dims();
+        let q = project(&self.q_proj, x.clone());
+        let k = project(&self.k_proj, x.clone());
+        let v = project(&self.v_proj, x);
+        self.forward_projected([q, k, v], mask, cache)
+    }
+
+    /// [`forward`](Self::forward) from the `q_proj`, `k_proj` and `v_proj` outputs, each
+    /// `[batch, seq, heads · head_dim]`: for a caller that ran the projections itself, as the
+    /// decoder layer does when it folds its input norm into them
+    /// ([`JambaBackend::normed_projection`]).
+    pub fn forward_projected(
+        &self,
+        [q_flat, k, v]: [Tensor<B, 3>; 3],
+        mask: Option<&AttentionMask<B>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = q_flat.dims();
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, self.head_dim]).swap_dims(1, 2);
-        let q_flat = project(&self.q_proj, x.clone());
-        let k = heads(project(&self.k_proj, x.clone()), self.num_kv_heads);
-        let v = heads(project(&self.v_proj, x), self.num_kv_heads);
+        let k = heads(k, self.num_kv_heads);
+        let v = heads(v, self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),

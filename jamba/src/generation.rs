@@ -216,7 +216,8 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// The index of the largest logit along the last dimension, on the device: `[batch, seq, vocab]`
 /// to `[batch, seq, 1]`, the first index on ties, like `Tensor::argmax(2)`.
 ///
-/// In two stages over blocks of about `√vocab` (argmax inside each block, then over the blocks'
+/// The backend's own kernel where it has one ([`JambaBackend::argmax_rows`]); otherwise in two
+/// stages over blocks of about `√vocab` (argmax inside each block, then over the blocks'
 /// maxima) when the vocabulary is large: Burn's CubeCL reduction gives each output row one unit,
 /// so a single-stage argmax over 65,536 logits walks them one after another (1.5 ms on the H200,
 /// more than the rest of a decoding step's device time); two stages of 256 take microseconds.
@@ -229,8 +230,11 @@ pub fn argmax(values: &[f32]) -> u32 {
 /// let best = jamba::generation::argmax_last(logits);
 /// assert_eq!(best.into_scalar(), 8191);
 /// ```
-pub fn argmax_last<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 3, Int> {
+pub fn argmax_last<B: JambaBackend>(logits: Tensor<B, 3>) -> Tensor<B, 3, Int> {
     let [batch, seq, vocab] = logits.dims();
+    if let Some(best) = B::argmax_rows(logits.clone().reshape([batch * seq, vocab])) {
+        return best.reshape([batch, seq, 1]);
+    }
     let block = (vocab >= 4096)
         .then(|| {
             let root = (vocab as f64).sqrt() as usize;
@@ -418,7 +422,7 @@ pub fn generate<B: JambaBackend>(
 
 /// The next token of every row from `[batch, 1, vocab]` logits: argmax on the device for greedy
 /// decoding (one integer per row crosses to the host), the full row on the host otherwise.
-fn pick<B: Backend>(
+fn pick<B: JambaBackend>(
     logits: Tensor<B, 3>,
     sampling: &SamplingConfig,
     rng: &mut SplitMix64,

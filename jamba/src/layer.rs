@@ -110,7 +110,13 @@ impl<B: JambaBackend> DecoderLayer<B> {
     /// The layer with its last residual addition left to the caller, who fuses it with the
     /// next norm ([`RmsNorm::add_forward`]: one launch instead of two on CubeCL backends). The
     /// layer's output is `residual + feed_forward`; `pending` is the previous layer's
-    /// `feed_forward`, added to `x` here together with the input norm.
+    /// `feed_forward`, added to `x` here.
+    ///
+    /// Where the backend can, the input norm is folded into the mixer's first projections
+    /// (`mix_folded`) and the sum `x + pending` is left to the norm after the mixer,
+    /// which adds both updates ([`RmsNorm::add2_forward`]); a MoE block may take that norm and
+    /// its router into its own first launch ([`SparseMoe::forward_normed`]). Each form rounds
+    /// each sum and norm as the separate operations do.
     pub fn forward_deferred(
         &self,
         x: Tensor<B, 3>,
@@ -118,22 +124,36 @@ impl<B: JambaBackend> DecoderLayer<B> {
         masks: &LayerMasks<B>,
         cache: Option<&mut LayerCache<B>>,
     ) -> DeferredOutput<B> {
-        let (x, normed) = match pending {
-            Some(p) => self.input_layernorm.add_forward(x, p),
-            None => (x.clone(), self.input_layernorm.forward(x)),
+        let mut cache = cache;
+        let (x, first, mixed) =
+            match self.mix_folded(&x, pending.as_ref(), masks, cache.as_deref_mut()) {
+                Some(mixed) => (x, pending, mixed),
+                None => {
+                    let (x, normed) = match pending {
+                        Some(p) => self.input_layernorm.add_forward(x, p),
+                        None => (x.clone(), self.input_layernorm.forward(x)),
+                    };
+                    (x, None, self.mix(normed, masks, cache))
+                }
+            };
+        if let FeedForward::Moe(moe) = &self.feed_forward
+            && let Some((residual, feed_forward, logits)) = moe.forward_normed(
+                x.clone(),
+                first.clone(),
+                mixed.clone(),
+                &self.pre_ff_layernorm,
+            )
+        {
+            return DeferredOutput {
+                residual,
+                feed_forward,
+                router_logits: Some(logits),
+            };
+        }
+        let (residual, normed) = match first {
+            Some(first) => self.pre_ff_layernorm.add2_forward(x, first, mixed),
+            None => self.pre_ff_layernorm.add_forward(x, mixed),
         };
-        let mixed = match (&self.mixer, cache) {
-            (Mixer::Attention(attn), Some(LayerCache::Attention(kv))) => {
-                attn.forward(normed, masks.attention.as_ref(), Some(kv))
-            }
-            (Mixer::Attention(attn), None) => attn.forward(normed, masks.attention.as_ref(), None),
-            (Mixer::Mamba(mamba), Some(LayerCache::Mamba(state))) => {
-                mamba.forward(normed, masks.keep.as_ref(), Some(state))
-            }
-            (Mixer::Mamba(mamba), None) => mamba.forward(normed, masks.keep.as_ref(), None),
-            _ => unreachable!("the cache is built from the same layer plan as the model"),
-        };
-        let (residual, normed) = self.pre_ff_layernorm.add_forward(x, mixed);
         let (feed_forward, router_logits) = match &self.feed_forward {
             FeedForward::Mlp(mlp) => (mlp.forward(normed), None),
             FeedForward::Moe(moe) => {
@@ -145,6 +165,63 @@ impl<B: JambaBackend> DecoderLayer<B> {
             residual,
             feed_forward,
             router_logits,
+        }
+    }
+
+    /// The mixer on its normalised input.
+    fn mix(
+        &self,
+        normed: Tensor<B, 3>,
+        masks: &LayerMasks<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Tensor<B, 3> {
+        match (&self.mixer, cache) {
+            (Mixer::Attention(attn), Some(LayerCache::Attention(kv))) => {
+                attn.forward(normed, masks.attention.as_ref(), Some(kv))
+            }
+            (Mixer::Attention(attn), None) => attn.forward(normed, masks.attention.as_ref(), None),
+            (Mixer::Mamba(mamba), Some(LayerCache::Mamba(state))) => {
+                mamba.forward(normed, masks.keep.as_ref(), Some(state))
+            }
+            (Mixer::Mamba(mamba), None) => mamba.forward(normed, masks.keep.as_ref(), None),
+            _ => unreachable!("the cache is built from the same layer plan as the model"),
+        }
+    }
+
+    /// The mixer with the input norm of `x + pending` folded into its first projections
+    /// ([`RmsNorm::project_normed`]: `in_proj`, or `q_proj`, `k_proj` and `v_proj`), or `None`
+    /// where the backend has no such form or a Mamba mixer's input is masked (padding is
+    /// zeroed before `in_proj`).
+    fn mix_folded(
+        &self,
+        x: &Tensor<B, 3>,
+        pending: Option<&Tensor<B, 3>>,
+        masks: &LayerMasks<B>,
+        cache: Option<&mut LayerCache<B>>,
+    ) -> Option<Tensor<B, 3>> {
+        let norm = &self.input_layernorm;
+        match (&self.mixer, cache) {
+            (Mixer::Mamba(mamba), cache) if masks.keep.is_none() => {
+                let state = match cache {
+                    Some(LayerCache::Mamba(state)) => Some(state),
+                    None => None,
+                    Some(_) => unreachable!("the cache is built from the same layer plan"),
+                };
+                let xz = norm.project_normed(x, pending, &mamba.in_proj)?;
+                Some(mamba.forward_projected(xz, None, state))
+            }
+            (Mixer::Attention(attn), cache) => {
+                let kv = match cache {
+                    Some(LayerCache::Attention(kv)) => Some(kv),
+                    None => None,
+                    Some(_) => unreachable!("the cache is built from the same layer plan"),
+                };
+                let q = norm.project_normed(x, pending, &attn.q_proj)?;
+                let k = norm.project_normed(x, pending, &attn.k_proj)?;
+                let v = norm.project_normed(x, pending, &attn.v_proj)?;
+                Some(attn.forward_projected([q, k, v], masks.attention.as_ref(), kv))
+            }
+            _ => None,
         }
     }
 }

@@ -166,7 +166,19 @@ impl<B: JambaBackend> MambaMixer<B> {
         keep: Option<&Tensor<B, 3>>,
         cache: Option<&mut MambaState<B>>,
     ) -> Tensor<B, 3> {
-        let projected = project(&self.in_proj, masked(x, keep));
+        self.forward_projected(project(&self.in_proj, masked(x, keep)), keep, cache)
+    }
+
+    /// [`forward`](Self::forward) from `in_proj`'s output `[batch, seq, 2 · inner]` (`keep`
+    /// already applied to the input): for a caller that ran `in_proj` itself, as the decoder
+    /// layer does when it folds its input norm into the projection
+    /// ([`JambaBackend::normed_projection`]).
+    pub fn forward_projected(
+        &self,
+        projected: Tensor<B, 3>,
+        keep: Option<&Tensor<B, 3>>,
+        cache: Option<&mut MambaState<B>>,
+    ) -> Tensor<B, 3> {
         let [batch, seq, width] = projected.dims();
         let mut cache = cache;
         if let (1, None, Some(state)) = (seq, keep, cache.as_deref_mut())

@@ -286,23 +286,40 @@ impl<B: JambaBackend> Jamba<B> {
                 router_logits.push((i, logits));
             }
         }
-        let x = match pending {
-            Some(p) => self.final_layernorm.add_forward(x, p).1,
-            None => self.final_layernorm.forward(x),
+        let keep_from = match options.logits_to_keep {
+            Some(n) if n > 0 && n < seq => seq - n,
+            _ => 0,
         };
-        if options.output_hidden_states {
-            // transformers reports the last layer's output after the final norm.
-            if layers > 0 {
-                hidden_states.push(x.clone());
+        // Only the kept positions' logits: the final norm folded into the head where the
+        // backend can ([`JambaBackend::normed_projection`]; not when the last hidden state,
+        // the norm's output, is wanted).
+        let folded = if options.output_hidden_states {
+            None
+        } else {
+            let tail = |t: Tensor<B, 3>| t.slice([0..batch, keep_from..seq]);
+            let (x, pending) = (tail(x.clone()), pending.clone().map(tail));
+            let norm = &self.final_layernorm;
+            match &self.lm_head {
+                Some(head) => norm.project_normed(&x, pending.as_ref(), head),
+                None => B::normed_projection(crate::ops::NormedProjection {
+                    x,
+                    pending,
+                    norm: norm.weight.val(),
+                    eps: norm.eps,
+                    weight: self.embed_tokens.weight.val().transpose(),
+                    bias: None,
+                }),
             }
-        }
-        let x = match options.logits_to_keep {
-            Some(n) if n > 0 && n < seq => x.slice([0..batch, seq - n..seq]),
-            _ => x,
         };
-        let logits = match &self.lm_head {
-            Some(head) => project(head, x),
-            None => B::projection(x, self.embed_tokens.weight.val().transpose(), None),
+        let logits = match folded {
+            Some(logits) => logits,
+            None => {
+                let x = match pending {
+                    Some(p) => self.final_layernorm.add_forward(x, p).1,
+                    None => self.final_layernorm.forward(x),
+                };
+                self.head(x, &mut hidden_states, options, keep_from, layers)
+            }
         };
         let aux_loss = if options.output_router_logits {
             let logits: Vec<_> = router_logits.iter().map(|(_, l)| l.clone()).collect();
@@ -316,6 +333,30 @@ impl<B: JambaBackend> Jamba<B> {
             router_logits,
             aux_loss,
         })
+    }
+
+    /// The head on the final norm's output `x` (recorded as the last hidden state when asked
+    /// for), for the positions from `keep_from`.
+    fn head(
+        &self,
+        x: Tensor<B, 3>,
+        hidden_states: &mut Vec<Tensor<B, 3>>,
+        options: &ForwardOptions,
+        keep_from: usize,
+        layers: usize,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        if options.output_hidden_states {
+            // transformers reports the last layer's output after the final norm.
+            if layers > 0 {
+                hidden_states.push(x.clone());
+            }
+        }
+        let x = x.slice([0..batch, keep_from..seq]);
+        match &self.lm_head {
+            Some(head) => project(head, x),
+            None => B::projection(x, self.embed_tokens.weight.val().transpose(), None),
+        }
     }
 
     fn check_inputs(

@@ -10,7 +10,7 @@ use burn::tensor::{
 };
 
 use crate::mlp::swiglu;
-use crate::ops::{JambaBackend, RoutedExperts, project};
+use crate::ops::{JambaBackend, NormedMoe, RoutedExperts, project};
 
 /// Configuration of [`SparseMoe`].
 #[derive(Config, Debug)]
@@ -151,6 +151,39 @@ impl<B: Backend> SparseMoe<B> {
 }
 
 impl<B: JambaBackend> SparseMoe<B> {
+    /// The residual connection `s = (x + first) + second` and `norm` before this block, then
+    /// the block on `norm(s)`, in the backend's fused form
+    /// ([`JambaBackend::routed_experts_normed`]); `None` where it has none (the caller adds,
+    /// normalises and calls [`forward`](Self::forward)). Returns `s`, the block's output and
+    /// the router logits `[batch · seq, num_experts]`.
+    pub fn forward_normed(
+        &self,
+        x: Tensor<B, 3>,
+        first: Option<Tensor<B, 3>>,
+        second: Tensor<B, 3>,
+        norm: &crate::norm::RmsNorm<B>,
+    ) -> Option<(Tensor<B, 3>, Tensor<B, 3>, Tensor<B, 2>)> {
+        let [batch, seq, hidden] = x.dims();
+        if self.router.bias.is_some() {
+            return None;
+        }
+        let flat = |t: Tensor<B, 3>| t.reshape([batch * seq, hidden]);
+        let out = B::routed_experts_normed(NormedMoe {
+            x: flat(x),
+            first: first.map(flat),
+            second: flat(second),
+            norm: norm.weight.val(),
+            eps: norm.eps,
+            router: self.router.weight.val(),
+            gate: self.experts.gate_proj.val(),
+            up: self.experts.up_proj.val(),
+            down: self.experts.down_proj.val(),
+            top_k: self.top_k,
+        })?;
+        let unflat = |t: Tensor<B, 2>| t.reshape([batch, seq, hidden]);
+        Some((unflat(out.residual), unflat(out.y), out.router_logits))
+    }
+
     /// Routes `x` `[batch, seq, hidden]`; returns the output and the router logits
     /// `[batch * seq, num_experts]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {

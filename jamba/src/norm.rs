@@ -93,4 +93,34 @@ impl<B: JambaBackend> RmsNorm<B> {
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         B::add_rms_norm(x, update, self.weight.val(), self.eps)
     }
+
+    /// Two residual updates then this norm: `(s, norm(s))` for `s = (x + first) + second`,
+    /// each sum rounded to the dtype (one kernel on GPU backends,
+    /// [`JambaBackend::add2_rms_norm`]).
+    pub fn add2_forward(
+        &self,
+        x: Tensor<B, 3>,
+        first: Tensor<B, 3>,
+        second: Tensor<B, 3>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        B::add2_rms_norm(x, first, second, self.weight.val(), self.eps)
+    }
+
+    /// `linear(norm(x + pending))` through [`JambaBackend::normed_projection`] (the norm
+    /// folded into the projection), or `None` where the backend has no such form.
+    pub fn project_normed(
+        &self,
+        x: &Tensor<B, 3>,
+        pending: Option<&Tensor<B, 3>>,
+        linear: &burn::nn::Linear<B>,
+    ) -> Option<Tensor<B, 3>> {
+        B::normed_projection(crate::ops::NormedProjection {
+            x: x.clone(),
+            pending: pending.cloned(),
+            norm: self.weight.val(),
+            eps: self.eps,
+            weight: linear.weight.val(),
+            bias: linear.bias.as_ref().map(|b| b.val()),
+        })
+    }
 }

@@ -64,6 +64,63 @@ pub struct RoutedExperts<B: Backend> {
     pub top_k: usize,
 }
 
+/// A projection of an RMSNorm's output, for [`JambaBackend::normed_projection`]:
+/// `rms_norm(x + pending) · weight + bias` with the norm of [`crate::norm::RmsNorm`].
+#[derive(Debug, Clone)]
+pub struct NormedProjection<B: Backend> {
+    /// The residual stream, `[batch, seq, in]`.
+    pub x: Tensor<B, 3>,
+    /// A residual update not yet added to `x` (the previous layer's feed-forward output), the
+    /// shape and dtype of `x`; the sum is rounded to that dtype, as an addition stores it.
+    pub pending: Option<Tensor<B, 3>>,
+    /// The norm's weight, `[in]`.
+    pub norm: Tensor<B, 1>,
+    /// The norm's epsilon.
+    pub eps: f64,
+    /// The projection's weight, `[in, out]` (Burn's layout).
+    pub weight: Tensor<B, 2>,
+    /// The projection's bias, `[out]`.
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+/// A MoE layer's feed-forward block with the residual connection and the norm before it, for
+/// [`JambaBackend::routed_experts_normed`]: the residual `s = (x + first) + second`, then the
+/// mixture of experts of `rms_norm(s)` routed by `router`.
+#[derive(Debug, Clone)]
+pub struct NormedMoe<B: Backend> {
+    /// The residual stream, `[tokens, hidden]`.
+    pub x: Tensor<B, 2>,
+    /// An update added first when present (a previous layer's pending output).
+    pub first: Option<Tensor<B, 2>>,
+    /// The mixer's output, added second.
+    pub second: Tensor<B, 2>,
+    /// The norm's weight, `[hidden]`.
+    pub norm: Tensor<B, 1>,
+    /// The norm's epsilon.
+    pub eps: f64,
+    /// The router's weight, `[hidden, experts]` (no bias).
+    pub router: Tensor<B, 2>,
+    /// Every expert's `gate_proj`, `[experts, hidden, intermediate]`.
+    pub gate: Tensor<B, 3>,
+    /// Every expert's `up_proj`, `[experts, hidden, intermediate]`.
+    pub up: Tensor<B, 3>,
+    /// Every expert's `down_proj`, `[experts, intermediate, hidden]`.
+    pub down: Tensor<B, 3>,
+    /// Experts per token.
+    pub top_k: usize,
+}
+
+/// What [`JambaBackend::routed_experts_normed`] returns.
+#[derive(Debug, Clone)]
+pub struct NormedMoeOutput<B: Backend> {
+    /// The residual stream after the mixer, `(x + first) + second`, `[tokens, hidden]`.
+    pub residual: Tensor<B, 2>,
+    /// The mixture's output, `[tokens, hidden]`.
+    pub y: Tensor<B, 2>,
+    /// The router's logits, `[tokens, experts]`.
+    pub router_logits: Tensor<B, 2>,
+}
+
 /// The inputs of one Mamba decoding step between `in_proj` and `out_proj`
 /// ([`JambaBackend::mamba_step`]): one new token per batch row. Weights in the checkpoint's
 /// dtype (Burn's `[in, out]` layout for the projections); the SSM state in f32.
@@ -198,6 +255,51 @@ pub trait JambaBackend: Backend {
         eps: f64,
     ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
         add_then_rms_norm(x, update, weight, eps)
+    }
+
+    /// [`add_rms_norm`](Self::add_rms_norm) of two updates: `(s, rms_norm(s))` for
+    /// `s = (x + first) + second`, each sum rounded to the dtype of `x` (a layer whose input
+    /// norm was folded into its mixer's projections ([`normed_projection`](Self::normed_projection))
+    /// adds the previous layer's output here, with the mixer's). CubeCL backends: one launch.
+    fn add2_rms_norm(
+        x: Tensor<Self, 3>,
+        first: Tensor<Self, 3>,
+        second: Tensor<Self, 3>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+        Self::add_rms_norm(x + first, second, weight, eps)
+    }
+
+    /// A projection of an RMSNorm's output without the norm's own launch
+    /// ([`NormedProjection`]), or `None` where the backend has no such form (the caller
+    /// normalises, then projects; the default).
+    ///
+    /// CubeCL backends run `jamba_kernels::gemv::gemv_normed` for up to four rows (decoding
+    /// steps of small batches): each cube of the GEMV recomputes the rows' statistics. The
+    /// model folds every layer's input norm into its mixer's first projections and the final
+    /// norm into the head this way (`JAMBA_FUSED_STEP=off` turns it off, for comparisons).
+    fn normed_projection(_input: NormedProjection<Self>) -> Option<Tensor<Self, 3>> {
+        None
+    }
+
+    /// A MoE layer's residual connection, pre-feed-forward norm, router and experts for a few
+    /// tokens ([`NormedMoe`]), or `None` to let the caller run the norm and
+    /// [`routed_experts`](Self::routed_experts) (the default).
+    ///
+    /// CubeCL backends run the sums, the norm, the router's product and the routing in one
+    /// launch ahead of the experts' four (`jamba_kernels::moe::routed_experts_normed`), where
+    /// the separate form takes seven.
+    fn routed_experts_normed(_input: NormedMoe<Self>) -> Option<NormedMoeOutput<Self>> {
+        None
+    }
+
+    /// The index of each row's largest value, `[rows, width]` to `[rows]` (the first on ties),
+    /// or `None` to let [`crate::generation::argmax_last`] compose it from tensor operations
+    /// (the default). CubeCL backends: two launches (`jamba_kernels::argmax`), where the
+    /// composed form takes six.
+    fn argmax_rows(_x: Tensor<Self, 2>) -> Option<Tensor<Self, 1, burn::tensor::Int>> {
+        None
     }
 
     /// Whether [`crate::moe::SparseMoe`] runs many tokens' experts as three batched products
@@ -599,11 +701,13 @@ pub(crate) fn env_switch(name: &str, default: bool) -> bool {
 pub mod cube {
     use burn::tensor::{DType, Tensor, TensorPrimitive};
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-    use jamba_kernels::{attention, conv, gemv, mamba_step, matmul, moe, norm, scan, scan_bwd};
+    use jamba_kernels::{
+        argmax, attention, conv, gemv, mamba_step, matmul, moe, norm, scan, scan_bwd,
+    };
 
     use super::{
-        ConvInput, ConvOutput, JambaBackend, MambaStepInput, MambaStepOutput, RoutedExperts,
-        ScanGrads, kernels_enabled,
+        ConvInput, ConvOutput, JambaBackend, MambaStepInput, MambaStepOutput, NormedMoe,
+        NormedMoeOutput, NormedProjection, RoutedExperts, ScanGrads, kernels_enabled,
     };
     use crate::scan::{ScanInput, ScanOutput};
 
@@ -861,6 +965,126 @@ pub mod cube {
             }
             let (sum, normed) = norm::add_rms_norm(prim(x), prim(update), prim(weight), eps);
             (wrap(sum), wrap(normed))
+        }
+
+        fn add2_rms_norm(
+            x: Tensor<Self, 3>,
+            first: Tensor<Self, 3>,
+            second: Tensor<Self, 3>,
+            weight: Tensor<Self, 1>,
+            eps: f64,
+        ) -> (Tensor<Self, 3>, Tensor<Self, 3>) {
+            let dtype = x.dtype();
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || weight.dtype() != dtype
+                || [&first, &second]
+                    .iter()
+                    .any(|t| t.dtype() != dtype || t.dims() != x.dims())
+            {
+                return Self::add_rms_norm(x + first, second, weight, eps);
+            }
+            let (sum, normed) =
+                norm::add2_rms_norm(prim(x), prim(first), prim(second), prim(weight), eps);
+            (wrap(sum), wrap(normed))
+        }
+
+        fn normed_projection(input: NormedProjection<Self>) -> Option<Tensor<Self, 3>> {
+            let [batch, seq, inputs] = input.x.dims();
+            let rows = batch * seq;
+            let dtype = input.x.dtype();
+            let [k, outputs] = input.weight.dims();
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || rows == 0
+                || rows > gemv::NORMED_MAX_ROWS
+                || k != inputs
+                || input.norm.dims() != [inputs]
+                || input.weight.dtype() != dtype
+                || input.norm.dtype() != dtype
+                || input
+                    .bias
+                    .as_ref()
+                    .is_some_and(|b| b.dtype() != dtype || b.dims() != [outputs])
+                || input
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.dtype() != dtype || p.dims() != input.x.dims())
+            {
+                return None;
+            }
+            let flat = |t: Tensor<Self, 3>| prim(t.reshape([rows, inputs]));
+            let y: Tensor<Self, 2> = wrap(gemv::gemv_normed(
+                flat(input.x),
+                gemv::PreNorm {
+                    update: input.pending.map(flat),
+                    weight: prim(input.norm),
+                    eps: input.eps,
+                },
+                prim(input.weight),
+                input.bias.map(prim),
+            ));
+            Some(y.reshape([batch, seq, outputs]))
+        }
+
+        fn routed_experts_normed(input: NormedMoe<Self>) -> Option<NormedMoeOutput<Self>> {
+            let [tokens, hidden] = input.x.dims();
+            let [_, experts] = input.router.dims();
+            let [_, _, inner] = input.gate.dims();
+            let dtype = input.x.dtype();
+            let same_dtype = [&input.gate, &input.up, &input.down]
+                .iter()
+                .all(|t| t.dtype() == dtype)
+                && input.router.dtype() == dtype
+                && input.norm.dtype() == dtype
+                && input
+                    .first
+                    .iter()
+                    .chain([&input.second])
+                    .all(|t| t.dtype() == dtype && t.dims() == [tokens, hidden]);
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || !same_dtype
+                || tokens == 0
+                || !moe::supports_normed_routing(tokens, hidden, experts, input.top_k)
+                || input.router.dims() != [hidden, experts]
+                || input.norm.dims() != [hidden]
+                || input.gate.dims() != [experts, hidden, inner]
+                || input.up.dims() != [experts, hidden, inner]
+                || input.down.dims() != [experts, inner, hidden]
+            {
+                return None;
+            }
+            let out = moe::routed_experts_normed(
+                moe::NormedRouting {
+                    x: prim(input.x),
+                    first: input.first.map(prim),
+                    second: prim(input.second),
+                    norm: prim(input.norm),
+                    eps: input.eps,
+                    router: prim(input.router),
+                },
+                moe::ExpertWeights {
+                    gate: prim(input.gate),
+                    up: prim(input.up),
+                    down: prim(input.down),
+                },
+                input.top_k,
+            );
+            Some(NormedMoeOutput {
+                residual: wrap(out.residual),
+                y: wrap(out.y),
+                router_logits: wrap(out.logits),
+            })
+        }
+
+        fn argmax_rows(x: Tensor<Self, 2>) -> Option<Tensor<Self, 1, burn::tensor::Int>> {
+            let [rows, width] = x.dims();
+            if !kernels_enabled() || !argmax::supports(rows, width) {
+                return None;
+            }
+            let int = <I as burn::tensor::Element>::dtype();
+            Some(Tensor::from_primitive(argmax::argmax_rows(prim(x), int)))
         }
 
         fn swiglu(
