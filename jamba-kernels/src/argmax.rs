@@ -140,7 +140,7 @@ pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTe
     assert!(supports(rows, width), "argmax_rows: {rows} rows of {width}");
     let (client, device) = (x.client.clone(), x.device.clone());
     let blocks = width.div_ceil(BLOCK);
-    // The output and both scratch buffers in one reservation.
+    // The output and both scratch buffers.
     let [out, values, indices]: [CubeTensor<R>; 3] = crate::empty_many(
         &client,
         &device,

@@ -54,35 +54,25 @@ pub(crate) fn env_usize(
     *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()))
 }
 
-/// Contiguous tensors of the given shapes and dtypes carved from one storage reservation.
+/// Contiguous tensors of the given shapes and dtypes, each its own allocation: a kernel's
+/// outputs and scratch buffers in one call.
 ///
-/// CubeCL hands every allocation to its device thread as a task of its own, as it does every
-/// launch, and on the H200 that thread is what bounds a batch-1 decoding step (the memory
-/// pool's search was its largest cost). A kernel's outputs and scratch buffers taken together
-/// are one task instead of one each. The tensors share the reservation's lifetime: it is freed
-/// when the last of them is dropped, so group only buffers that die together or are small.
+/// (Carving them from one reservation, `ComputeClient::empty_tensors` with several layouts, so
+/// that CubeCL's device thread gets one allocation task instead of one per buffer, measured
+/// no faster on the H200: b1 bf16 617.6 / 618.0 tokens/s with it, 633.5 / 629.0 without,
+/// `jamba-bench/RESULTS.md`, session 16. Separate buffers also free separately.)
 pub(crate) fn empty_many<R: burn_cubecl::CubeRuntime>(
     client: &cubecl::client::ComputeClient<R>,
     device: &R::Device,
     specs: &[(&[usize], burn_std::DType)],
 ) -> Vec<burn_cubecl::tensor::CubeTensor<R>> {
-    use cubecl::server::{MemoryLayout, MemoryLayoutDescriptor};
-    let descriptors = specs
+    specs
         .iter()
         .map(|(shape, dtype)| {
-            MemoryLayoutDescriptor::contiguous(shape.to_vec().into(), dtype.size())
-        })
-        .collect();
-    client
-        .empty_tensors(descriptors)
-        .into_iter()
-        .zip(specs)
-        .map(|(MemoryLayout { memory, strides }, (shape, dtype))| {
-            burn_cubecl::tensor::CubeTensor::new(
+            burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
                 client.clone(),
-                memory,
-                burn_std::Metadata::new(burn_std::Shape::from(shape.to_vec()), strides),
                 device.clone(),
+                burn_std::Shape::from(shape.to_vec()),
                 *dtype,
             )
         })

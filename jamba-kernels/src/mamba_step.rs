@@ -365,7 +365,7 @@ pub fn mamba_step<R: CubeRuntime>(
         );
     }
     let blocks = inner.div_ceil(FRONT_UNITS);
-    // One reservation for the outputs and the scratch buffers (`u`, `partial`).
+    // The outputs and the scratch buffers (`u`, `partial`).
     let [y, u, conv_out, h_out, partial]: [CubeTensor<R>; 5] = crate::empty_many(
         &client,
         &device,

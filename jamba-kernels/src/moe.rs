@@ -478,7 +478,7 @@ pub fn routed_experts_stages<R: CubeRuntime>(
     // to a power of two of bytes (a `[slots, 72]` f32 buffer gets rows of 128), and these
     // buffers are written by linear index. (That padding was session 7's "wrong on CUDA for
     // widths that are not powers of two": `act` written densely, read back through its padded
-    // row stride.) One reservation for all three.
+    // row stride.)
     let [y, routing, indices]: [CubeTensor<R>; 3] = crate::empty_many(
         &client,
         &device,
@@ -717,7 +717,7 @@ fn expert_mlp<R: CubeRuntime>(
     let slots = tokens * top_k;
     let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
 
-    // One reservation for the three scratch buffers (contiguous: see `routed_experts_stages`).
+    // The three scratch buffers (contiguous: see `routed_experts_stages`).
     let (per_slice, slices) = plan(hidden, 2 * slots * inner);
     let (down_per_slice, down_slices) = plan(inner, slots * hidden);
     let [gate_up_partial, act, down_partial]: [CubeTensor<R>; 3] = crate::empty_many(

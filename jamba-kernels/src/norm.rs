@@ -172,7 +172,7 @@ pub fn add2_rms_norm<R: CubeRuntime>(
     (sum, out)
 }
 
-/// The residual sum's and the norm's outputs, the shape and dtype of `x`, in one reservation.
+/// The residual sum's and the norm's outputs, the shape and dtype of `x`.
 fn sum_and_out<R: CubeRuntime>(x: &CubeTensor<R>) -> (CubeTensor<R>, CubeTensor<R>) {
     let shape = x.meta.shape().to_vec();
     let [sum, out]: [CubeTensor<R>; 2] = crate::empty_many(
