@@ -20,6 +20,13 @@ const BLOCK: usize = UNITS * PER_UNIT;
 /// Cubes along x (wgpu allows 65,535 per dimension).
 const MAX_CUBES_X: usize = 65_535;
 
+/// Whether the candidate `(value, index)` beats `(best, at)`: a larger value, or an equal one
+/// at a lower index (the first index wins ties).
+#[cube]
+fn beats(value: f32, index: u32, best: f32, at: u32) -> bool {
+    value > best || (value == best && index < at)
+}
+
 /// Halves the cube's `(value, index)` pairs in shared memory down to pair 0: the larger value,
 /// on ties the lower index. `units` is the cube's size, a power of two.
 #[cube]
@@ -34,7 +41,7 @@ fn cube_best(value: f32, index: u32, #[comptime] units: usize) -> (f32, u32) {
     while half > 0 {
         if u < half {
             let (v, i) = (values[u + half], indices[u + half]);
-            if v > values[u] || (v == values[u] && i < indices[u]) {
+            if beats(v, i, values[u], indices[u]) {
                 values[u] = v;
                 indices[u] = i;
             }
@@ -76,7 +83,7 @@ fn argmax_blocks_kernel<F: Float>(
     let mut best_at = at[0];
     #[unroll]
     for q in 1..PER_UNIT {
-        if loaded[q] > best || (loaded[q] == best && at[q] < best_at) {
+        if beats(loaded[q], at[q], best, best_at) {
             best = loaded[q];
             best_at = at[q];
         }
@@ -108,7 +115,7 @@ fn argmax_rows_kernel<I: Int>(
     while b < blocks {
         let v = best_values[row * blocks + b];
         let i = best_indices[row * blocks + b];
-        if v > best || (v == best && i < at) {
+        if beats(v, i, best, at) {
             best = v;
             at = i;
         }

@@ -357,28 +357,15 @@ pub fn mamba_step<R: CubeRuntime>(
     let empty = |shape: Vec<usize>, dtype| {
         empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
     };
+    let y = empty(vec![batch, inner], dtype);
+    let u = empty(vec![batch, inner], dtype);
+    let conv_out = empty(vec![batch, k - 1, inner], dtype);
+    let h_out = empty(vec![batch, inner, n_state], DType::F32);
     if batch == 0 || inner == 0 {
-        return (
-            empty(vec![batch, inner], dtype),
-            empty(vec![batch, k - 1, inner], dtype),
-            empty(vec![batch, inner, n_state], DType::F32),
-        );
+        return (y, conv_out, h_out);
     }
     let blocks = inner.div_ceil(FRONT_UNITS);
-    // The outputs and the scratch buffers (`u`, `partial`).
-    let [y, u, conv_out, h_out, partial]: [CubeTensor<R>; 5] = crate::empty_many(
-        &client,
-        &device,
-        &[
-            (&[batch, inner], dtype),
-            (&[batch, inner], dtype),
-            (&[batch, k - 1, inner], dtype),
-            (&[batch, inner, n_state], DType::F32),
-            (&[batch, blocks, outputs], DType::F32),
-        ],
-    )
-    .try_into()
-    .expect("five tensors");
+    let partial = empty(vec![batch, blocks, outputs], DType::F32);
     let has_conv_bias = t.conv_bias.is_some();
     let conv_bias = t.conv_bias.unwrap_or_else(|| t.d.clone());
     // SAFETY: units whose channel is past `inner` touch only their shared-memory slot; the
