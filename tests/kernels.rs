@@ -375,21 +375,27 @@ fn rms_norm_grid<R: CubeRuntime>(device: &R::Device) {
 /// The few-row product against an f64 loop: row counts up to the kernel's limit, sizes from one
 /// element to more than a cube's columns and several slices of `k` (and a `k` that is not a
 /// whole number of slices), with and without bias, the weight a column window of a wider matrix
-/// (strided) and `x` a window of wider rows. Inputs are rounded to `dtype` first, so the only
+/// (strided) or a whole one whose rows split into 16-byte vectors (the vector form, for up to
+/// four rows), and `x` a window of wider rows. Inputs are rounded to `dtype` first, so the only
 /// error left is the f32 accumulation and the output's rounding to `dtype`.
 fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
     let mut cases = 0;
+    let mut forms = [0usize; 2];
     for &rows in &[1usize, 3, 4, 8, gemv::MAX_ROWS] {
-        for &(k, n) in &[
-            (1usize, 1usize),
-            (5, 17),
-            (64, 300),
-            (1027, 4100),
-            (3000, 40),
+        for &(k, n, window) in &[
+            (1usize, 1usize, true),
+            (5, 17, true),
+            (64, 300, true),
+            (1027, 4100, true),
+            (3000, 40, true),
+            (3, 8, false),
+            (64, 256, false),
+            (1027, 4096, false),
+            (3000, 72, false),
         ] {
             for with_bias in [false, true] {
-                let (extra_k, extra_n) = (2usize, 3usize);
+                let (extra_k, extra_n) = (2usize, if window { 3usize } else { 0 });
                 let round = |v: Vec<f32>, shape: [usize; 2]| {
                     let t =
                         Tensor::<K<R>, 2>::from_data(TensorData::new(v, shape), device).cast(dtype);
@@ -416,6 +422,24 @@ fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
                         expected.push(acc as f32);
                     }
                 }
+                let bias = with_bias.then(|| prim(b_full.clone().reshape([n])));
+                // A whole weight of few rows takes the vector form; a window may too, where
+                // Burn copied it to a fresh (aligned) buffer.
+                let vector = gemv::takes_vector_form(
+                    &prim(x.clone()),
+                    None,
+                    &prim(w.clone()),
+                    bias.as_ref(),
+                );
+                assert!(
+                    if rows > gemv::NORMED_MAX_ROWS {
+                        !vector
+                    } else {
+                        vector || window
+                    },
+                    "rows {rows} k {k} n {n}: vector form {vector}"
+                );
+                forms[usize::from(vector)] += 1;
                 for (form, run) in [
                     ("single", gemv::gemv_single::<R> as fn(_, _, _) -> _),
                     ("split", gemv::gemv_split::<R>),
@@ -436,28 +460,39 @@ fn gemv_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
             }
         }
     }
-    assert_eq!(cases, 100);
+    assert_eq!(cases, 180);
+    assert!(
+        forms.iter().all(|&n| n > 0),
+        "cases per form (scalar, vector): {forms:?}"
+    );
 }
 
 /// The GEMV of an RMSNorm's output with the norm folded in (`gemv_normed`) against an f64 loop
 /// of the definition (f32) or the separate norm then GEMV on the same device (half types, whose
 /// roundings the separate kernels define): rows up to the kernel's limit, `k` from one element
 /// to more than a cube's units and not a power of two, with and without a residual update
-/// (strided: a window of wider rows) and a bias, the weight a column window.
+/// (strided: a window of wider rows) and a bias, the weight a column window or a whole one
+/// whose rows split into 16-byte vectors (the vector form; `k` 2,000 at four rows is past its
+/// stage and takes the scalar form).
 fn gemv_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
     let eps = 1e-6;
     let mut cases = 0;
+    let mut forms = [0usize; 2];
     for rows in 1..=gemv::NORMED_MAX_ROWS {
-        for &(k, n) in &[
-            (1usize, 1usize),
-            (5, 17),
-            (1000, 300),
-            (1027, 4100),
-            (64, 65),
+        for &(k, n, window) in &[
+            (1usize, 1usize, true),
+            (5, 17, true),
+            (1000, 300, true),
+            (1027, 4100, true),
+            (64, 65, true),
+            (1, 8, false),
+            (1024, 4096, false),
+            (2000, 264, false),
         ] {
             for (with_update, with_bias) in [(false, false), (true, false), (true, true)] {
                 let extra = 3usize;
+                let skip = usize::from(window);
                 let round = |v: Vec<f32>, shape: [usize; 2]| {
                     let t =
                         Tensor::<K<R>, 2>::from_data(TensorData::new(v, shape), device).cast(dtype);
@@ -469,21 +504,37 @@ fn gemv_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance:
                     round(rng.normal(rows * (k + extra), 0.0, 1.0), [rows, k + extra]);
                 let u = u_full.slice([0..rows, extra..k + extra]);
                 let (nw, nw_host) = round(rng.normal(k, 1.0, 0.3), [1, k]);
-                let (w_full, w_host) = round(rng.normal(k * (n + 1), 0.0, 1.0), [k, n + 1]);
-                let w = w_full.slice([0..k, 1..n + 1]);
+                let (w_full, w_host) = round(rng.normal(k * (n + skip), 0.0, 1.0), [k, n + skip]);
+                let w = w_full.slice([0..k, skip..n + skip]);
                 let (b, b_host) = round(rng.normal(n, 0.0, 1.0), [1, n]);
                 let name = format!(
                     "{dtype:?} gemv_normed rows {rows} k {k} n {n} update {with_update} bias {with_bias}"
                 );
+                let pre = gemv::PreNorm {
+                    update: with_update.then(|| prim(u.clone())),
+                    weight: prim(nw.clone().reshape([k])),
+                    eps,
+                };
+                let bias = with_bias.then(|| prim(b.clone().reshape([n])));
+                // A whole weight takes the vector form where the rows fit its stage; a window
+                // may too, where Burn copied it to a fresh (aligned) buffer.
+                let vector = gemv::takes_vector_form(
+                    &prim(x.clone()),
+                    Some(&pre),
+                    &prim(w.clone()),
+                    bias.as_ref(),
+                );
+                let fits = rows * k.next_multiple_of(1024) <= 6144;
+                assert!(
+                    if fits { vector || window } else { !vector },
+                    "{name}: vector form {vector}"
+                );
+                forms[usize::from(vector)] += 1;
                 let y = wrap::<R, 2>(gemv::gemv_normed(
                     prim(x.clone()),
-                    gemv::PreNorm {
-                        update: with_update.then(|| prim(u.clone())),
-                        weight: prim(nw.clone().reshape([k])),
-                        eps,
-                    },
+                    pre,
                     prim(w.clone()),
-                    with_bias.then(|| prim(b.clone().reshape([n]))),
+                    bias,
                 ));
                 assert_eq!(y.dims(), [rows, n]);
                 let ours = to_vec(y.cast(DType::F32));
@@ -501,8 +552,8 @@ fn gemv_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance:
                         for o in 0..n {
                             let mut acc = if with_bias { b_host[o] as f64 } else { 0.0 };
                             for i in 0..k {
-                                acc +=
-                                    normed[r * k + i] as f64 * w_host[i * (n + 1) + 1 + o] as f64;
+                                acc += normed[r * k + i] as f64
+                                    * w_host[i * (n + skip) + skip + o] as f64;
                             }
                             expected.push(acc as f32);
                         }
@@ -535,7 +586,11 @@ fn gemv_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance:
             }
         }
     }
-    assert_eq!(cases, gemv::NORMED_MAX_ROWS * 15);
+    assert_eq!(cases, gemv::NORMED_MAX_ROWS * 24);
+    assert!(
+        forms.iter().all(|&n| n > 0),
+        "cases per form (scalar, vector): {forms:?}"
+    );
 }
 
 /// A MoE layer's fused input side (`routed_experts_normed`: the residual sums, the norm, the
@@ -801,6 +856,7 @@ fn decode_attention_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toler
 fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
     let mut failures = Vec::new();
+    let mut vector_cases = 0;
     let cases = [
         [1usize, 4, 1, 8, 16],
         [1, 16, 2, 40, 72],
@@ -841,6 +897,17 @@ fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toleran
             f32::NAN,
             (device, dtype),
         ));
+        let vector = moe::takes_vector_form(
+            &prim(x.clone()),
+            [
+                &prim(gate.clone().reshape([experts, hidden, inner])),
+                &prim(up.clone().reshape([experts, hidden, inner])),
+                &prim(down.clone().reshape([experts, inner, hidden])),
+            ],
+            &prim(Tensor::<K<R>, 2>::empty([tokens, hidden], (device, dtype))),
+            false,
+        );
+        vector_cases += usize::from(vector);
         let stages = moe::routed_experts_stages(
             prim(x),
             prim(logits.reshape([tokens, experts])),
@@ -856,9 +923,14 @@ fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toleran
         let y = to_vec(y.cast(DType::F32));
         let err = rel_err(&y, &expected);
         let report = format!(
-            "{dtype:?} routed experts: {tokens} tokens, top {top_k} of {experts}, \
+            "{dtype:?} routed experts ({}): {tokens} tokens, top {top_k} of {experts}, \
              {hidden} x {inner}: rel. error {err:.3e} (tolerance {tolerance:.0e}), {} \
              non-finite; stages: {}",
+            if vector {
+                "vector form"
+            } else {
+                "partial sums"
+            },
             y.iter().filter(|v| !v.is_finite()).count(),
             routed_stage_errors(&p, stages)
         );
@@ -868,6 +940,12 @@ fn routed_experts_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toleran
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Both forms ran: the vector form where the widths split into 16-byte vectors.
+    assert!(
+        (1..cases.len()).contains(&vector_cases),
+        "{vector_cases} of {} cases in the vector form",
+        cases.len()
+    );
 }
 
 /// Each stage of the routed experts against the host, given the previous stage's device
@@ -1186,13 +1264,15 @@ fn mamba_step_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: 
 
 /// The fused dense MLP ([`JambaBackend::swiglu`], four kernels) against the same MLP's separate
 /// operations on the same device, on random weights and inputs: widths that are not multiples
-/// of the kernels' 32 columns, one row to the most the kernels take.
+/// of the kernels' 32 columns, one row to the most the kernels take; the vector form where the
+/// widths split into 16-byte vectors and the rows are at most four, the partial sums otherwise.
 fn swiglu_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     use burn::tensor::Distribution;
     use burn::tensor::backend::Backend as _;
     use jamba::mlp::MlpConfig;
     let seed = common::fresh_seed();
     K::<R>::seed(device, seed);
+    let mut forms = [0usize; 2];
     for &(hidden, inner) in &[(24usize, 72usize), (100, 300), (512, 1408), (7, 5)] {
         let mlp = cast_module(MlpConfig::new(hidden, inner).init::<K<R>>(device), dtype);
         for rows in [1usize, 3, jamba::kernels::moe::MAX_SLOTS] {
@@ -1203,6 +1283,17 @@ fn swiglu_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64)
                 device,
             )
             .cast(dtype);
+            let vector = jamba::kernels::moe::takes_vector_form(
+                &prim(x.clone().reshape([rows, hidden])),
+                [
+                    &prim(mlp.gate_proj.weight.val()),
+                    &prim(mlp.up_proj.weight.val()),
+                    &prim(mlp.down_proj.weight.val()),
+                ],
+                &prim(Tensor::<K<R>, 2>::empty([rows, hidden], (device, dtype))),
+                true,
+            );
+            forms[usize::from(vector)] += 1;
             assert!(
                 K::<R>::swiglu(
                     x.clone().reshape([rows, hidden]),
@@ -1219,6 +1310,10 @@ fn swiglu_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64)
             assert_close(&name, &to_vec(y), &to_vec(y_want), tolerance);
         }
     }
+    assert!(
+        forms.iter().all(|&n| n > 0),
+        "cases per form (partial sums, vector): {forms:?}"
+    );
 }
 
 /// `module` with every float parameter cast to `dtype`.

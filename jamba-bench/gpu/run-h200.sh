@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -248,6 +248,87 @@ if [ "$WHAT" = decode-kernels ]; then
   echo "== kernel tests, parity tests"
   timeout ${TEST_SECS:-300} ./kernels --test-threads 1 2>&1 | grep -E "^test |panicked|test result" | head -40
   ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+fi
+if [ "$WHAT" = vec ]; then
+  # Session 17: the vector GEMV (16-byte weight loads, Array arguments) against the scalar one
+  # (JAMBA_GEMV_VEC=off) in one binary, its unroll depth, the launch-cost probe, ncu of a step.
+  echo "== kernel tests on CUDA matching: ${TESTS:-gemv}"
+  timeout ${TEST_SECS:-240} ./kernels --test-threads 1 ${TESTS:-gemv} 2>&1 | grep -E "^test |panicked|test result|rel. error|left|right" | head -40
+  if [ "${PROBE:-1}" = 1 ]; then
+    echo "== what a launch costs the host (µs): tensors vs arrays, output reused vs fresh"
+    ./jamba-bench launch --backend cuda --launches 20000 --rounds 2 2>&1
+  fi
+  bench() { ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 0 --decode-batch ${BATCHES:-1,16} --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 2>&1 >/dev/null \
+    | grep -E "^decode" | sed "s/^/$1  /"; }
+  echo "== bf16 decode after 512: vector GEMV off/on (unroll 4), alternated, two rounds"
+  for round in 1 2; do
+    JAMBA_GEMV_VEC=off bench "r$round vec=off"
+    bench "r$round vec=on "
+  done
+  echo "== b1 with unroll ${UNROLLS:-2 8}"
+  for un in ${UNROLLS:-2 8}; do BATCHES=1 JAMBA_GEMV_UNROLL=$un bench "unroll=$un"; done
+  echo "== ncu: device time per kernel of a b1 step (12 minus 4 steps), vector GEMV on"
+  A="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512 --decode-batch 1"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-vec-1.csv" ./jamba-bench $A --decode-steps 4 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-vec-2.csv" ./jamba-bench $A --decode-steps 12 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-vec-2.csv" --minus "$OUT/ncu-vec-1.csv" --top 16
+  python3 ncu_rows.py "$OUT/ncu-vec-2.csv" --top 14
+  (cd "$OUT" && xz -6 ncu-vec-*.csv)
+  echo "== parity on CUDA"
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+fi
+if [ "$WHAT" = strided ]; then
+  # Session 17's last build: the vector GEMV and expert MLPs, the decode kernels' buffers as
+  # `Strided` (Array + scalar strides) arguments. Needs `jamba-bench-prev` (the previous build).
+  echo "== kernel tests on CUDA matching: ${TESTS:-mamba attention argmax normed}"
+  timeout ${TEST_SECS:-200} ./kernels --test-threads 1 ${TESTS:-mamba attention argmax normed} 2>&1 | grep -E "^test |panicked|test result" | head -30
+  echo "== parity on CUDA"
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+  echo "== what a launch costs the host (µs)"
+  ./jamba-bench launch --backend cuda --launches 20000 --rounds 1 2>&1
+  echo "== bf16 decode after 512: previous build, then this one, alternated, two rounds"
+  for round in 1 2; do
+    for bin in ./jamba-bench-prev ./jamba-bench; do
+      [ -x "$bin" ] || continue
+      $bin throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+        --prefill 0 --decode-batch 1,16 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 2>&1 >/dev/null \
+        | grep -E "^decode" | sed "s/^/r$round $(basename $bin)  /"
+    done
+  done
+  echo "== b1 with at most ${UNITS_:-256 512} units per vector-form cube"
+  for un in ${UNITS_:-256 512}; do
+    JAMBA_VEC_UNITS=$un ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+      --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 2>&1 >/dev/null \
+      | grep -E "^decode" | sed "s/^/units=$un  /"
+  done
+  echo "== profile b1: a step issued vs finished"
+  ./jamba-bench profile --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --batch 1 --context 512 --steps 50 2>&1 | grep -E "whole step|final norm|argmax|layer 0|layer 1 "
+  echo "== ncu: device time per kernel of a b1 step (12 minus 4 steps)"
+  A="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512 --decode-batch 1"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-str-1.csv" ./jamba-bench $A --decode-steps 4 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-str-2.csv" ./jamba-bench $A --decode-steps 12 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-str-2.csv" --minus "$OUT/ncu-str-1.csv" --top 16
+  python3 ncu_rows.py "$OUT/ncu-str-2.csv" --top 16
+  (cd "$OUT" && xz -6 ncu-str-*.csv)
+fi
+if [ "$WHAT" = exclusive ]; then
+  # Session 17: a step issued from CubeCL's device thread (JAMBA_EXCLUSIVE=on) against the
+  # caller's thread, now that the decode kernels take Array arguments; 512-unit vector cubes.
+  echo "== bf16 decode b1 after 512, JAMBA_EXCLUSIVE off/on alternated, two rounds; then b16 on"
+  for round in 1 2; do
+    for ex in off on; do
+      JAMBA_VEC_UNITS=512 JAMBA_EXCLUSIVE=$ex ./jamba-bench throughput --config configs/bench-jamba-1b.config.json \
+        --backend cuda --dtype bf16 --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 64 --reps 3 \
+        --warmup 1 2>&1 >/dev/null | grep -E "^decode" | sed "s/^/r$round exclusive=$ex  /"
+    done
+  done
+  JAMBA_VEC_UNITS=512 JAMBA_EXCLUSIVE=on ./jamba-bench throughput --config configs/bench-jamba-1b.config.json \
+    --backend cuda --dtype bf16 --prefill 0 --decode-batch 16 --decode-context 512 --decode-steps 64 --reps 3 \
+    --warmup 1 2>&1 >/dev/null | grep -E "^decode" | sed "s/^/exclusive=on  /"
 fi
 if [ "$WHAT" = scan-stalls ]; then
   echo "== why the chunked scan waits: ncu stall reasons per issued instruction, (1, 8192, 4096) bf16"

@@ -21,6 +21,8 @@ use serde::Serialize;
 
 mod kernels;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod launch;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod matmul;
 mod paper;
 #[cfg(feature = "plot")]
@@ -53,6 +55,10 @@ enum Command {
     /// autotuned choice, in TFLOP/s.
     #[cfg(any(feature = "cuda", feature = "wgpu"))]
     Matmul(matmul::MatmulArgs),
+    /// What the host pays per kernel launch, by how the kernel takes its buffers (tensors or
+    /// arrays, output reused or fresh), from the caller's thread and from CubeCL's device thread.
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
+    Launch(launch::LaunchArgs),
     /// Draws the rows of `paper` as PNG and SVG figures.
     #[cfg(feature = "plot")]
     Plot(plot::PlotArgs),
@@ -157,6 +163,21 @@ fn main() {
             ),
             other => Err(jamba::JambaError::Input(format!(
                 "matmul runs on a CubeCL backend (cuda or wgpu), not {other:?}"
+            ))),
+        },
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        Command::Launch(args) => match args.backend {
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => launch::run::<jamba::burn_cubecl::cubecl::cuda::CudaRuntime>(
+                &args,
+                &Default::default(),
+            ),
+            #[cfg(feature = "wgpu")]
+            BackendKind::Wgpu => {
+                launch::run::<burn::backend::wgpu::WgpuRuntime>(&args, &Default::default())
+            }
+            other => Err(jamba::JambaError::Input(format!(
+                "launch runs on a CubeCL backend (cuda or wgpu), not {other:?}"
             ))),
         },
         #[cfg(feature = "plot")]

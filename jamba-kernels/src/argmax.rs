@@ -8,7 +8,6 @@
 
 use burn_cubecl::{CubeRuntime, tensor::CubeTensor};
 use burn_std::DType;
-use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
 /// Units per cube (wgpu's limit).
@@ -54,9 +53,9 @@ fn cube_best(value: f32, index: u32, #[comptime] units: usize) -> (f32, u32) {
 
 #[cube(launch_unchecked)]
 fn argmax_blocks_kernel<F: Float>(
-    x: &CubeArg<F>,
-    best_values: &mut CubeArg<f32>,
-    best_indices: &mut CubeArg<u32>,
+    x: &crate::Strided<F>,
+    best_values: &mut crate::Strided<f32>,
+    best_indices: &mut crate::Strided<u32>,
     width: u32,
     #[define(F)] _dtype: StorageType,
 ) {
@@ -76,7 +75,7 @@ fn argmax_blocks_kernel<F: Float>(
         if j >= width {
             j = 0;
         }
-        loaded[q] = f32::cast_from(x[row * x.stride(0) + j * x.stride(1)]);
+        loaded[q] = f32::cast_from(x.buf[row * x.stride(0usize) + j * x.stride(1usize)]);
         at[q] = j as u32;
     }
     let mut best = loaded[0];
@@ -91,16 +90,16 @@ fn argmax_blocks_kernel<F: Float>(
     let (value, index) = cube_best(best, best_at, UNITS);
     if u == 0 {
         let blocks = CUBE_COUNT_X as usize;
-        best_values[row * blocks + block] = value;
-        best_indices[row * blocks + block] = index;
+        best_values.buf[row * blocks + block] = value;
+        best_indices.buf[row * blocks + block] = index;
     }
 }
 
 #[cube(launch_unchecked)]
 fn argmax_rows_kernel<I: Int>(
-    best_values: &CubeArg<f32>,
-    best_indices: &CubeArg<u32>,
-    out: &mut CubeArg<I>,
+    best_values: &crate::Strided<f32>,
+    best_indices: &crate::Strided<u32>,
+    out: &mut crate::Strided<I>,
     blocks: u32,
     #[define(I)] _dtype: StorageType,
 ) {
@@ -109,12 +108,12 @@ fn argmax_rows_kernel<I: Int>(
     let blocks = blocks as usize;
     let row = CUBE_POS_X as usize;
     let u = UNIT_POS_X as usize;
-    let mut best = best_values[row * blocks];
-    let mut at = best_indices[row * blocks];
+    let mut best = best_values.buf[row * blocks];
+    let mut at = best_indices.buf[row * blocks];
     let mut b = u;
     while b < blocks {
-        let v = best_values[row * blocks + b];
-        let i = best_indices[row * blocks + b];
+        let v = best_values.buf[row * blocks + b];
+        let i = best_indices.buf[row * blocks + b];
         if beats(v, i, best, at) {
             best = v;
             at = i;
@@ -123,7 +122,7 @@ fn argmax_rows_kernel<I: Int>(
     }
     let (_, index) = cube_best(best, at, UNITS);
     if u == 0 {
-        out[row * out.stride(0)] = I::cast_from(index);
+        out.buf[row * out.stride(0usize)] = I::cast_from(index);
     }
 }
 
@@ -171,9 +170,9 @@ pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTe
             &client,
             CubeCount::Static(blocks as u32, rows as u32, 1),
             CubeDim::new_1d(UNITS as u32),
-            x.into_tensor_arg(),
-            values.clone().into_tensor_arg(),
-            indices.clone().into_tensor_arg(),
+            crate::strided(x),
+            crate::strided(values.clone()),
+            crate::strided(indices.clone()),
             width as u32,
             dtype.into(),
         );
@@ -185,9 +184,9 @@ pub fn argmax_rows<R: CubeRuntime>(x: CubeTensor<R>, int_dtype: DType) -> CubeTe
             &client,
             CubeCount::Static(rows as u32, 1, 1),
             CubeDim::new_1d(UNITS as u32),
-            values.into_tensor_arg(),
-            indices.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            crate::strided(values),
+            crate::strided(indices),
+            crate::strided(out.clone()),
             blocks as u32,
             int_dtype.into(),
         );

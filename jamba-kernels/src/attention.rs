@@ -10,7 +10,6 @@
 //! head's keys, so the caller keeps it to short contexts ([`MAX_KEYS`]).
 
 use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
-use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
 /// Units per cube: keys per chunk, and the largest head dimension taken (`reduce_shared`'s
@@ -51,11 +50,11 @@ fn reduce_shared(shared: &mut SharedMemory<f32>, #[comptime] max: bool) {
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn decode_attention_kernel<F: Float>(
-    q: &CubeArg<F>,
-    k: &CubeArg<F>,
-    v: &CubeArg<F>,
-    pad: &CubeArg<f32>,
-    out: &mut CubeArg<F>,
+    q: &crate::Strided<F>,
+    k: &crate::Strided<F>,
+    v: &crate::Strided<F>,
+    pad: &crate::Strided<f32>,
+    out: &mut crate::Strided<F>,
     keys: u32,
     dim: u32,
     group: u32,
@@ -68,9 +67,9 @@ fn decode_attention_kernel<F: Float>(
     let row = CUBE_POS_Y as usize;
     let kv = head / group;
     let unit = UNIT_POS as usize;
-    let q_base = row * q.stride(0) + head * q.stride(1);
-    let k_base = row * k.stride(0) + kv * k.stride(1);
-    let v_base = row * v.stride(0) + kv * v.stride(1);
+    let q_base = row * q.stride(0usize) + head * q.stride(1usize);
+    let k_base = row * k.stride(0usize) + kv * k.stride(1usize);
+    let v_base = row * v.stride(0usize) + kv * v.stride(1usize);
 
     let mut scores = SharedMemory::<f32>::new(UNITS);
     let mut reduce = SharedMemory::<f32>::new(UNITS);
@@ -87,13 +86,13 @@ fn decode_attention_kernel<F: Float>(
         let mut s = f32::new(f32::MIN);
         if valid {
             let mut dot = 0.0f32;
-            let kr = k_base + j * k.stride(2);
+            let kr = k_base + j * k.stride(2usize);
             for d in 0..dim {
-                dot += f32::cast_from(q[q_base + d * q.stride(2)])
-                    * f32::cast_from(k[kr + d * k.stride(3)]);
+                dot += f32::cast_from(q.buf[q_base + d * q.stride(2usize)])
+                    * f32::cast_from(k.buf[kr + d * k.stride(3usize)]);
             }
             if comptime!(masked) {
-                valid = pad[row * pad.stride(0) + j * pad.stride(1)] == 0.0;
+                valid = pad.buf[row * pad.stride(0usize) + j * pad.stride(1usize)] == 0.0;
             }
             if valid {
                 s = dot * scale;
@@ -120,7 +119,9 @@ fn decode_attention_kernel<F: Float>(
             let mut sum = 0.0f32;
             for i in 0..chunk {
                 sum += scores[i]
-                    * f32::cast_from(v[v_base + (start + i) * v.stride(2) + unit * v.stride(3)]);
+                    * f32::cast_from(
+                        v.buf[v_base + (start + i) * v.stride(2usize) + unit * v.stride(3usize)],
+                    );
             }
             acc = acc * correction + sum;
         }
@@ -130,7 +131,8 @@ fn decode_attention_kernel<F: Float>(
     }
     if unit < dim {
         let o = acc / f32::max(l, f32::new(f32::MIN_POSITIVE));
-        out[row * out.stride(0) + (head * dim + unit) * out.stride(1)] = F::cast_from(o);
+        out.buf[row * out.stride(0usize) + (head * dim + unit) * out.stride(1usize)] =
+            F::cast_from(o);
     }
 }
 
@@ -184,11 +186,11 @@ pub fn decode_attention<R: CubeRuntime>(
             &client,
             CubeCount::Static(heads as u32, batch as u32, 1),
             CubeDim::new_1d(UNITS as u32),
-            q.into_tensor_arg(),
-            k.into_tensor_arg(),
-            v.into_tensor_arg(),
-            pad.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
+            crate::strided(q),
+            crate::strided(k),
+            crate::strided(v),
+            crate::strided(pad),
+            crate::strided(out.clone()),
             keys as u32,
             dim as u32,
             (heads / kv_heads) as u32,

@@ -152,6 +152,24 @@ fn row_sum(
     sum
 }
 
+/// Halves `rows` sums of the cube's partials (`part[r · units + u]` for each unit `u`, the
+/// cube's `units` a power of two) down to entry `r · units`, ending with a barrier.
+#[cube]
+fn halve_row_sums(part: &mut SharedMemory<f32>, #[comptime] rows: usize, #[comptime] units: usize) {
+    let u = UNIT_POS as usize;
+    let mut half = CUBE_DIM as usize / 2;
+    while half > 0 {
+        if u < half {
+            #[unroll]
+            for r in 0..rows {
+                part[r * units + u] = part[r * units + u] + part[r * units + u + half];
+            }
+        }
+        sync_cube();
+        half /= 2;
+    }
+}
+
 /// Element `kk` of row `r` of the normalised input given `x`'s element `xv`: the residual sum
 /// rounded to the dtype (with `add`), times `inv`, rounded, times the norm's weight, rounded,
 /// as [`crate::norm::add_rms_norm`] stores it.
@@ -210,17 +228,7 @@ fn row_inv_rms<F: Float>(
         part[r * units + u] = acc;
     }
     sync_cube();
-    let mut half = CUBE_DIM as usize / 2;
-    while half > 0 {
-        if u < half {
-            #[unroll]
-            for r in 0..rows {
-                part[r * units + u] = part[r * units + u] + part[r * units + u + half];
-            }
-        }
-        sync_cube();
-        half /= 2;
-    }
+    halve_row_sums(&mut part, rows, units);
     // Each row's statistic in place of its sum (unit r reads and writes only entry r · units).
     // (A separate `rows`-long shared buffer read back wrong values for 4 rows on wgpu.)
     if u < rows {
@@ -493,6 +501,9 @@ fn launch_single<R: CubeRuntime>(
     if rows == 0 || n == 0 {
         return y;
     }
+    if try_launch_vec(&x, norm.as_ref(), &w, bias.as_ref(), &y) {
+        return y;
+    }
     let max_units = client.properties().hardware.max_units_per_cube as usize;
     // As many slices as the device allows in a cube, up to 32 and to 32 KiB of shared memory
     // (normalised: a power of two, for the statistics' halving sum).
@@ -729,4 +740,423 @@ mod tests {
             );
         }
     }
+}
+
+/// Bytes of weight each unit of the vector form loads at once.
+const VEC_BYTES: usize = 16;
+/// Floats of shared memory the vector form's cross-slice sum may use (`units · width`): with
+/// [`VEC_STAGE_FLOATS`] (normalised forms), 32 KiB in all, which wgpu's devices give a cube
+/// too; without a stage, [`VEC_SUM_FLOATS_ALONE`].
+const VEC_SUM_FLOATS: usize = 2048;
+/// The same for the forms that stage nothing (32 KiB).
+pub(crate) const VEC_SUM_FLOATS_ALONE: usize = 8192;
+/// Units per cube of the vector forms at most. On the H200 a b1 bf16 step of bench-jamba-1b
+/// ran at 777.7 tokens/s with 512, 761.2 with 256 and 695.4 / 728.2 with 1,024 (the expert
+/// gate/up kernel's 1,024-unit cubes took 37 µs for two experts; `jamba-bench/RESULTS.md`,
+/// session 17).
+const VEC_MAX_UNITS: usize = 512;
+/// Floats of shared memory the vector form may stage its normalised input rows in.
+const VEC_STAGE_FLOATS: usize = 6144;
+
+/// The vector form of [`gemv_single`] and [`gemv_normed`], for `rows <= NORMED_MAX_ROWS`: each
+/// unit loads `width` consecutive columns of a weight row at once (16 bytes), `unroll` rows of
+/// the weight before it uses any, so that enough loads are in flight to stream the weight.
+/// Unit `(lane, s)` of cube `c` owns column vector `c · lanes + lane` and the `k` indices
+/// `s, s + slices, …`; a warp's loads of one step cover `lanes · 16` contiguous bytes of
+/// several weight rows. The slices' sums meet in shared memory (`[width, units]`, one row of
+/// the output at a time).
+///
+/// With `normed`, the cube first stages the RMSNorm of `x` (of `x + update` with `add`) as f32
+/// in shared memory, `stage` floats per row (rounded as [`crate::norm::add_rms_norm`] stores
+/// it), and the inner loop reads it there: the norm costs one pass over the input per cube
+/// instead of three loads per weight row. Without it the input is read from `x`.
+///
+/// The buffers are `Array`s and their strides scalars: a `Tensor` argument's shape and strides
+/// are launch metadata that CUDA uploads at every launch through the memory pool.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn gemv_vec_kernel<F: Float, N: Size>(
+    x: &Array<F>,
+    update: &Array<F>,
+    norm: &Array<F>,
+    w: &Array<Vector<F, N>>,
+    bias: &Array<Vector<F, N>>,
+    y: &mut Array<Vector<F, N>>,
+    x0: u32,
+    x1: u32,
+    u0: u32,
+    u1: u32,
+    norm_stride: u32,
+    w_stride: u32,
+    k: u32,
+    n_vec: u32,
+    eps: f32,
+    #[comptime] rows: usize,
+    #[comptime] width: usize,
+    #[comptime] lanes: usize,
+    #[comptime] slices: usize,
+    #[comptime] unroll: usize,
+    #[comptime] stage: usize,
+    #[comptime] normed: bool,
+    #[comptime] add: bool,
+    #[comptime] has_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (k, n_vec, w_stride) = (k as usize, n_vec as usize, w_stride as usize);
+    let (x0, x1) = (x0 as usize, x1 as usize);
+    let units = comptime!(lanes * slices);
+    let lane = UNIT_POS_X as usize;
+    let s = UNIT_POS_Y as usize;
+    let u = UNIT_POS as usize;
+    let cube = (CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let cv = cube * lanes + lane;
+    let active = cv < n_vec;
+    let mut red = SharedMemory::<f32>::new(comptime!(units * width));
+    let mut xs = SharedMemory::<f32>::new(comptime!(rows * stage));
+
+    if comptime!(normed) {
+        let (u0, u1) = (u0 as usize, u1 as usize);
+        // The residual sums (rounded) into the stage, their squares into the sum buffer.
+        #[unroll]
+        for r in 0..rows {
+            let mut sq = 0.0f32;
+            let mut j = u;
+            while j < k {
+                let mut v = f32::cast_from(x[r * x0 + j * x1]);
+                if comptime!(add) {
+                    v = f32::cast_from(F::cast_from(v + f32::cast_from(update[r * u0 + j * u1])));
+                }
+                xs[r * stage + j] = v;
+                sq += v * v;
+                j += units;
+            }
+            red[r * units + u] = sq;
+        }
+        sync_cube();
+        halve_row_sums(&mut red, rows, units);
+        let mut inv = Array::<f32>::new(rows);
+        #[unroll]
+        for r in 0..rows {
+            inv[r] = 1.0f32 / f32::sqrt(red[r * units] / f32::cast_from(k) + eps);
+        }
+        // Each unit normalises the entries it staged; the barrier also ends the reads of `red`.
+        #[unroll]
+        for r in 0..rows {
+            let mut j = u;
+            while j < k {
+                let normed = F::cast_from(xs[r * stage + j] * inv[r]);
+                xs[r * stage + j] = f32::cast_from(F::cast_from(
+                    f32::cast_from(normed) * f32::cast_from(norm[j * norm_stride as usize]),
+                ));
+                j += units;
+            }
+        }
+        sync_cube();
+    }
+
+    let mut acc = Array::<f32>::new(comptime!(rows * width));
+    #[unroll]
+    for i in 0..rows * width {
+        acc[i] = 0.0;
+    }
+    if active {
+        let mut wv = Array::<Vector<F, N>>::new(unroll);
+        let mut kk = s;
+        while kk < k {
+            load_weight_rows(w, 0, w_stride, cv, kk, k, &mut wv, slices, unroll);
+            #[unroll]
+            for q in 0..unroll {
+                let kq = kk + q * slices;
+                if kq < k {
+                    let wq = wv[q];
+                    #[unroll]
+                    for r in 0..rows {
+                        let xv = if comptime!(normed) {
+                            xs[r * stage + kq]
+                        } else {
+                            f32::cast_from(x[r * x0 + kq * x1])
+                        };
+                        #[unroll]
+                        for l in 0..width {
+                            acc[r * width + l] += xv * f32::cast_from(wq[l]);
+                        }
+                    }
+                }
+            }
+            kk += unroll * slices;
+        }
+    }
+
+    // One output row at a time; slice 0 writes the row's vector.
+    let mut total = Array::<f32>::new(width);
+    #[unroll]
+    for r in 0..rows {
+        slice_totals(&mut red, &acc, r * width, &mut total, width, lanes, units);
+        if s == 0 && active {
+            let mut out = Vector::<F, N>::empty();
+            if comptime!(has_bias) {
+                let b = bias[cv];
+                #[unroll]
+                for l in 0..width {
+                    out[l] = F::cast_from(total[l] + f32::cast_from(b[l]));
+                }
+            } else {
+                #[unroll]
+                for l in 0..width {
+                    out[l] = F::cast_from(total[l]);
+                }
+            }
+            y[r * n_vec + cv] = out;
+        }
+    }
+}
+
+/// The vector forms' weight loads of one step: the vectors at column vector `cv` of weight
+/// rows `kk, kk + slices, …` (`unroll` of them, those below `k`) into `wv`, all issued before
+/// any is used; the rows start every `row_stride` vectors from `base`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_weight_rows<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    base: usize,
+    row_stride: usize,
+    cv: usize,
+    kk: usize,
+    k: usize,
+    wv: &mut Array<Vector<F, N>>,
+    #[comptime] slices: usize,
+    #[comptime] unroll: usize,
+) {
+    #[unroll]
+    for q in 0..unroll {
+        let kq = kk + q * slices;
+        if kq < k {
+            wv[q] = w[base + kq * row_stride + cv];
+        }
+    }
+}
+
+/// The vector forms' sum over a cube's slices: each unit's `width` partial sums
+/// `acc[base..base + width]` halved in shared memory `red` (`[width, units]`: consecutive
+/// units in consecutive banks), the totals of its lane given to slice 0's units in `total`
+/// (the other units get partial values). Ends with a barrier: `red` is free again.
+#[cube]
+pub(crate) fn slice_totals(
+    red: &mut SharedMemory<f32>,
+    acc: &Array<f32>,
+    #[comptime] base: usize,
+    total: &mut Array<f32>,
+    #[comptime] width: usize,
+    #[comptime] lanes: usize,
+    #[comptime] units: usize,
+) {
+    let u = UNIT_POS as usize;
+    let s = UNIT_POS_Y as usize;
+    #[unroll]
+    for l in 0..width {
+        red[l * units + u] = acc[base + l];
+    }
+    sync_cube();
+    let mut half = CUBE_DIM_Y as usize / 2;
+    while half > 0 {
+        if s < half {
+            #[unroll]
+            for l in 0..width {
+                red[l * units + u] = red[l * units + u] + red[l * units + u + half * lanes];
+            }
+        }
+        sync_cube();
+        half /= 2;
+    }
+    let lane = UNIT_POS_X as usize;
+    #[unroll]
+    for l in 0..width {
+        total[l] = red[l * units + lane];
+    }
+    sync_cube();
+}
+
+/// Whether the vector form runs where it applies (`JAMBA_GEMV_VEC=off` turns it off, to
+/// compare), and its weight rows in flight per unit (`JAMBA_GEMV_UNROLL`, default 4).
+pub(crate) fn vec_settings() -> (bool, usize) {
+    static SETTINGS: std::sync::OnceLock<(bool, usize)> = std::sync::OnceLock::new();
+    *SETTINGS.get_or_init(|| {
+        let on = !matches!(
+            std::env::var("JAMBA_GEMV_VEC").as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        );
+        let unroll = std::env::var("JAMBA_GEMV_UNROLL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&u: &usize| (1..=16).contains(&u))
+            .unwrap_or(4);
+        (on, unroll)
+    })
+}
+
+/// A buffer's first byte is 16-byte aligned (the vector loads need it).
+pub(crate) fn aligned<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+    t.handle.offset_start.unwrap_or(0) % VEC_BYTES as u64 == 0
+}
+
+/// The rows of staged input the vector form's shared memory holds for this `k` (normalised
+/// forms stage `k` rounded up to a multiple of 1,024 floats per row).
+fn vec_stage(k: usize) -> usize {
+    k.next_multiple_of(1024)
+}
+
+/// Whether [`gemv_single`] / [`gemv_normed`] take the vector form for these operands: at most
+/// [`NORMED_MAX_ROWS`] rows of a float dtype, the weight's rows contiguous, `n` and the row
+/// stride multiples of the 16-byte vector's width and the weight's start aligned, a contiguous
+/// bias, and (normalised) the rows fitting the shared-memory stage. `JAMBA_GEMV_VEC=off` turns
+/// it off.
+pub fn takes_vector_form<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    norm: Option<&PreNorm<R>>,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+) -> bool {
+    let (rows, k, n) = (x.meta.shape()[0], x.meta.shape()[1], w.meta.shape()[1]);
+    let dtype = x.dtype;
+    if !vec_settings().0 || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return false;
+    }
+    let width = VEC_BYTES / dtype.size();
+    let w_strides = w.meta.strides();
+    let stage = if norm.is_some() { vec_stage(k) } else { 1 };
+    (1..=NORMED_MAX_ROWS).contains(&rows)
+        && (1..u32::MAX as usize).contains(&k)
+        && n % width == 0
+        && w_strides[1] == 1
+        && w_strides[0] % width == 0
+        && aligned(w)
+        && bias.is_none_or(|b| b.meta.strides()[0] == 1 && aligned(b))
+        && rows * stage <= VEC_STAGE_FLOATS
+        && norm.is_none_or(|p| {
+            p.weight.meta.shape()[0] == k
+                && p.update
+                    .as_ref()
+                    .is_none_or(|u| u.meta.shape() == x.meta.shape())
+        })
+}
+
+/// The cube of a vector form over `n_vec` column vectors and `k` weight rows: `(lanes,
+/// slices)`. Two lanes (32 contiguous bytes, a memory sector) where the columns are few, for
+/// more cubes, four otherwise; as many slices as the device allows in a cube and the
+/// cross-slice sum's `sum_floats` hold (`lanes · slices · width`), a power of two, no more
+/// than `k` needs, and at most [`VEC_MAX_UNITS`] (`JAMBA_VEC_UNITS`, a power of two,
+/// overrides it, for tuning).
+pub(crate) fn vec_cube<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    n_vec: usize,
+    k: usize,
+    width: usize,
+    sum_floats: usize,
+) -> (usize, usize) {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let cap = crate::env_usize(&FORCED, "JAMBA_VEC_UNITS")
+        .filter(|u| u.is_power_of_two())
+        .unwrap_or(VEC_MAX_UNITS);
+    let max_units = (client.properties().hardware.max_units_per_cube as usize)
+        .min(sum_floats / width)
+        .min(cap)
+        .max(2);
+    let lanes = if n_vec >= 512 { 4 } else { 2 };
+    let slices = (1usize << (max_units / lanes).ilog2()).min(k.next_power_of_two());
+    (lanes, slices)
+}
+
+/// Runs the vector form where [`takes_vector_form`] says so; returns `false`, having launched
+/// nothing, otherwise.
+fn try_launch_vec<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    norm: Option<&PreNorm<R>>,
+    w: &CubeTensor<R>,
+    bias: Option<&CubeTensor<R>>,
+    y: &CubeTensor<R>,
+) -> bool {
+    if !takes_vector_form(x, norm, w, bias) {
+        return false;
+    }
+    let unroll = vec_settings().1;
+    let (rows, k, n) = (x.meta.shape()[0], x.meta.shape()[1], w.meta.shape()[1]);
+    let dtype = x.dtype;
+    let width = VEC_BYTES / dtype.size();
+    let w_strides = w.meta.strides();
+    let stage = if norm.is_some() { vec_stage(k) } else { 1 };
+    let client = x.client.clone();
+    let n_vec = n / width;
+    let sum_floats = if norm.is_some() {
+        VEC_SUM_FLOATS
+    } else {
+        VEC_SUM_FLOATS_ALONE
+    };
+    let (lanes, slices) = vec_cube(&client, n_vec, k, width, sum_floats);
+    let cubes = n_vec.div_ceil(lanes);
+    let count = CubeCount::Static(
+        cubes.min(MAX_CUBES_X) as u32,
+        1,
+        cubes.div_ceil(MAX_CUBES_X) as u32,
+    );
+    let dim = CubeDim::new_2d(lanes as u32, slices as u32);
+    let strides = |t: &CubeTensor<R>| (t.meta.strides()[0] as u32, t.meta.strides()[1] as u32);
+    let (update, norm_weight, eps, add) = match norm {
+        Some(p) => (
+            p.update.clone().unwrap_or_else(|| x.clone()),
+            p.weight.clone(),
+            p.eps as f32,
+            p.update.is_some(),
+        ),
+        None => (x.clone(), x.clone(), 0.0, false),
+    };
+    let norm_stride = if norm.is_some() {
+        norm_weight.meta.strides()[0] as u32
+    } else {
+        0
+    };
+    let has_bias = bias.is_some();
+    let bias = bias.cloned().unwrap_or_else(|| y.clone());
+    // SAFETY: units whose column vector is past `n / width` read no weight and write nothing.
+    // The others read weight rows below `k` (the loop's bound) at vector `cv` of a row whose
+    // `n / width` vectors are contiguous and aligned (checked above), rows below `rows` of `x`
+    // and `update` at indices below `k` through their strides, `k` entries of the norm's
+    // weight, and vector `cv` of a contiguous bias; slice 0 writes vector `cv` of each row of
+    // `y` (`[rows, n]`, contiguous). Shared memory: `units · width` floats (at most
+    // VEC_SUM_FLOATS, also holding `rows · units` statistics as rows <= width) and
+    // `rows · stage` (at most VEC_STAGE_FLOATS); `units` is `lanes · slices`, a power of two,
+    // as the halving sums need.
+    unsafe {
+        gemv_vec_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            width,
+            x.clone().into_array_arg(),
+            update.clone().into_array_arg(),
+            norm_weight.into_array_arg(),
+            w.clone().into_array_arg(),
+            bias.into_array_arg(),
+            y.clone().into_array_arg(),
+            strides(x).0,
+            strides(x).1,
+            strides(&update).0,
+            strides(&update).1,
+            norm_stride,
+            (w_strides[0] / width) as u32,
+            k as u32,
+            n_vec as u32,
+            eps,
+            rows,
+            width,
+            lanes,
+            slices,
+            unroll,
+            stage,
+            norm.is_some(),
+            add,
+            has_bias,
+            dtype.into(),
+        );
+    }
+    true
 }

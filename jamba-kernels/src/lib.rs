@@ -26,6 +26,13 @@
 //!   taken into the routing launch.
 //! - [`argmax::argmax_rows`]: each row's largest value's index (greedy decoding) in two
 //!   launches.
+//! - [`probe`]: what the host pays per launch by how a kernel takes its buffers
+//!   (`jamba-bench launch`).
+//!
+//! The few-row products and expert MLPs have a vector form (16-byte weight loads, one launch
+//! per product; [`gemv::takes_vector_form`], [`moe::takes_vector_form`]). The decoding step's
+//! kernels take [`Strided`] or `Array` arguments, not CubeCL `Tensor`s, whose launch metadata
+//! costs a CUDA launch ~6 µs of host time.
 //!
 //! The functions take and return Burn's [`CubeTensor`](burn_cubecl::tensor::CubeTensor)s; the
 //! `jamba` crate's `JambaBackend` trait calls them for `CubeBackend` and keeps its tensor-op
@@ -40,9 +47,12 @@ pub mod mamba_step;
 pub mod matmul;
 pub mod moe;
 pub mod norm;
+pub mod probe;
 pub mod scan;
 pub mod scan_bwd;
 pub mod scan_chunked;
+
+use cubecl::prelude::*;
 
 /// A numeric tuning knob from the environment (`JAMBA_SCAN_CHUNKS` and the like), parsed once
 /// per process into `cell`: the scan reads its knobs on every launch, a decoding step launches
@@ -77,4 +87,56 @@ pub(crate) fn empty_many<R: burn_cubecl::CubeRuntime>(
             )
         })
         .collect()
+}
+
+/// A buffer and its strides (up to four): what a kernel needs of a CubeCL `Tensor` argument,
+/// launched as an `Array` and four scalars.
+///
+/// A `Tensor` argument's shape and strides travel in the launch's dynamic metadata, which
+/// CubeCL 0.10's CUDA runtime uploads through its memory pool at every launch: 13.7-14.8 µs of
+/// host time per launch of an 8-buffer probe against 7.9-8.9 µs with `Array` arguments
+/// (`jamba-bench launch`, H200, `jamba-bench/RESULTS.md`, session 17). Scalars travel as kernel
+/// parameters. Index the buffer with `x.buf[i]`; `x.stride(d)` as a `Tensor`'s.
+#[derive(CubeLaunch, CubeType)]
+pub struct Strided<F: CubePrimitive> {
+    /// The elements, from the tensor's first (its handle's offset).
+    pub buf: Array<F>,
+    s0: u32,
+    s1: u32,
+    s2: u32,
+    s3: u32,
+}
+
+#[cube]
+impl<F: CubePrimitive> Strided<F> {
+    /// The stride of dimension `dim` (0 past the tensor's rank).
+    pub fn stride(&self, #[comptime] dim: usize) -> usize {
+        if comptime!(dim == 0) {
+            self.s0 as usize
+        } else if comptime!(dim == 1) {
+            self.s1 as usize
+        } else if comptime!(dim == 2) {
+            self.s2 as usize
+        } else {
+            self.s3 as usize
+        }
+    }
+}
+
+/// `t` as a [`Strided`] launch argument.
+///
+/// # Panics
+/// If `t` has more than four dimensions or a stride past `u32`.
+pub(crate) fn strided<R: burn_cubecl::CubeRuntime, F: CubePrimitive>(
+    t: burn_cubecl::tensor::CubeTensor<R>,
+) -> StridedLaunch<F, R> {
+    let strides = t.meta.strides();
+    assert!(
+        strides.len() <= 4,
+        "a strided argument of rank {}",
+        strides.len()
+    );
+    let s = |d: usize| u32::try_from(strides.get(d).copied().unwrap_or(0)).expect("a u32 stride");
+    let (s0, s1, s2, s3) = (s(0), s(1), s(2), s(3));
+    StridedLaunch::new(t.into_array_arg(), s0, s1, s2, s3)
 }

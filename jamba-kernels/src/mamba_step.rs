@@ -21,7 +21,6 @@
 use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use burn_std::DType;
 use cubecl::ir::FastMath;
-use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
 use crate::scan::{silu_f32, softplus_f32};
@@ -47,14 +46,14 @@ pub const MAX_OUTPUTS: usize = 2048;
 )]
 #[allow(clippy::too_many_arguments)]
 fn mamba_step_front_kernel<F: Float>(
-    xz: &CubeArg<F>,
-    conv_state: &CubeArg<F>,
-    conv_w: &CubeArg<F>,
-    conv_b: &CubeArg<F>,
-    x_proj: &CubeArg<F>,
-    u_out: &mut CubeArg<F>,
-    state_out: &mut CubeArg<F>,
-    partial: &mut CubeArg<f32>,
+    xz: &crate::Strided<F>,
+    conv_state: &crate::Strided<F>,
+    conv_w: &crate::Strided<F>,
+    conv_b: &crate::Strided<F>,
+    x_proj: &crate::Strided<F>,
+    u_out: &mut crate::Strided<F>,
+    state_out: &mut crate::Strided<F>,
+    partial: &mut crate::Strided<f32>,
     inner: u32,
     outputs: u32,
     #[comptime] k: usize,
@@ -74,27 +73,28 @@ fn mamba_step_front_kernel<F: Float>(
     if c < inner {
         let mut acc = 0.0f32;
         if comptime!(has_bias) {
-            acc = f32::cast_from(conv_b[c * conv_b.stride(0)]);
+            acc = f32::cast_from(conv_b.buf[c * conv_b.stride(0usize)]);
         }
-        let sb = row * conv_state.stride(0) + c * conv_state.stride(2);
-        let so = row * state_out.stride(0) + c * state_out.stride(2);
+        let sb = row * conv_state.stride(0usize) + c * conv_state.stride(2usize);
+        let so = row * state_out.stride(0usize) + c * state_out.stride(2usize);
         #[unroll]
         for j in 0..lead {
-            acc += f32::cast_from(conv_w[c * conv_w.stride(0) + j * conv_w.stride(1)])
-                * f32::cast_from(conv_state[sb + j * conv_state.stride(1)]);
+            acc +=
+                f32::cast_from(conv_w.buf[c * conv_w.stride(0usize) + j * conv_w.stride(1usize)])
+                    * f32::cast_from(conv_state.buf[sb + j * conv_state.stride(1usize)]);
         }
-        let xv = xz[row * xz.stride(0) + c * xz.stride(1)];
-        acc += f32::cast_from(conv_w[c * conv_w.stride(0) + lead * conv_w.stride(1)])
+        let xv = xz.buf[row * xz.stride(0usize) + c * xz.stride(1usize)];
+        acc += f32::cast_from(conv_w.buf[c * conv_w.stride(0usize) + lead * conv_w.stride(1usize)])
             * f32::cast_from(xv);
         // The new state: the window shifted by one.
         #[unroll]
         for j in 1..lead {
-            state_out[so + (j - 1) * state_out.stride(1)] =
-                conv_state[sb + j * conv_state.stride(1)];
+            state_out.buf[so + (j - 1) * state_out.stride(1usize)] =
+                conv_state.buf[sb + j * conv_state.stride(1usize)];
         }
-        state_out[so + (lead - 1) * state_out.stride(1)] = xv;
+        state_out.buf[so + (lead - 1) * state_out.stride(1usize)] = xv;
         let u = F::cast_from(silu_f32(acc));
-        u_out[row * u_out.stride(0) + c * u_out.stride(1)] = u;
+        u_out.buf[row * u_out.stride(0usize) + c * u_out.stride(1usize)] = u;
         uv = f32::cast_from(u);
     }
     let mut u_s = SharedMemory::<f32>::new(FRONT_UNITS);
@@ -121,7 +121,9 @@ fn mamba_step_front_kernel<F: Float>(
                 let ch = block * FRONT_UNITS + i;
                 if ch < inner {
                     acc += u_s[i]
-                        * f32::cast_from(x_proj[ch * x_proj.stride(0) + o * x_proj.stride(1)]);
+                        * f32::cast_from(
+                            x_proj.buf[ch * x_proj.stride(0usize) + o * x_proj.stride(1usize)],
+                        );
                 }
             }
         }
@@ -133,7 +135,7 @@ fn mamba_step_front_kernel<F: Float>(
             for g in 0..groups {
                 sum += red[g * LANES + lane];
             }
-            partial[(row * blocks + block) * outputs + o] = sum;
+            partial.buf[(row * blocks + block) * outputs + o] = sum;
         }
         sync_cube();
         ob += LANES;
@@ -146,19 +148,19 @@ fn mamba_step_front_kernel<F: Float>(
 )]
 #[allow(clippy::too_many_arguments)]
 fn mamba_step_scan_kernel<F: Float>(
-    partial: &CubeArg<f32>,
-    dt_norm: &CubeArg<F>,
-    b_norm: &CubeArg<F>,
-    c_norm: &CubeArg<F>,
-    dt_proj: &CubeArg<F>,
-    dt_bias: &CubeArg<F>,
-    a_log: &CubeArg<F>,
-    dskip: &CubeArg<F>,
-    u: &CubeArg<F>,
-    xz: &CubeArg<F>,
-    h0: &CubeArg<f32>,
-    y: &mut CubeArg<F>,
-    h_out: &mut CubeArg<f32>,
+    partial: &crate::Strided<f32>,
+    dt_norm: &crate::Strided<F>,
+    b_norm: &crate::Strided<F>,
+    c_norm: &crate::Strided<F>,
+    dt_proj: &crate::Strided<F>,
+    dt_bias: &crate::Strided<F>,
+    a_log: &crate::Strided<F>,
+    dskip: &crate::Strided<F>,
+    u: &crate::Strided<F>,
+    xz: &crate::Strided<F>,
+    h0: &crate::Strided<f32>,
+    y: &mut crate::Strided<F>,
+    h_out: &mut crate::Strided<f32>,
     inner: u32,
     blocks: u32,
     rank: u32,
@@ -185,7 +187,7 @@ fn mamba_step_scan_kernel<F: Float>(
     while o < outputs {
         let mut acc = 0.0f32;
         for b in 0..blocks {
-            acc += partial[(row * blocks + b) * outputs + o];
+            acc += partial.buf[(row * blocks + b) * outputs + o];
         }
         dbc[o] = f32::cast_from(F::cast_from(acc));
         o += units;
@@ -219,15 +221,15 @@ fn mamba_step_scan_kernel<F: Float>(
         let mut s = scale[0];
         let mut w = 0.0f32;
         if o < rank {
-            w = f32::cast_from(dt_norm[o * dt_norm.stride(0)]);
+            w = f32::cast_from(dt_norm.buf[o * dt_norm.stride(0usize)]);
         }
         if o >= rank && o < rank + n_state {
             s = scale[1];
-            w = f32::cast_from(b_norm[(o - rank) * b_norm.stride(0)]);
+            w = f32::cast_from(b_norm.buf[(o - rank) * b_norm.stride(0usize)]);
         }
         if o >= rank + n_state {
             s = scale[2];
-            w = f32::cast_from(c_norm[(o - rank - n_state) * c_norm.stride(0)]);
+            w = f32::cast_from(c_norm.buf[(o - rank - n_state) * c_norm.stride(0usize)]);
         }
         let v = f32::cast_from(F::cast_from(dbc[o] * s));
         normed[o] = f32::cast_from(F::cast_from(v * w));
@@ -243,25 +245,27 @@ fn mamba_step_scan_kernel<F: Float>(
     if active {
         let mut delta = 0.0f32;
         for r in 0..rank {
-            delta +=
-                normed[r] * f32::cast_from(dt_proj[r * dt_proj.stride(0) + d * dt_proj.stride(1)]);
+            delta += normed[r]
+                * f32::cast_from(
+                    dt_proj.buf[r * dt_proj.stride(0usize) + d * dt_proj.stride(1usize)],
+                );
         }
         let mut x = f32::cast_from(F::cast_from(delta));
         if comptime!(has_bias) {
-            x += f32::cast_from(dt_bias[d * dt_bias.stride(0)]);
+            x += f32::cast_from(dt_bias.buf[d * dt_bias.stride(0usize)]);
         }
         x = softplus_f32(x);
-        uv = f32::cast_from(u[row * u.stride(0) + d * u.stride(1)]);
+        uv = f32::cast_from(u.buf[row * u.stride(0usize) + d * u.stride(1usize)]);
         let du = x * uv;
-        let hs = row * h0.stride(0) + d * h0.stride(1);
-        let os = row * h_out.stride(0) + d * h_out.stride(1);
-        let ab = d * a_log.stride(0);
+        let hs = row * h0.stride(0usize) + d * h0.stride(1usize);
+        let os = row * h_out.stride(0usize) + d * h_out.stride(1usize);
+        let ab = d * a_log.stride(0usize);
         #[unroll]
         for k in 0..spu {
             let n = g + k * groups;
-            let a = -(f32::cast_from(a_log[ab + n * a_log.stride(1)]).exp());
-            let hv = (x * a).exp() * h0[hs + n * h0.stride(2)] + du * normed[rank + n];
-            h_out[os + n * h_out.stride(2)] = hv;
+            let a = -(f32::cast_from(a_log.buf[ab + n * a_log.stride(1usize)]).exp());
+            let hv = (x * a).exp() * h0.buf[hs + n * h0.stride(2usize)] + du * normed[rank + n];
+            h_out.buf[os + n * h_out.stride(2usize)] = hv;
             contribution += hv * normed[rank + n_state + n];
         }
     }
@@ -273,11 +277,11 @@ fn mamba_step_scan_kernel<F: Float>(
         for i in 0..groups {
             acc += part[local * groups + i];
         }
-        acc += f32::cast_from(dskip[d * dskip.stride(0)]) * uv;
+        acc += f32::cast_from(dskip.buf[d * dskip.stride(0usize)]) * uv;
         acc *= silu_f32(f32::cast_from(
-            xz[row * xz.stride(0) + (inner + d) * xz.stride(1)],
+            xz.buf[row * xz.stride(0usize) + (inner + d) * xz.stride(1usize)],
         ));
-        y[row * y.stride(0) + d * y.stride(1)] = F::cast_from(acc);
+        y.buf[row * y.stride(0usize) + d * y.stride(1usize)] = F::cast_from(acc);
     }
 }
 
@@ -377,14 +381,14 @@ pub fn mamba_step<R: CubeRuntime>(
             &client,
             CubeCount::Static(blocks as u32, batch as u32, 1),
             CubeDim::new_1d(FRONT_UNITS as u32),
-            t.xz.clone().into_tensor_arg(),
-            t.conv_state.into_tensor_arg(),
-            t.conv_weight.into_tensor_arg(),
-            conv_bias.into_tensor_arg(),
-            t.x_proj.into_tensor_arg(),
-            u.clone().into_tensor_arg(),
-            conv_out.clone().into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
+            crate::strided(t.xz.clone()),
+            crate::strided(t.conv_state),
+            crate::strided(t.conv_weight),
+            crate::strided(conv_bias),
+            crate::strided(t.x_proj),
+            crate::strided(u.clone()),
+            crate::strided(conv_out.clone()),
+            crate::strided(partial.clone()),
             inner as u32,
             outputs as u32,
             k,
@@ -409,19 +413,19 @@ pub fn mamba_step<R: CubeRuntime>(
             &client,
             CubeCount::Static(inner.div_ceil(per_cube) as u32, batch as u32, 1),
             CubeDim::new_2d(groups as u32, per_cube as u32),
-            partial.into_tensor_arg(),
-            t.dt_norm.into_tensor_arg(),
-            t.b_norm.into_tensor_arg(),
-            t.c_norm.into_tensor_arg(),
-            t.dt_proj.into_tensor_arg(),
-            dt_bias.into_tensor_arg(),
-            t.a_log.into_tensor_arg(),
-            t.d.into_tensor_arg(),
-            u.into_tensor_arg(),
-            t.xz.into_tensor_arg(),
-            t.ssm_state.into_tensor_arg(),
-            y.clone().into_tensor_arg(),
-            h_out.clone().into_tensor_arg(),
+            crate::strided(partial),
+            crate::strided(t.dt_norm),
+            crate::strided(t.b_norm),
+            crate::strided(t.c_norm),
+            crate::strided(t.dt_proj),
+            crate::strided(dt_bias),
+            crate::strided(t.a_log),
+            crate::strided(t.d),
+            crate::strided(u),
+            crate::strided(t.xz),
+            crate::strided(t.ssm_state),
+            crate::strided(y.clone()),
+            crate::strided(h_out.clone()),
             inner as u32,
             blocks as u32,
             rank as u32,

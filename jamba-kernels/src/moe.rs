@@ -12,7 +12,10 @@
 //! twice: this is for few tokens ([`MAX_SLOTS`]), where launches, not bytes, bound the step.
 //!
 //! The products are cut like [`crate::gemv`]'s: a unit per (column, slice of `k`, slot)
-//! accumulating in f32, a second launch summing the slices. Rounding follows the reference in
+//! accumulating in f32, a second launch summing the slices. Where the widths split into
+//! 16-byte vectors and the weights are contiguous ([`takes_vector_form`]), each stage is one
+//! launch instead: a unit loads 16 bytes of a weight row at once and a cube holds all of `k`
+//! for its columns, so the slices meet in shared memory (three launches with the routing). Rounding follows the reference in
 //! the tensors' dtype: each product rounded, SiLU of the rounded gate rounded, their product
 //! rounded; each expert's output rounded, times its rounded routing weight, rounded.
 
@@ -21,7 +24,7 @@ use burn_std::DType;
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
-use crate::gemv::{COLS, SLICES, plan};
+use crate::gemv::{COLS, SLICES, load_weight_rows, plan, slice_totals};
 
 /// The most (token, slot) pairs [`routed_experts`] takes.
 pub const MAX_SLOTS: usize = 64;
@@ -83,16 +86,16 @@ pub const ROUTE_MAX_HIDDEN: usize = 8192;
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn route_normed_kernel<F: Float>(
-    x: &CubeArg<F>,
-    first: &CubeArg<F>,
-    second: &CubeArg<F>,
-    norm: &CubeArg<F>,
-    router: &CubeArg<F>,
-    residual: &mut CubeArg<F>,
-    normed: &mut CubeArg<F>,
-    logits: &mut CubeArg<F>,
-    weights: &mut CubeArg<F>,
-    indices: &mut CubeArg<u32>,
+    x: &crate::Strided<F>,
+    first: &crate::Strided<F>,
+    second: &crate::Strided<F>,
+    norm: &crate::Strided<F>,
+    router: &crate::Strided<F>,
+    residual: &mut crate::Strided<F>,
+    normed: &mut crate::Strided<F>,
+    logits: &mut crate::Strided<F>,
+    weights: &mut crate::Strided<F>,
+    indices: &mut crate::Strided<u32>,
     eps: f32,
     #[comptime] hidden: usize,
     #[comptime] experts: usize,
@@ -116,15 +119,16 @@ fn route_normed_kernel<F: Float>(
     let mut sq = 0.0f32;
     let mut j = u;
     while j < hidden {
-        let mut v = f32::cast_from(x[t * x.stride(0) + j * x.stride(1)]);
+        let mut v = f32::cast_from(x.buf[t * x.stride(0usize) + j * x.stride(1usize)]);
         if comptime!(add_first) {
             v = f32::cast_from(F::cast_from(
-                v + f32::cast_from(first[t * first.stride(0) + j * first.stride(1)]),
+                v + f32::cast_from(first.buf[t * first.stride(0usize) + j * first.stride(1usize)]),
             ));
         }
-        let sum =
-            F::cast_from(v + f32::cast_from(second[t * second.stride(0) + j * second.stride(1)]));
-        residual[t * residual.stride(0) + j * residual.stride(1)] = sum;
+        let sum = F::cast_from(
+            v + f32::cast_from(second.buf[t * second.stride(0usize) + j * second.stride(1usize)]),
+        );
+        residual.buf[t * residual.stride(0usize) + j * residual.stride(1usize)] = sum;
         v = f32::cast_from(sum);
         state[j] = v;
         sq += v * v;
@@ -145,22 +149,24 @@ fn route_normed_kernel<F: Float>(
     let mut j = u;
     while j < hidden {
         let scaled = F::cast_from(state[j] * inv);
-        let value = F::cast_from(f32::cast_from(scaled) * f32::cast_from(norm[j * norm.stride(0)]));
-        normed[t * normed.stride(0) + j * normed.stride(1)] = value;
+        let value = F::cast_from(
+            f32::cast_from(scaled) * f32::cast_from(norm.buf[j * norm.stride(0usize)]),
+        );
+        normed.buf[t * normed.stride(0usize) + j * normed.stride(1usize)] = value;
         state[j] = f32::cast_from(value);
         j += units;
     }
     sync_cube();
     let total = hidden * experts;
     let e = u % experts;
-    let (rs0, rs1) = (router.stride(0), router.stride(1));
+    let (rs0, rs1) = (router.stride(0usize), router.stride(1usize));
     let mut acc = 0.0f32;
     let mut i = u;
     while i + 7 * units < total {
         let mut w = Array::<f32>::new(8usize);
         #[unroll]
         for q in 0..8usize {
-            w[q] = f32::cast_from(router[((i + q * units) / experts) * rs0 + e * rs1]);
+            w[q] = f32::cast_from(router.buf[((i + q * units) / experts) * rs0 + e * rs1]);
         }
         #[unroll]
         for q in 0..8usize {
@@ -169,7 +175,7 @@ fn route_normed_kernel<F: Float>(
         i += 8 * units;
     }
     while i < total {
-        acc += state[i / experts] * f32::cast_from(router[(i / experts) * rs0 + e * rs1]);
+        acc += state[i / experts] * f32::cast_from(router.buf[(i / experts) * rs0 + e * rs1]);
         i += units;
     }
     part[u] = acc;
@@ -185,7 +191,7 @@ fn route_normed_kernel<F: Float>(
     let mut scores = SharedMemory::<f32>::new(experts);
     if u < experts {
         let logit = F::cast_from(part[u]);
-        logits[t * logits.stride(0) + u * logits.stride(1)] = logit;
+        logits.buf[t * logits.stride(0usize) + u * logits.stride(1usize)] = logit;
         scores[u] = f32::cast_from(logit);
     }
     sync_cube();
@@ -205,8 +211,8 @@ fn route_normed_kernel<F: Float>(
             for o in 0..experts {
                 sum += f32::exp(scores[o] - max);
             }
-            weights[t * top_k + rank] = F::cast_from(f32::exp(value - max) / sum);
-            indices[t * top_k + rank] = u as u32;
+            weights.buf[t * top_k + rank] = F::cast_from(f32::exp(value - max) / sum);
+            indices.buf[t * top_k + rank] = u as u32;
         }
     }
 }
@@ -534,9 +540,9 @@ pub fn routed_experts_stages<R: CubeRuntime>(
         top_k,
     );
     RoutedStages {
-        gate_up_partial: Some(gate_up_partial),
+        gate_up_partial,
         act: Some(act),
-        down_partial: Some(down_partial),
+        down_partial,
         ..stages(y)
     }
 }
@@ -585,7 +591,8 @@ pub fn supports_normed_routing(tokens: usize, hidden: usize, experts: usize, top
 
 /// The residual sum, the RMSNorm and the router of a MoE layer's input ([`NormedRouting`])
 /// and then its mixture of experts, as [`routed_experts`] of the normalised input and the
-/// router's logits: five launches where the separate norm and router took seven. Rounding
+/// router's logits: five launches (three in the vector form) where the separate norm and
+/// router took seven. Rounding
 /// as the separate operations: each sum, the normalised value and its product with the norm's
 /// weight, and the logits rounded to the dtype.
 ///
@@ -654,16 +661,16 @@ pub fn routed_experts_normed<R: CubeRuntime>(
             &client,
             CubeCount::Static(tokens as u32, 1, 1),
             CubeDim::new_1d(units as u32),
-            input.x.into_tensor_arg(),
-            first.into_tensor_arg(),
-            input.second.into_tensor_arg(),
-            input.norm.into_tensor_arg(),
-            input.router.into_tensor_arg(),
-            residual.clone().into_tensor_arg(),
-            normed.clone().into_tensor_arg(),
-            logits.clone().into_tensor_arg(),
-            routing.clone().into_tensor_arg(),
-            indices.clone().into_tensor_arg(),
+            crate::strided(input.x),
+            crate::strided(first),
+            crate::strided(input.second),
+            crate::strided(input.norm),
+            crate::strided(input.router),
+            crate::strided(residual.clone()),
+            crate::strided(normed.clone()),
+            crate::strided(logits.clone()),
+            crate::strided(routing.clone()),
+            crate::strided(indices.clone()),
             input.eps as f32,
             hidden,
             experts,
@@ -702,7 +709,8 @@ pub fn routed_experts_normed<R: CubeRuntime>(
 /// `[tokens, hidden]`: with `routing`, over each token's `top_k` slots of experts `indices`
 /// (`weights` stacked over the experts), each output weighted; without, one unweighted slot
 /// per row of `x` and bare `[in, out]` weights (`indices` is not read). Returns the gate/up
-/// partial sums, the SiLU gate's output and the down partial sums.
+/// partial sums, the SiLU gate's output and the down partial sums (the vector form,
+/// [`takes_vector_form`], keeps no partial sums).
 fn expert_mlp<R: CubeRuntime>(
     x: CubeTensor<R>,
     [gate, up, down]: [CubeTensor<R>; 3],
@@ -710,10 +718,14 @@ fn expert_mlp<R: CubeRuntime>(
     routing: Option<CubeTensor<R>>,
     y: CubeTensor<R>,
     top_k: usize,
-) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>) {
+) -> (Option<CubeTensor<R>>, CubeTensor<R>, Option<CubeTensor<R>>) {
     let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
     let inner = *gate.meta.shape().last().expect("a weight has a shape");
     let dense = routing.is_none();
+    if takes_vector_form(&x, [&gate, &up, &down], &y, dense) {
+        let act = expert_mlp_vec(x, [gate, up, down], indices, routing, y, top_k);
+        return (None, act, None);
+    }
     let slots = tokens * top_k;
     let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
 
@@ -805,7 +817,7 @@ fn expert_mlp<R: CubeRuntime>(
             dtype.into(),
         );
     }
-    (gate_up_partial, act, down_partial)
+    (Some(gate_up_partial), act, Some(down_partial))
 }
 
 /// Slice groups per cube of the reduction kernels: a power of two up to the slices, at most
@@ -865,7 +877,7 @@ fn launch_partial<R: CubeRuntime>(
 /// A dense SwiGLU MLP of a few rows, `down(silu(x · gate) · (x · up))` for `x` `[rows, hidden]`
 /// and bias-free weights in Burn's `[in, out]` layout (`gate`, `up` `[hidden, inner]`, `down`
 /// `[inner, hidden]`): the routed kernels with one slot per row and no router, four launches
-/// where the separate operations take thirteen (three products of two launches each, Burn's
+/// (two in the vector form, for up to four rows) where the separate operations take thirteen (three products of two launches each, Burn's
 /// SiLU as six element-wise launches, and the product of the gate and up). Rounding as
 /// [`routed_experts`]: each product rounded, SiLU of the rounded gate rounded, their product
 /// rounded. Every tensor shares one float dtype, which the result has. Any strides.
@@ -911,4 +923,392 @@ pub fn swiglu<R: CubeRuntime>(
     let stand_in = x.clone();
     expert_mlp::<R>(x, [gate, up, down], stand_in, None, y.clone(), 1);
     y
+}
+
+/// The gate and up products of the vector form of the expert MLPs and their SiLU gate, in one
+/// launch: cube `(c, slot)` owns column vectors `c · lanes …` of `inner` for that slot (dense:
+/// every row, `rows` of them, one weight), each unit loading `width` consecutive columns of
+/// both weights per row of `k` (16 bytes each), `unroll` rows before using any; the slices meet
+/// in shared memory ([`crate::gemv::slice_totals`]). Rounding as [`gate_up_reduce_kernel`].
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn expert_gate_up_vec_kernel<F: Float, N: Size>(
+    x: &Array<F>,
+    gate: &Array<Vector<F, N>>,
+    up: &Array<Vector<F, N>>,
+    indices: &Array<u32>,
+    act: &mut Array<Vector<F, N>>,
+    x0: u32,
+    x1: u32,
+    k: u32,
+    n_vec: u32,
+    expert_stride: u32,
+    per_row: u32,
+    #[comptime] rows: usize,
+    #[comptime] width: usize,
+    #[comptime] lanes: usize,
+    #[comptime] slices: usize,
+    #[comptime] unroll: usize,
+    #[comptime] dense: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (k, n_vec) = (k as usize, n_vec as usize);
+    let (x0, x1) = (x0 as usize, x1 as usize);
+    let units = comptime!(lanes * slices);
+    let lane = UNIT_POS_X as usize;
+    let s = UNIT_POS_Y as usize;
+    let cv = CUBE_POS_X as usize * lanes + lane;
+    let slot = CUBE_POS_Y as usize;
+    let active = cv < n_vec;
+    // Dense: one slot whose `rows` rows are x's; routed: slot `slot` is row `slot / per_row`.
+    let x_row = slot / per_row as usize;
+    let mut base = 0usize;
+    if comptime!(!dense) {
+        base = indices[slot] as usize * expert_stride as usize;
+    }
+    let mut acc_g = Array::<f32>::new(comptime!(rows * width));
+    let mut acc_u = Array::<f32>::new(comptime!(rows * width));
+    #[unroll]
+    for i in 0..rows * width {
+        acc_g[i] = 0.0;
+        acc_u[i] = 0.0;
+    }
+    if active {
+        let mut wg = Array::<Vector<F, N>>::new(unroll);
+        let mut wu = Array::<Vector<F, N>>::new(unroll);
+        let mut kk = s;
+        while kk < k {
+            load_weight_rows(gate, base, n_vec, cv, kk, k, &mut wg, slices, unroll);
+            load_weight_rows(up, base, n_vec, cv, kk, k, &mut wu, slices, unroll);
+            #[unroll]
+            for q in 0..unroll {
+                let kq = kk + q * slices;
+                if kq < k {
+                    let (g, v) = (wg[q], wu[q]);
+                    #[unroll]
+                    for r in 0..rows {
+                        let xv = f32::cast_from(x[(x_row + r) * x0 + kq * x1]);
+                        #[unroll]
+                        for l in 0..width {
+                            acc_g[r * width + l] += xv * f32::cast_from(g[l]);
+                            acc_u[r * width + l] += xv * f32::cast_from(v[l]);
+                        }
+                    }
+                }
+            }
+            kk += unroll * slices;
+        }
+    }
+    let mut red = SharedMemory::<f32>::new(comptime!(units * width));
+    let mut g_total = Array::<f32>::new(width);
+    let mut u_total = Array::<f32>::new(width);
+    #[unroll]
+    for r in 0..rows {
+        slice_totals(
+            &mut red,
+            &acc_g,
+            r * width,
+            &mut g_total,
+            width,
+            lanes,
+            units,
+        );
+        slice_totals(
+            &mut red,
+            &acc_u,
+            r * width,
+            &mut u_total,
+            width,
+            lanes,
+            units,
+        );
+        if s == 0 && active {
+            let mut out = Vector::<F, N>::empty();
+            #[unroll]
+            for l in 0..width {
+                let g = f32::cast_from(F::cast_from(g_total[l]));
+                let silu = f32::cast_from(F::cast_from(g / (1.0f32 + f32::exp(-g))));
+                out[l] = F::cast_from(silu * f32::cast_from(F::cast_from(u_total[l])));
+            }
+            act[(slot + r) * n_vec + cv] = out;
+        }
+    }
+}
+
+/// The down products of the vector form of the expert MLPs and their (weighted) sum, in one
+/// launch: cube `(c, t)` owns column vectors `c · lanes …` of token `t`'s output and runs
+/// through the token's `top_k` slots (dense: the `rows` rows, one weight), each slot's sum over
+/// the slices rounded, weighted and rounded before the next is added, as
+/// [`down_reduce_kernel`] does.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+fn expert_down_vec_kernel<F: Float, N: Size>(
+    act: &Array<F>,
+    down: &Array<Vector<F, N>>,
+    indices: &Array<u32>,
+    routing: &Array<F>,
+    y: &mut Array<Vector<F, N>>,
+    k: u32,
+    n_vec: u32,
+    expert_stride: u32,
+    #[comptime] rows: usize,
+    #[comptime] top_k: usize,
+    #[comptime] width: usize,
+    #[comptime] lanes: usize,
+    #[comptime] slices: usize,
+    #[comptime] unroll: usize,
+    #[comptime] dense: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (k, n_vec) = (k as usize, n_vec as usize);
+    let units = comptime!(lanes * slices);
+    // Dense: `rows` outputs from one weight; routed: `top_k` slots of one output.
+    let terms = comptime!(if dense { rows } else { top_k });
+    let lane = UNIT_POS_X as usize;
+    let s = UNIT_POS_Y as usize;
+    let cv = CUBE_POS_X as usize * lanes + lane;
+    let t = CUBE_POS_Y as usize;
+    let active = cv < n_vec;
+    let mut acc = Array::<f32>::new(comptime!(terms * width));
+    #[unroll]
+    for i in 0..terms * width {
+        acc[i] = 0.0;
+    }
+    if active {
+        let mut wv = Array::<Vector<F, N>>::new(unroll);
+        if comptime!(dense) {
+            let mut kk = s;
+            while kk < k {
+                load_weight_rows(down, 0, n_vec, cv, kk, k, &mut wv, slices, unroll);
+                #[unroll]
+                for q in 0..unroll {
+                    let kq = kk + q * slices;
+                    if kq < k {
+                        let w = wv[q];
+                        #[unroll]
+                        for r in 0..rows {
+                            let a = f32::cast_from(act[r * k + kq]);
+                            #[unroll]
+                            for l in 0..width {
+                                acc[r * width + l] += a * f32::cast_from(w[l]);
+                            }
+                        }
+                    }
+                }
+                kk += unroll * slices;
+            }
+        } else {
+            #[unroll]
+            for j in 0..top_k {
+                let slot = t * top_k + j;
+                let base = indices[slot] as usize * expert_stride as usize;
+                let mut kk = s;
+                while kk < k {
+                    load_weight_rows(down, base, n_vec, cv, kk, k, &mut wv, slices, unroll);
+                    #[unroll]
+                    for q in 0..unroll {
+                        let kq = kk + q * slices;
+                        if kq < k {
+                            let w = wv[q];
+                            let a = f32::cast_from(act[slot * k + kq]);
+                            #[unroll]
+                            for l in 0..width {
+                                acc[j * width + l] += a * f32::cast_from(w[l]);
+                            }
+                        }
+                    }
+                    kk += unroll * slices;
+                }
+            }
+        }
+    }
+    let mut red = SharedMemory::<f32>::new(comptime!(units * width));
+    let mut total = Array::<f32>::new(width);
+    let mut sum = Array::<f32>::new(width);
+    #[unroll]
+    for l in 0..width {
+        sum[l] = 0.0;
+    }
+    #[unroll]
+    for j in 0..terms {
+        slice_totals(&mut red, &acc, j * width, &mut total, width, lanes, units);
+        if comptime!(dense) {
+            if s == 0 && active {
+                let mut out = Vector::<F, N>::empty();
+                #[unroll]
+                for l in 0..width {
+                    out[l] = F::cast_from(total[l]);
+                }
+                y[j * n_vec + cv] = out;
+            }
+        } else {
+            let p = f32::cast_from(routing[t * top_k + j]);
+            #[unroll]
+            for l in 0..width {
+                let term = f32::cast_from(F::cast_from(total[l]));
+                sum[l] += f32::cast_from(F::cast_from(term * p));
+            }
+        }
+    }
+    if comptime!(!dense) {
+        if s == 0 && active {
+            let mut out = Vector::<F, N>::empty();
+            #[unroll]
+            for l in 0..width {
+                out[l] = F::cast_from(sum[l]);
+            }
+            y[t * n_vec + cv] = out;
+        }
+    }
+}
+
+/// Whether the expert MLPs run in the vector form (two launches instead of four) for these
+/// operands: a float dtype, `inner` and `hidden` multiples of the 16-byte vector's width,
+/// contiguous aligned weights, a contiguous output, at most [`MAX_TOP_K`] slots per token,
+/// and a dense MLP of at most four rows (each routed slot is a cube row of its own; a dense
+/// MLP's rows share the cube, so their weight is read once). `JAMBA_GEMV_VEC=off` turns it
+/// off.
+pub fn takes_vector_form<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    [gate, up, down]: [&CubeTensor<R>; 3],
+    y: &CubeTensor<R>,
+    dense: bool,
+) -> bool {
+    let dtype = x.dtype;
+    if !crate::gemv::vec_settings().0 || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return false;
+    }
+    let width = 16 / dtype.size();
+    let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let inner = *gate.meta.shape().last().expect("a weight has a shape");
+    let contiguous = |t: &CubeTensor<R>| {
+        let (shape, strides) = (t.meta.shape(), t.meta.strides());
+        let mut expected = 1;
+        (0..shape.len()).rev().all(|d| {
+            let ok = shape[d] == 1 || strides[d] == expected;
+            expected *= shape[d];
+            ok
+        }) && crate::gemv::aligned(t)
+    };
+    inner % width == 0
+        && hidden % width == 0
+        && inner > 0
+        && hidden > 0
+        && [gate, up, down, y].into_iter().all(contiguous)
+        && (!dense || (1..=crate::gemv::NORMED_MAX_ROWS).contains(&tokens))
+        && (hidden * inner) / width < u32::MAX as usize
+}
+
+/// [`expert_mlp`] in the vector form ([`takes_vector_form`] checked by the caller): the gate,
+/// up and SiLU gate in one launch, the down products and the sum in another. Returns `act`.
+fn expert_mlp_vec<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    [gate, up, down]: [CubeTensor<R>; 3],
+    indices: CubeTensor<R>,
+    routing: Option<CubeTensor<R>>,
+    y: CubeTensor<R>,
+    top_k: usize,
+) -> CubeTensor<R> {
+    let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
+    let inner = *gate.meta.shape().last().expect("a weight has a shape");
+    let dense = routing.is_none();
+    let slots = tokens * top_k;
+    let (client, dtype) = (x.client.clone(), x.dtype);
+    let width = 16 / dtype.size();
+    let unroll = crate::gemv::vec_settings().1;
+    let act = empty_device_contiguous_dtype(
+        client.clone(),
+        x.device.clone(),
+        [slots, inner].into(),
+        dtype,
+    );
+    // Dense: one cube row for all rows of x (`rows` of them in each cube); routed: a cube row
+    // per slot, one row each.
+    let (rows, cube_rows) = if dense { (tokens, 1) } else { (1, slots) };
+    let (x0, x1) = (x.meta.strides()[0] as u32, x.meta.strides()[1] as u32);
+    let n_vec = inner / width;
+    let (lanes, slices) = crate::gemv::vec_cube(
+        &client,
+        n_vec,
+        hidden,
+        width,
+        crate::gemv::VEC_SUM_FLOATS_ALONE,
+    );
+    let cubes = n_vec.div_ceil(lanes);
+    assert!(cubes <= MAX_CUBES_X, "routed_experts: {inner} columns");
+    // SAFETY: units whose column vector is past `inner / width` read no weight and write
+    // nothing. The others read rows of `x` below `tokens` (routed: row slot / top_k; dense:
+    // rows 0..rows) at `k` indices below `hidden` through its strides, and the weight rows
+    // below `hidden` of expert `indices[slot]` (below the number of experts: the route kernel
+    // wrote it; dense: the one weight, `indices` not read), vector `cv` of rows of `inner /
+    // width` contiguous aligned vectors; slice 0 writes vector `cv` of its rows of `act`
+    // (`[slots, inner]`, contiguous). Shared memory: `lanes · slices · width` floats, at most
+    // VEC_SUM_FLOATS_ALONE; `slices` is a power of two.
+    unsafe {
+        expert_gate_up_vec_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(cubes as u32, cube_rows as u32, 1),
+            CubeDim::new_2d(lanes as u32, slices as u32),
+            width,
+            x.into_array_arg(),
+            gate.into_array_arg(),
+            up.into_array_arg(),
+            indices.clone().into_array_arg(),
+            act.clone().into_array_arg(),
+            x0,
+            x1,
+            hidden as u32,
+            n_vec as u32,
+            (hidden * n_vec) as u32,
+            top_k as u32,
+            rows,
+            width,
+            lanes,
+            slices,
+            unroll,
+            dense,
+            dtype.into(),
+        );
+    }
+    let n_vec = hidden / width;
+    let (lanes, slices) = crate::gemv::vec_cube(
+        &client,
+        n_vec,
+        inner,
+        width,
+        crate::gemv::VEC_SUM_FLOATS_ALONE,
+    );
+    let cubes = n_vec.div_ceil(lanes);
+    assert!(cubes <= MAX_CUBES_X, "routed_experts: {hidden} columns");
+    // Unweighted, the kernel reads no routing weights: `act` stands in.
+    let routing = routing.unwrap_or_else(|| act.clone());
+    // SAFETY: as the gate/up launch, over `act` (`[slots, inner]`, contiguous: row `slot`, or
+    // rows 0..rows dense) and `down`'s rows below `inner`; routed, the token's `top_k` routing
+    // weights and experts (below `slots`). Slice 0 writes vector `cv` of row `t` (dense: rows
+    // 0..rows) of `y`, contiguous `[tokens, hidden]`.
+    unsafe {
+        expert_down_vec_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(cubes as u32, if dense { 1 } else { tokens as u32 }, 1),
+            CubeDim::new_2d(lanes as u32, slices as u32),
+            width,
+            act.clone().into_array_arg(),
+            down.into_array_arg(),
+            indices.into_array_arg(),
+            routing.into_array_arg(),
+            y.into_array_arg(),
+            inner as u32,
+            n_vec as u32,
+            (inner * n_vec) as u32,
+            rows,
+            top_k,
+            width,
+            lanes,
+            slices,
+            unroll,
+            dense,
+            dtype.into(),
+        );
+    }
+    act
 }

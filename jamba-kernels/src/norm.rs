@@ -7,7 +7,6 @@
 //! decoding step is launch-bound, the norms were about half of all launches.
 
 use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
-use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 
 /// Largest number of units that share one row.
@@ -18,12 +17,12 @@ const MAX_CUBES_X: usize = 65_535;
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_kernel<F: Float>(
-    x: &CubeArg<F>,
-    update: &CubeArg<F>,
-    second: &CubeArg<F>,
-    weight: &CubeArg<F>,
-    sum_out: &mut CubeArg<F>,
-    out: &mut CubeArg<F>,
+    x: &crate::Strided<F>,
+    update: &crate::Strided<F>,
+    second: &crate::Strided<F>,
+    weight: &crate::Strided<F>,
+    sum_out: &mut crate::Strided<F>,
+    out: &mut crate::Strided<F>,
     rows: u32,
     seq: u32,
     width: u32,
@@ -42,25 +41,27 @@ fn rms_norm_kernel<F: Float>(
     let (seq, width) = (seq as usize, width as usize);
     let unit = UNIT_POS_X as usize;
     let (b, t) = (row / seq, row % seq);
-    let base = b * x.stride(0) + t * x.stride(1);
-    let step = x.stride(2);
-    let u_base = b * update.stride(0) + t * update.stride(1);
-    let u2_base = b * second.stride(0) + t * second.stride(1);
-    let s_base = b * sum_out.stride(0) + t * sum_out.stride(1);
+    let base = b * x.stride(0usize) + t * x.stride(1usize);
+    let step = x.stride(2usize);
+    let u_base = b * update.stride(0usize) + t * update.stride(1usize);
+    let u2_base = b * second.stride(0usize) + t * second.stride(1usize);
+    let s_base = b * sum_out.stride(0usize) + t * sum_out.stride(1usize);
     let mut acc = 0.0f32;
     let mut j = unit;
     while j < width {
-        let mut v = f32::cast_from(x[base + j * step]);
+        let mut v = f32::cast_from(x.buf[base + j * step]);
         if comptime!(add) {
             // The residual sum, rounded to the dtype as a separate addition would store it
             // (each of two additions rounded).
-            let mut sum = F::cast_from(v + f32::cast_from(update[u_base + j * update.stride(2)]));
+            let mut sum =
+                F::cast_from(v + f32::cast_from(update.buf[u_base + j * update.stride(2usize)]));
             if comptime!(add_second) {
                 sum = F::cast_from(
-                    f32::cast_from(sum) + f32::cast_from(second[u2_base + j * second.stride(2)]),
+                    f32::cast_from(sum)
+                        + f32::cast_from(second.buf[u2_base + j * second.stride(2usize)]),
                 );
             }
-            sum_out[s_base + j * sum_out.stride(2)] = sum;
+            sum_out.buf[s_base + j * sum_out.stride(2usize)] = sum;
             v = f32::cast_from(sum);
         }
         acc += v * v;
@@ -78,23 +79,24 @@ fn rms_norm_kernel<F: Float>(
         half = half / 2;
     }
     let scale = 1.0f32 / f32::sqrt(partial[0] / f32::cast_from(width) + eps);
-    let out_base = b * out.stride(0) + t * out.stride(1);
+    let out_base = b * out.stride(0usize) + t * out.stride(1usize);
     let mut j = unit;
     while j < width {
-        let mut v = f32::cast_from(x[base + j * step]);
+        let mut v = f32::cast_from(x.buf[base + j * step]);
         if comptime!(add) {
             v = f32::cast_from(F::cast_from(
-                v + f32::cast_from(update[u_base + j * update.stride(2)]),
+                v + f32::cast_from(update.buf[u_base + j * update.stride(2usize)]),
             ));
             if comptime!(add_second) {
                 v = f32::cast_from(F::cast_from(
-                    v + f32::cast_from(second[u2_base + j * second.stride(2)]),
+                    v + f32::cast_from(second.buf[u2_base + j * second.stride(2usize)]),
                 ));
             }
         }
         let normed = F::cast_from(v * scale);
-        out[out_base + j * out.stride(2)] =
-            F::cast_from(f32::cast_from(normed) * f32::cast_from(weight[j * weight.stride(0)]));
+        out.buf[out_base + j * out.stride(2usize)] = F::cast_from(
+            f32::cast_from(normed) * f32::cast_from(weight.buf[j * weight.stride(0usize)]),
+        );
         j += units;
     }
 }
@@ -233,12 +235,12 @@ fn launch<R: CubeRuntime>(
             &client,
             count,
             CubeDim::new_1d(units as u32),
-            x.into_tensor_arg(),
-            update.into_tensor_arg(),
-            second.into_tensor_arg(),
-            weight.into_tensor_arg(),
-            sum.into_tensor_arg(),
-            out.into_tensor_arg(),
+            crate::strided(x),
+            crate::strided(update),
+            crate::strided(second),
+            crate::strided(weight),
+            crate::strided(sum),
+            crate::strided(out),
             rows as u32,
             seq as u32,
             width as u32,

@@ -325,7 +325,8 @@ pub trait JambaBackend: Backend {
     /// renormalised) kept on the device, or `None` to let [`crate::moe::SparseMoe`] group the
     /// tokens by expert on the host (the default, and the form for many tokens).
     ///
-    /// CubeCL backends override it for up to 64 (token, expert) pairs: five launches and no
+    /// CubeCL backends override it for up to 64 (token, expert) pairs: five launches (three
+    /// where the widths split into 16-byte vectors) and no
     /// read back to the host, where the grouped form takes ~40 launches and a synchronisation
     /// per MoE layer of a decoding step. Flex runs it as host loops for up to 8 f32 tokens
     /// (no per-operation overhead between the experts' products).
@@ -338,7 +339,8 @@ pub trait JambaBackend: Backend {
     /// [`crate::mlp::Mlp`] run it as separate operations (the default).
     ///
     /// CubeCL backends override it for up to `jamba_kernels::moe::MAX_SLOTS` rows (decoding
-    /// steps) with four launches where the separate operations take thirteen.
+    /// steps) with four launches (two for up to four rows whose widths split into 16-byte
+    /// vectors) where the separate operations take thirteen.
     /// `JAMBA_FUSED_STEP=off` turns it off, for comparisons.
     fn swiglu(
         _x: Tensor<Self, 2>,
@@ -680,7 +682,8 @@ pub fn fused_attention_enabled() -> bool {
 
 /// Whether generation runs each decoding step through [`JambaBackend::exclusive`]
 /// (`JAMBA_EXCLUSIVE=on|off`, off by default). On wgpu it was faster; on the H200, bf16 batch 1
-/// was slower in three runs of four (338-407 against 394-464 tokens/s; session 15).
+/// was slower in three runs of four (338-407 against 394-464 tokens/s; session 15), and split
+/// one round each way in session 17 (752 / 633 against 700 / 737), gaining 3% at batch 16.
 pub fn exclusive_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| env_switch("JAMBA_EXCLUSIVE", false))
