@@ -747,18 +747,22 @@ fn argmax_grid<R: CubeRuntime>(device: &R::Device) {
 /// per key/value head), head widths below and at a cube's units and not multiples of 32, key
 /// counts in one chunk and across several (the online softmax's rescaling), keys and values read
 /// in place from a larger preallocated buffer (strided views), and a padding mask that hides
-/// some keys of one row and every key of another (which must give zeros). Inputs are rounded to
-/// `dtype` first; the error left is f32 arithmetic and the output's rounding.
+/// some keys of one row and every key of another (which must give zeros). Both forms: head
+/// widths that split into 16-byte vectors take the vector kernel, width 30 the scalar one.
+/// Inputs are rounded to `dtype` first; the error left is f32 arithmetic and the output's
+/// rounding.
 fn decode_attention_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
     use jamba::kernels::attention;
     let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
     let mut cases = 0;
+    let mut forms = [0usize; 2];
     for &(batch, heads, kv_heads, dim, keys) in &[
         (1usize, 8usize, 2usize, 128usize, 1usize),
         (1, 8, 2, 128, 300),
         (3, 4, 4, 24, 257),
         (2, 6, 3, 256, 700),
         (3, 2, 1, 40, 33),
+        (2, 4, 2, 30, 65),
     ] {
         for masked in [false, true] {
             let capacity = keys + 5;
@@ -825,10 +829,12 @@ fn decode_attention_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toler
                 );
                 prim(t.reshape([batch, keys]))
             });
+            let (k, v) = (prim(k), prim(v));
+            forms[usize::from(attention::takes_vector_form(&k, &v))] += 1;
             let y = wrap::<R, 2>(attention::decode_attention(
                 prim(q.reshape([batch, heads, dim])),
-                prim(k),
-                prim(v),
+                k,
+                v,
                 pad,
                 scale,
             ));
@@ -844,7 +850,12 @@ fn decode_attention_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toler
             cases += 1;
         }
     }
-    assert_eq!(cases, 10);
+    assert_eq!(cases, 12);
+    // Both forms ran: the vector form where the head dimension splits into 16-byte vectors.
+    assert!(
+        forms.iter().all(|&n| n > 0),
+        "cases per form (scalar, vector): {forms:?}"
+    );
 }
 
 /// The device-routed mixture of experts against an f64 loop (softmax, top-k by probability,
@@ -1142,13 +1153,15 @@ fn scan_backward_grid<R: CubeRuntime>(device: &R::Device) {
     assert!(cases >= 100);
 }
 
-/// The fused Mamba decoding step ([`JambaBackend::mamba_step`], two kernels) against the same
-/// mixer's separate operations on the same device: four steps from a random conv and SSM state,
-/// comparing the layer's output and both new states. Every parameter is random (no structured
-/// `A_log` or unit `D` that would hide a transposed index), widths are not multiples of the
-/// kernels' 128 channels per cube, and the conv width, state size and rank vary.
+/// The fused Mamba decoding step ([`JambaBackend::mamba_step`], one kernel or two) against the
+/// same mixer's separate operations on the same device: four steps from a random conv and SSM
+/// state, comparing the layer's output and both new states. Every parameter is random (no
+/// structured `A_log` or unit `D` that would hide a transposed index), widths are not multiples
+/// of the kernels' channels per cube, and the conv width, state size and rank vary. Both forms
+/// run: one launch where `x_proj`'s width splits into 16-byte vectors and the batch is small,
+/// two otherwise.
 ///
-/// In f32 the two differ by summation order (`x_proj` summed by blocks of 128 channels here, by
+/// In f32 the two differ by summation order (`x_proj` summed by blocks of channels here, by
 /// slices of `k` in the GEMV) and by the exponentials' approximations under fast math, carried
 /// through the recurrence and into `y`, where `D · u` can cancel `C · h`: seen up to 5e-6
 /// over eight seeds, hence 2e-5. (No rank or state of 1: the norm of one value, `x / √(x² + ε)`,
@@ -1162,6 +1175,7 @@ fn mamba_step_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: 
     let seed = common::fresh_seed();
     K::<R>::seed(device, seed);
     let mut cases = 0;
+    let mut forms = [0usize; 2];
     let mut worst = (0.0f64, String::new());
     for &(inner, state, rank, d_conv, conv_bias) in &[
         (37usize, 16usize, 3usize, 4usize, true),
@@ -1223,6 +1237,12 @@ fn mamba_step_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: 
                 K::<R>::mamba_step(mixer.step_input(xz, &fused)).is_some(),
                 "{name}: the backend did not take the fused step"
             );
+            let one = jamba::kernels::mamba_step::takes_one_launch(
+                &prim(mixer.x_proj.weight.val()),
+                batch,
+                state,
+            );
+            forms[usize::from(one)] += 1;
             for step in 0..4 {
                 let x = Tensor::<K<R>, 3>::random(
                     [batch, 1, hidden],
@@ -1256,6 +1276,10 @@ fn mamba_step_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: 
         }
     }
     assert_eq!(cases, 12);
+    assert!(
+        forms.iter().all(|&n| n > 0),
+        "cases per form (two launches, one): {forms:?}"
+    );
     eprintln!(
         "fused Mamba step: worst rel. error of y {:.2e} (tolerance {tolerance:.0e}) at {}",
         worst.0, worst.1

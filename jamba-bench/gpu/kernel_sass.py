@@ -4,7 +4,8 @@
 Run a command with CUBECL_DEBUG_LOG=<log> (CubeCL then logs each kernel's CUDA source), then
     python3 kernel_sass.py <log> <kernel-name-substring> [--nvcc /usr/local/cuda/bin/nvcc]
 compiles every logged kernel whose source contains the substring as NVRTC would (sm_90a), and
-prints the SASS opcode counts of each: what the issue slots of the kernel go to.
+prints the SASS opcode counts of each (what the issue slots of the kernel go to) and ptxas's
+registers per unit and spills.
 """
 import argparse, collections, os, re, subprocess, sys, tempfile
 
@@ -28,7 +29,7 @@ with tempfile.TemporaryDirectory() as tmp:
     for i, src in enumerate(picked):
         cu, cubin = os.path.join(tmp, f"k{i}.cu"), os.path.join(tmp, f"k{i}.cubin")
         open(cu, "w").write(src)
-        r = subprocess.run([args.nvcc, f"-arch={args.arch}", "-cubin", "-lineinfo", f"-I{inc}", "-o", cubin, cu],
+        r = subprocess.run([args.nvcc, f"-arch={args.arch}", "-cubin", "-lineinfo", "-Xptxas", "-v", f"-I{inc}", "-o", cubin, cu],
                            capture_output=True, text=True)
         if r.returncode != 0:
             print(f"kernel {i}: nvcc failed:\n{r.stderr[-2000:]}")
@@ -47,3 +48,7 @@ with tempfile.TemporaryDirectory() as tmp:
         total = sum(ops.values())
         print(f"kernel {i} ({entry.group(1) if entry else '?'}): {total} instructions")
         print("   " + ", ".join(f"{k} {v}" for k, v in ops.most_common(args.top)))
+        # ptxas -v: registers per unit, spills (local memory traffic instead of registers).
+        for line in r.stderr.splitlines():
+            if "registers" in line or "spill" in line:
+                print("   " + line.split("ptxas info    :")[-1].strip())

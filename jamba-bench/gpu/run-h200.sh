@@ -2,13 +2,31 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|one|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
 WHAT=${1:-all}
 mkdir -p "$OUT"
 export JAMBA_FIXTURES=$PWD/fixtures RUST_BACKTRACE=1
+# bf16 decode throughput of bench-jamba-1b after a 512-token prompt: `decode_bench BIN LABEL`,
+# batches from $BATCHES (default 1,16); prints the decode lines, each prefixed with LABEL.
+decode_bench() {
+  "$1" throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 0 --decode-batch ${BATCHES:-1,16} --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 \
+    2>&1 >/dev/null | grep -E "^decode" | sed "s/^/$2  /"
+}
+# ncu's device time per kernel of a b1 bf16 step of ./jamba-bench (12 minus 4 steps), its CSVs
+# kept as $OUT/ncu-TAG-*.csv.xz: `ncu_step TAG`.
+ncu_step() {
+  local A="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512 --decode-batch 1"
+  local M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-$1-1.csv" ./jamba-bench $A --decode-steps 4 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-$1-2.csv" ./jamba-bench $A --decode-steps 12 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-$1-2.csv" --minus "$OUT/ncu-$1-1.csv" --top 16
+  python3 ncu_rows.py "$OUT/ncu-$1-2.csv" --top 16
+  (cd "$OUT" && xz -6 ncu-$1-*.csv)
+}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
 nvidia-smi -q -d CLOCK | grep -A4 "Applications Clocks\|Clocks Event Reasons" | head -20
 if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
@@ -258,24 +276,15 @@ if [ "$WHAT" = vec ]; then
     echo "== what a launch costs the host (µs): tensors vs arrays, output reused vs fresh"
     ./jamba-bench launch --backend cuda --launches 20000 --rounds 2 2>&1
   fi
-  bench() { ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-    --prefill 0 --decode-batch ${BATCHES:-1,16} --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 2>&1 >/dev/null \
-    | grep -E "^decode" | sed "s/^/$1  /"; }
   echo "== bf16 decode after 512: vector GEMV off/on (unroll 4), alternated, two rounds"
   for round in 1 2; do
-    JAMBA_GEMV_VEC=off bench "r$round vec=off"
-    bench "r$round vec=on "
+    JAMBA_GEMV_VEC=off decode_bench ./jamba-bench "r$round vec=off"
+    decode_bench ./jamba-bench "r$round vec=on "
   done
   echo "== b1 with unroll ${UNROLLS:-2 8}"
-  for un in ${UNROLLS:-2 8}; do BATCHES=1 JAMBA_GEMV_UNROLL=$un bench "unroll=$un"; done
+  for un in ${UNROLLS:-2 8}; do BATCHES=1 JAMBA_GEMV_UNROLL=$un decode_bench ./jamba-bench "unroll=$un"; done
   echo "== ncu: device time per kernel of a b1 step (12 minus 4 steps), vector GEMV on"
-  A="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512 --decode-batch 1"
-  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
-  $M --log-file "$OUT/ncu-vec-1.csv" ./jamba-bench $A --decode-steps 4 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-vec-2.csv" ./jamba-bench $A --decode-steps 12 > /dev/null 2>&1
-  python3 ncu_summary.py "$OUT/ncu-vec-2.csv" --minus "$OUT/ncu-vec-1.csv" --top 16
-  python3 ncu_rows.py "$OUT/ncu-vec-2.csv" --top 14
-  (cd "$OUT" && xz -6 ncu-vec-*.csv)
+  ncu_step vec
   echo "== parity on CUDA"
   ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
 fi
@@ -292,28 +301,18 @@ if [ "$WHAT" = strided ]; then
   for round in 1 2; do
     for bin in ./jamba-bench-prev ./jamba-bench; do
       [ -x "$bin" ] || continue
-      $bin throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-        --prefill 0 --decode-batch 1,16 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 2>&1 >/dev/null \
-        | grep -E "^decode" | sed "s/^/r$round $(basename $bin)  /"
+      decode_bench $bin "r$round $(basename $bin)"
     done
   done
   echo "== b1 with at most ${UNITS_:-256 512} units per vector-form cube"
   for un in ${UNITS_:-256 512}; do
-    JAMBA_VEC_UNITS=$un ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-      --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 64 --reps 3 --warmup 1 2>&1 >/dev/null \
-      | grep -E "^decode" | sed "s/^/units=$un  /"
+    BATCHES=1 JAMBA_VEC_UNITS=$un decode_bench ./jamba-bench "units=$un"
   done
   echo "== profile b1: a step issued vs finished"
   ./jamba-bench profile --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
     --batch 1 --context 512 --steps 50 2>&1 | grep -E "whole step|final norm|argmax|layer 0|layer 1 "
   echo "== ncu: device time per kernel of a b1 step (12 minus 4 steps)"
-  A="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1 --reps 1 --prefill 0 --decode-context 512 --decode-batch 1"
-  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
-  $M --log-file "$OUT/ncu-str-1.csv" ./jamba-bench $A --decode-steps 4 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-str-2.csv" ./jamba-bench $A --decode-steps 12 > /dev/null 2>&1
-  python3 ncu_summary.py "$OUT/ncu-str-2.csv" --minus "$OUT/ncu-str-1.csv" --top 16
-  python3 ncu_rows.py "$OUT/ncu-str-2.csv" --top 16
-  (cd "$OUT" && xz -6 ncu-str-*.csv)
+  ncu_step str
 fi
 if [ "$WHAT" = exclusive ]; then
   # Session 17: a step issued from CubeCL's device thread (JAMBA_EXCLUSIVE=on) against the
@@ -321,14 +320,41 @@ if [ "$WHAT" = exclusive ]; then
   echo "== bf16 decode b1 after 512, JAMBA_EXCLUSIVE off/on alternated, two rounds; then b16 on"
   for round in 1 2; do
     for ex in off on; do
-      JAMBA_VEC_UNITS=512 JAMBA_EXCLUSIVE=$ex ./jamba-bench throughput --config configs/bench-jamba-1b.config.json \
-        --backend cuda --dtype bf16 --prefill 0 --decode-batch 1 --decode-context 512 --decode-steps 64 --reps 3 \
-        --warmup 1 2>&1 >/dev/null | grep -E "^decode" | sed "s/^/r$round exclusive=$ex  /"
+      BATCHES=1 JAMBA_VEC_UNITS=512 JAMBA_EXCLUSIVE=$ex decode_bench ./jamba-bench "r$round exclusive=$ex"
     done
   done
-  JAMBA_VEC_UNITS=512 JAMBA_EXCLUSIVE=on ./jamba-bench throughput --config configs/bench-jamba-1b.config.json \
-    --backend cuda --dtype bf16 --prefill 0 --decode-batch 16 --decode-context 512 --decode-steps 64 --reps 3 \
-    --warmup 1 2>&1 >/dev/null | grep -E "^decode" | sed "s/^/exclusive=on  /"
+  BATCHES=16 JAMBA_VEC_UNITS=512 JAMBA_EXCLUSIVE=on decode_bench ./jamba-bench "exclusive=on"
+fi
+if [ "$WHAT" = one ]; then
+  # Session 18: the Mamba step in one launch and the vector decode attention, against the
+  # two-launch step and the scalar attention (JAMBA_MAMBA_ONE=off, JAMBA_ATTN_VEC=off).
+  echo "== kernel tests on CUDA: the Mamba step and the decode attention (f32, then half)"
+  ./kernels --test-threads 1 mamba_step attention 2>&1 | grep -E "^test |test result|FAIL|panicked|worst|form" | head -20
+  echo "== bf16 decode after 512: the new kernels off/on, alternated, two rounds"
+  for round in 1 2; do
+    JAMBA_MAMBA_ONE=off JAMBA_ATTN_VEC=off decode_bench ./jamba-bench "r$round old"
+    decode_bench ./jamba-bench "r$round new"
+  done
+  echo "== b1 with one of them"
+  BATCHES=1 JAMBA_ATTN_VEC=off decode_bench ./jamba-bench "Mamba one-launch only"
+  BATCHES=1 JAMBA_MAMBA_ONE=off decode_bench ./jamba-bench "vector attention only"
+  echo "== ncu: device time per kernel of a b1 step (12 minus 4 steps), new kernels"
+  ncu_step one
+  echo "== profile b1: a step issued vs finished"
+  ./jamba-bench profile --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --batch 1 --context 512 --steps 50 2>&1 | grep -E "whole step|final norm|argmax|layer 0|layer 1 "
+  echo "== registers, spills and instruction mix of the decode kernels (ptxas -v, SASS)"
+  JAMBA_MAMBA_ONE=off CUBECL_DEBUG_LOG="$OUT/src-old.log" ./jamba-bench throughput --config configs/bench-jamba-1b.config.json \
+    --backend cuda --dtype bf16 --prefill 0 --decode-batch 1 --decode-context 16 --decode-steps 2 --reps 1 --warmup 0 > /dev/null 2>&1
+  CUBECL_DEBUG_LOG="$OUT/src.log" ./jamba-bench throughput --config configs/bench-jamba-1b.config.json \
+    --backend cuda --dtype bf16 --prefill 0 --decode-batch 1 --decode-context 16 --decode-steps 2 --reps 1 --warmup 0 > /dev/null 2>&1
+  for k in mamba_step_one expert_gate_up_vec expert_down_vec gemv_vec decode_attention_vec route_normed; do
+    python3 kernel_sass.py "$OUT/src.log" $k --top 12 --dump "$OUT/sass-$k" 2>&1 | head -12
+  done
+  python3 kernel_sass.py "$OUT/src-old.log" mamba_step_front --top 12 2>&1 | head -8
+  rm -f "$OUT"/src*.log
+  echo "== parity on CUDA"
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
 fi
 if [ "$WHAT" = scan-stalls ]; then
   echo "== why the chunked scan waits: ncu stall reasons per issued instruction, (1, 8192, 4096) bf16"

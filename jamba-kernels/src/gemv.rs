@@ -976,22 +976,31 @@ pub(crate) fn slice_totals(
     sync_cube();
 }
 
-/// Whether the vector form runs where it applies (`JAMBA_GEMV_VEC=off` turns it off, to
-/// compare), and its weight rows in flight per unit (`JAMBA_GEMV_UNROLL`, default 4).
-pub(crate) fn vec_settings() -> (bool, usize) {
-    static SETTINGS: std::sync::OnceLock<(bool, usize)> = std::sync::OnceLock::new();
-    *SETTINGS.get_or_init(|| {
-        let on = !matches!(
+/// Whether the vector forms run where they apply (`JAMBA_GEMV_VEC=off` turns them off, to
+/// compare).
+fn vec_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
             std::env::var("JAMBA_GEMV_VEC").as_deref(),
             Ok("off" | "0" | "false" | "no")
-        );
-        let unroll = std::env::var("JAMBA_GEMV_UNROLL")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&u: &usize| (1..=16).contains(&u))
-            .unwrap_or(4);
-        (on, unroll)
+        )
     })
+}
+
+/// The vector forms' weight rows in flight per unit (`JAMBA_GEMV_UNROLL`, 1 to 16, default 4).
+pub(crate) fn vec_unroll() -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    crate::env_usize(&FORCED, "JAMBA_GEMV_UNROLL")
+        .filter(|u| (1..=16).contains(u))
+        .unwrap_or(4)
+}
+
+/// The elements of `dtype` in one 16-byte vector, or `None` where the vector forms do not run
+/// (not a float dtype, or turned off).
+pub(crate) fn vec_width(dtype: DType) -> Option<usize> {
+    (vec_enabled() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16))
+        .then(|| VEC_BYTES / dtype.size())
 }
 
 /// A buffer's first byte is 16-byte aligned (the vector loads need it).
@@ -1017,11 +1026,9 @@ pub fn takes_vector_form<R: CubeRuntime>(
     bias: Option<&CubeTensor<R>>,
 ) -> bool {
     let (rows, k, n) = (x.meta.shape()[0], x.meta.shape()[1], w.meta.shape()[1]);
-    let dtype = x.dtype;
-    if !vec_settings().0 || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+    let Some(width) = vec_width(x.dtype) else {
         return false;
-    }
-    let width = VEC_BYTES / dtype.size();
+    };
     let w_strides = w.meta.strides();
     let stage = if norm.is_some() { vec_stage(k) } else { 1 };
     (1..=NORMED_MAX_ROWS).contains(&rows)
@@ -1078,10 +1085,10 @@ fn try_launch_vec<R: CubeRuntime>(
     if !takes_vector_form(x, norm, w, bias) {
         return false;
     }
-    let unroll = vec_settings().1;
+    let width = vec_width(x.dtype).expect("takes_vector_form checked the dtype");
+    let unroll = vec_unroll();
     let (rows, k, n) = (x.meta.shape()[0], x.meta.shape()[1], w.meta.shape()[1]);
     let dtype = x.dtype;
-    let width = VEC_BYTES / dtype.size();
     let w_strides = w.meta.strides();
     let stage = if norm.is_some() { vec_stage(k) } else { 1 };
     let client = x.client.clone();

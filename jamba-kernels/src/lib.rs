@@ -17,8 +17,8 @@
 //!   memory bandwidth, f32 accumulation; [`gemv::gemv_normed`]: the same of an RMSNorm's
 //!   output, the norm computed inside the product's launch.
 //! - [`mamba_step::mamba_step`]: a Mamba mixer's decoding step between `in_proj` and
-//!   `out_proj` (conv, `x_proj`, the Δ/B/C norms, `dt_proj`, the state update, the gate) in two
-//!   launches instead of about fifteen.
+//!   `out_proj` (conv, `x_proj`, the Δ/B/C norms, `dt_proj`, the state update, the gate) in one
+//!   launch (a few rows) or two instead of about fifteen.
 //! - [`moe::routed_experts`]: a mixture-of-experts feed-forward for a few tokens with the
 //!   router's softmax and top-k on the device (no routing read back to the host);
 //!   [`moe::swiglu`]: a dense SwiGLU MLP of a few rows on the same kernels, four launches;

@@ -1,10 +1,16 @@
-//! One decoding step of the Mamba mixer between `in_proj` and `out_proj`, in two launches.
+//! One decoding step of the Mamba mixer between `in_proj` and `out_proj`, in one launch or two.
 //!
 //! A decoding step is bound by launches on a GPU (each costs the host ~8 µs to issue through
 //! CubeCL, more than most of these kernels take to run). Unfused, the middle of a Mamba layer
 //! is the conv and its state (2 launches), `x_proj` (2), the three norms of Δ, B and C (3),
 //! `dt_proj` (2), `A = −exp(A_log)` (2) and the state update (1), plus, in half precision, a
-//! cast to f32 of each small parameter (4). Here it is:
+//! cast to f32 of each small parameter (4).
+//!
+//! For a few rows whose `x_proj` width splits into 16-byte vectors it is one launch,
+//! [`mamba_step_one_kernel`]: every cube computes the conv of all channels and all of `x_proj`
+//! (each cube reads the whole `x_proj` weight, from L2 after the first), then the norms, and
+//! for its own channels `dt_proj`, softplus, the state update, the C contraction, the D skip
+//! and the SiLU(z) gate. Otherwise two:
 //!
 //! 1. [`mamba_step_front_kernel`], a cube per 128 channels and batch row: the conv window
 //!    (state then the new input) with bias and SiLU, the new conv state, and that block's
@@ -285,6 +291,279 @@ fn mamba_step_scan_kernel<F: Float>(
     }
 }
 
+/// Units per cube of [`mamba_step_one_kernel`] at most.
+const ONE_MAX_UNITS: usize = 512;
+/// `x_proj` weight vectors in flight per unit in [`mamba_step_one_kernel`].
+const ONE_UNROLL: usize = 8;
+/// The shared memory [`mamba_step_one_kernel`] may take (wgpu's software Vulkan allows 32 KB).
+const ONE_SHARED_FLOATS: usize = 8192;
+/// The largest batch of the one-launch form: each of its cubes computes its row's whole `x_proj`,
+/// which a batch of many rows would repeat in every cube.
+pub const ONE_MAX_BATCH: usize = 4;
+
+/// The whole step in one launch, a cube per `per_cube` channels and batch row: every cube
+/// computes the conv of all of its row's channels and all of `x_proj` (`inner × (R + 2N)`
+/// weights, read from L2 by every cube after the first), so no second launch has to gather
+/// the blocks' partial sums; then the norms, and for its own channels `dt_proj` (its rank split
+/// over the channel's units), the state update, the C contraction, the D skip and the gate.
+/// The units form `(lanes, slices)` for `x_proj` (`lanes` 16-byte vectors of its output row,
+/// `slices` of the channels) and `(groups, per_cube)` for the state update.
+#[cube(
+    launch_unchecked,
+    fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
+)]
+#[allow(clippy::too_many_arguments)]
+fn mamba_step_one_kernel<F: Float, N: Size>(
+    xz: &crate::Strided<F>,
+    conv_state: &crate::Strided<F>,
+    conv_w: &crate::Strided<F>,
+    conv_b: &crate::Strided<F>,
+    x_proj: &Array<Vector<F, N>>,
+    dt_norm: &crate::Strided<F>,
+    b_norm: &crate::Strided<F>,
+    c_norm: &crate::Strided<F>,
+    dt_proj: &crate::Strided<F>,
+    dt_bias: &crate::Strided<F>,
+    a_log: &crate::Strided<F>,
+    dskip: &crate::Strided<F>,
+    h0: &crate::Strided<f32>,
+    y: &mut crate::Strided<F>,
+    state_out: &mut crate::Strided<F>,
+    h_out: &mut crate::Strided<f32>,
+    rank: u32,
+    n_state: u32,
+    eps: f32,
+    xrow: u32,
+    #[comptime] inner: usize,
+    #[comptime] outputs: usize,
+    #[comptime] rank_per_unit: usize,
+    #[comptime] k: usize,
+    #[comptime] width: usize,
+    #[comptime] lanes: usize,
+    #[comptime] slices: usize,
+    #[comptime] spu: usize,
+    #[comptime] groups: usize,
+    #[comptime] per_cube: usize,
+    #[comptime] has_conv_bias: bool,
+    #[comptime] has_dt_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let (rank, n_state) = (rank as usize, n_state as usize);
+    let units = comptime!(lanes * slices);
+    let chans = comptime!(inner.div_ceil(lanes * slices));
+    let lead = comptime!(k - 1);
+    let u = UNIT_POS as usize;
+    let row = CUBE_POS_Y as usize;
+    let c0 = CUBE_POS_X as usize * per_cube;
+
+    // The conv of every channel of the row; the cube's own channels write the new conv state.
+    let xrow = xrow as usize;
+    let mut us = SharedMemory::<f32>::new(inner);
+    #[unroll]
+    for t in 0..chans {
+        let c = u + t * units;
+        if c < inner {
+            let mut acc = 0.0f32;
+            if comptime!(has_conv_bias) {
+                acc = f32::cast_from(conv_b.buf[c * conv_b.stride(0usize)]);
+            }
+            let sb = row * conv_state.stride(0usize) + c * conv_state.stride(2usize);
+            #[unroll]
+            for j in 0..lead {
+                acc += f32::cast_from(
+                    conv_w.buf[c * conv_w.stride(0usize) + j * conv_w.stride(1usize)],
+                ) * f32::cast_from(conv_state.buf[sb + j * conv_state.stride(1usize)]);
+            }
+            let xv = xz.buf[row * xz.stride(0usize) + c * xz.stride(1usize)];
+            acc += f32::cast_from(
+                conv_w.buf[c * conv_w.stride(0usize) + lead * conv_w.stride(1usize)],
+            ) * f32::cast_from(xv);
+            us[c] = f32::cast_from(F::cast_from(silu_f32(acc)));
+            if c >= c0 && c < c0 + per_cube {
+                let so = row * state_out.stride(0usize) + c * state_out.stride(2usize);
+                #[unroll]
+                for j in 1..lead {
+                    state_out.buf[so + (j - 1) * state_out.stride(1usize)] =
+                        conv_state.buf[sb + j * conv_state.stride(1usize)];
+                }
+                state_out.buf[so + (lead - 1) * state_out.stride(1usize)] = xv;
+            }
+        }
+    }
+    sync_cube();
+
+    // x_proj: lane `lane` owns 16 bytes of the output row, slice `s` every `slices`-th channel.
+    let lane = UNIT_POS_X as usize;
+    let s = UNIT_POS_Y as usize;
+    let mut acc = Array::<f32>::new(width);
+    #[unroll]
+    for l in 0..width {
+        acc[l] = 0.0;
+    }
+    let mut wv = Array::<Vector<F, N>>::new(ONE_UNROLL);
+    let mut cc = s;
+    while cc < inner {
+        #[unroll]
+        for q in 0..ONE_UNROLL {
+            let ch = cc + q * slices;
+            if ch < inner {
+                wv[q] = x_proj[ch * xrow + lane];
+            }
+        }
+        #[unroll]
+        for q in 0..ONE_UNROLL {
+            let ch = cc + q * slices;
+            if ch < inner {
+                let (uv, wq) = (us[ch], wv[q]);
+                #[unroll]
+                for l in 0..width {
+                    acc[l] += uv * f32::cast_from(wq[l]);
+                }
+            }
+        }
+        cc += comptime!(ONE_UNROLL * slices);
+    }
+    let mut red = SharedMemory::<f32>::new(comptime!(lanes * slices * width));
+    let mut total = Array::<f32>::new(width);
+    crate::gemv::slice_totals(&mut red, &acc, 0usize, &mut total, width, lanes, units);
+    let mut dbc = SharedMemory::<f32>::new(outputs);
+    if s == 0 {
+        #[unroll]
+        for l in 0..width {
+            dbc[lane * width + l] = f32::cast_from(F::cast_from(total[l]));
+        }
+    }
+    sync_cube();
+
+    // The RMSNorm scales of Δ, B and C, 32 units per norm.
+    let mut sq = SharedMemory::<f32>::new(comptime!(NORMS * 32));
+    let mut scale = SharedMemory::<f32>::new(NORMS);
+    if u < NORMS * 32 {
+        let seg = u / 32;
+        let mut start = 0usize;
+        let mut len = rank;
+        if seg == 1 {
+            start = rank;
+            len = n_state;
+        }
+        if seg == 2 {
+            start = rank + n_state;
+            len = n_state;
+        }
+        let mut ss = 0.0f32;
+        let mut i = u % 32;
+        while i < len {
+            let v = dbc[start + i];
+            ss += v * v;
+            i += 32;
+        }
+        sq[u] = ss;
+    }
+    sync_cube();
+    if u < NORMS {
+        let mut ss = 0.0f32;
+        #[unroll]
+        for i in 0..32 {
+            ss += sq[u * 32 + i];
+        }
+        let mut len = n_state;
+        if u == 0 {
+            len = rank;
+        }
+        scale[u] = 1.0f32 / f32::sqrt(ss / f32::cast_from(len) + eps);
+    }
+    sync_cube();
+    let mut normed = SharedMemory::<f32>::new(outputs);
+    let mut o = u;
+    while o < outputs {
+        let mut sc = scale[0];
+        let mut w = 0.0f32;
+        if o < rank {
+            w = f32::cast_from(dt_norm.buf[o * dt_norm.stride(0usize)]);
+        }
+        if o >= rank && o < rank + n_state {
+            sc = scale[1];
+            w = f32::cast_from(b_norm.buf[(o - rank) * b_norm.stride(0usize)]);
+        }
+        if o >= rank + n_state {
+            sc = scale[2];
+            w = f32::cast_from(c_norm.buf[(o - rank - n_state) * c_norm.stride(0usize)]);
+        }
+        let v = f32::cast_from(F::cast_from(dbc[o] * sc));
+        normed[o] = f32::cast_from(F::cast_from(v * w));
+        o += units;
+    }
+    sync_cube();
+
+    // Channel `d`: dt_proj with its rank split over the channel's `groups` units.
+    let g = u % groups;
+    let local = u / groups;
+    let d = c0 + local;
+    let active = local < per_cube && d < inner;
+    let mut part_delta = 0.0f32;
+    if active {
+        #[unroll]
+        for t in 0..rank_per_unit {
+            let r = g + t * groups;
+            if r < rank {
+                part_delta += normed[r]
+                    * f32::cast_from(
+                        dt_proj.buf[r * dt_proj.stride(0usize) + d * dt_proj.stride(1usize)],
+                    );
+            }
+        }
+    }
+    let mut part = SharedMemory::<f32>::new(units);
+    part[u] = part_delta;
+    sync_cube();
+    let mut delta = 0.0f32;
+    if active {
+        #[unroll]
+        for i in 0..groups {
+            delta += part[local * groups + i];
+        }
+    }
+    sync_cube();
+
+    // softplus, the state update over this unit's state indices, the C contraction.
+    let mut contribution = 0.0f32;
+    let mut uv = 0.0f32;
+    if active {
+        let mut x = f32::cast_from(F::cast_from(delta));
+        if comptime!(has_dt_bias) {
+            x += f32::cast_from(dt_bias.buf[d * dt_bias.stride(0usize)]);
+        }
+        x = softplus_f32(x);
+        uv = us[d];
+        let du = x * uv;
+        let hs = row * h0.stride(0usize) + d * h0.stride(1usize);
+        let os = row * h_out.stride(0usize) + d * h_out.stride(1usize);
+        let ab = d * a_log.stride(0usize);
+        #[unroll]
+        for j in 0..spu {
+            let n = g + j * groups;
+            let a = -(f32::cast_from(a_log.buf[ab + n * a_log.stride(1usize)]).exp());
+            let hv = (x * a).exp() * h0.buf[hs + n * h0.stride(2usize)] + du * normed[rank + n];
+            h_out.buf[os + n * h_out.stride(2usize)] = hv;
+            contribution += hv * normed[rank + n_state + n];
+        }
+    }
+    part[u] = contribution;
+    sync_cube();
+    if active && g == 0 {
+        let mut acc_y = 0.0f32;
+        #[unroll]
+        for i in 0..groups {
+            acc_y += part[local * groups + i];
+        }
+        acc_y += f32::cast_from(dskip.buf[d * dskip.stride(0usize)]) * uv;
+        acc_y *= silu_f32(f32::cast_from(
+            xz.buf[row * xz.stride(0usize) + (inner + d) * xz.stride(1usize)],
+        ));
+        y.buf[row * y.stride(0usize) + d * y.stride(1usize)] = F::cast_from(acc_y);
+    }
+}
+
 /// The inputs of [`mamba_step`]: one new token per batch row. Every float tensor but the SSM
 /// state has the dtype of `xz`; any strides.
 pub struct MambaStepTensors<R: CubeRuntime> {
@@ -326,9 +605,107 @@ pub fn supports(d_conv: usize, dt_rank: usize, d_state: usize) -> bool {
         && dt_rank + 2 * d_state <= MAX_OUTPUTS
 }
 
-/// One decoding step of the mixer's middle: returns `y` (`[batch, inner]`, gated, before
-/// `out_proj`), the new conv state (`[batch, d_conv − 1, inner]`) and the new SSM state
-/// (`[batch, inner, d_state]`, f32), all new buffers.
+/// The cube shape of [`mamba_step_one_kernel`].
+#[derive(Clone, Copy, Debug)]
+struct OneForm {
+    width: usize,
+    lanes: usize,
+    slices: usize,
+    spu: usize,
+    groups: usize,
+    per_cube: usize,
+}
+
+/// Whether the one-launch form runs (`JAMBA_MAMBA_ONE=off` turns it off, to compare).
+fn one_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("JAMBA_MAMBA_ONE").as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        )
+    })
+}
+
+/// State indices per unit of the state update, and units per channel.
+fn state_split(n_state: usize) -> (usize, usize) {
+    let spu = [4usize, 2]
+        .into_iter()
+        .find(|s| n_state % s == 0)
+        .unwrap_or(1);
+    (spu, n_state / spu)
+}
+
+/// The one-launch form's cube for a batch of `batch` rows, or `None` where it does not apply:
+/// more than [`ONE_MAX_BATCH`] rows, `x_proj`'s width not a whole number of 16-byte vectors,
+/// or more shared memory than [`ONE_SHARED_FLOATS`] (`inner` f32 values of the conv output
+/// and the slices' sums; Jamba-v0.1's 8192 channels take the two-launch form).
+fn one_form(
+    max_units: usize,
+    batch: usize,
+    inner: usize,
+    rank: usize,
+    n_state: usize,
+    dtype: DType,
+) -> Option<OneForm> {
+    let outputs = rank + 2 * n_state;
+    let width = crate::gemv::vec_width(dtype)?;
+    if !one_enabled() || !(1..=ONE_MAX_BATCH).contains(&batch) || outputs % width != 0 {
+        return None;
+    }
+    let lanes = outputs / width;
+    let max_units = max_units.min(ONE_MAX_UNITS);
+    if lanes > max_units {
+        return None;
+    }
+    let slices = 1usize << (max_units / lanes).ilog2();
+    let units = lanes * slices;
+    let (spu, groups) = state_split(n_state);
+    let shared = inner + units * width + 2 * outputs + NORMS * 32 + NORMS + units;
+    (units >= NORMS * 32 && groups <= units && shared <= ONE_SHARED_FLOATS).then_some(OneForm {
+        width,
+        lanes,
+        slices,
+        spu,
+        groups,
+        per_cube: units / groups,
+    })
+}
+
+/// `x_proj`'s row stride in 16-byte vectors where the one-launch form can read it: rows
+/// contiguous, every row starting on a 16-byte boundary. CUDA pads a row of 96 bf16 values
+/// (192 bytes) to 256, so the stride is not the width.
+fn x_proj_row_vectors<R: CubeRuntime>(x_proj: &CubeTensor<R>, dtype: DType) -> Option<usize> {
+    let width = crate::gemv::vec_width(dtype)?;
+    let strides = x_proj.meta.strides();
+    (x_proj.dtype == dtype
+        && strides[1] == 1
+        && strides[0] % width == 0
+        && crate::gemv::aligned(x_proj))
+    .then_some(strides[0] / width)
+}
+
+/// Whether [`mamba_step`] takes one launch, rather than two, for a batch of `batch` rows, a
+/// state of `n_state` and this `x_proj` weight (`[inner, dt_rank + 2 · d_state]`, the step's
+/// dtype) on its device.
+pub fn takes_one_launch<R: CubeRuntime>(
+    x_proj: &CubeTensor<R>,
+    batch: usize,
+    n_state: usize,
+) -> bool {
+    let [inner, outputs] = [x_proj.meta.shape()[0], x_proj.meta.shape()[1]];
+    let Some(rank) = outputs.checked_sub(2 * n_state) else {
+        return false;
+    };
+    let max_units = x_proj.client.properties().hardware.max_units_per_cube as usize;
+    one_form(max_units, batch, inner, rank, n_state, x_proj.dtype).is_some()
+        && x_proj_row_vectors(x_proj, x_proj.dtype).is_some()
+}
+
+/// One decoding step of the mixer's middle (one launch where [`takes_one_launch`], else two):
+/// returns `y` (`[batch, inner]`, gated, before `out_proj`), the new conv state
+/// (`[batch, d_conv − 1, inner]`) and the new SSM state (`[batch, inner, d_state]`, f32), all
+/// new buffers.
 ///
 /// # Panics
 /// If the sizes fail [`supports`] or the shapes disagree (the caller checks them).
@@ -362,13 +739,20 @@ pub fn mamba_step<R: CubeRuntime>(
         empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
     };
     let y = empty(vec![batch, inner], dtype);
-    let u = empty(vec![batch, inner], dtype);
     let conv_out = empty(vec![batch, k - 1, inner], dtype);
     let h_out = empty(vec![batch, inner, n_state], DType::F32);
     if batch == 0 || inner == 0 {
         return (y, conv_out, h_out);
     }
+    let max_units = client.properties().hardware.max_units_per_cube as usize;
+    let one = one_form(max_units, batch, inner, rank, n_state, dtype)
+        .zip(x_proj_row_vectors(&t.x_proj, dtype));
+    if let Some((form, xrow)) = one {
+        launch_one(t, form, xrow, &y, &conv_out, &h_out);
+        return (y, conv_out, h_out);
+    }
     let blocks = inner.div_ceil(FRONT_UNITS);
+    let u = empty(vec![batch, inner], dtype);
     let partial = empty(vec![batch, blocks, outputs], DType::F32);
     let has_conv_bias = t.conv_bias.is_some();
     let conv_bias = t.conv_bias.unwrap_or_else(|| t.d.clone());
@@ -396,11 +780,7 @@ pub fn mamba_step<R: CubeRuntime>(
             dtype.into(),
         );
     }
-    let spu = [4usize, 2]
-        .into_iter()
-        .find(|s| n_state % s == 0)
-        .unwrap_or(1);
-    let groups = n_state / spu;
+    let (spu, groups) = state_split(n_state);
     let per_cube = (SCAN_UNITS / groups).max(1);
     let has_dt_bias = t.dt_bias.is_some();
     let dt_bias = t.dt_bias.unwrap_or_else(|| t.d.clone());
@@ -440,4 +820,84 @@ pub fn mamba_step<R: CubeRuntime>(
         );
     }
     (y, conv_out, h_out)
+}
+
+/// [`mamba_step`] in one launch ([`mamba_step_one_kernel`]) into the given outputs.
+fn launch_one<R: CubeRuntime>(
+    t: MambaStepTensors<R>,
+    form: OneForm,
+    xrow: usize,
+    y: &CubeTensor<R>,
+    conv_out: &CubeTensor<R>,
+    h_out: &CubeTensor<R>,
+) {
+    let batch = t.xz.meta.shape()[0];
+    let [inner, k] = [t.conv_weight.meta.shape()[0], t.conv_weight.meta.shape()[1]];
+    let rank = t.dt_proj.meta.shape()[0];
+    let n_state = t.a_log.meta.shape()[1];
+    let outputs = rank + 2 * n_state;
+    let client = t.xz.client.clone();
+    let dtype = t.xz.dtype;
+    let OneForm {
+        width,
+        lanes,
+        slices,
+        spu,
+        groups,
+        per_cube,
+    } = form;
+    let has_conv_bias = t.conv_bias.is_some();
+    let conv_bias = t.conv_bias.unwrap_or_else(|| t.d.clone());
+    let has_dt_bias = t.dt_bias.is_some();
+    let dt_bias = t.dt_bias.unwrap_or_else(|| t.d.clone());
+    // SAFETY: conv units stop below `inner` and read their row of `xz`, the state and the
+    // weights of the checked shapes (`j < d_conv` along the conv weight, `j < d_conv − 1`
+    // along the state); `x_proj`'s rows are `xrow` vectors apart, `lanes` of them contiguous, read at channels below
+    // `inner` and vector `lane < lanes`; the shared arrays hold `inner`, `units · width`,
+    // `outputs` (tiled by the norm segments) and `units` values, every loop stopping there;
+    // state-update units past `inner` or `per_cube` only write their shared slot; state
+    // indices `g + j · groups` stay below `n_state = spu · groups`, rank indices below `rank`;
+    // `xz`'s gate half is `inner..2 · inner`. `lanes · slices` is at least the 96 units the
+    // norms use, `slices` a power of two as the slice sums need.
+    unsafe {
+        mamba_step_one_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(inner.div_ceil(per_cube) as u32, batch as u32, 1),
+            CubeDim::new_2d(lanes as u32, slices as u32),
+            width,
+            crate::strided(t.xz),
+            crate::strided(t.conv_state),
+            crate::strided(t.conv_weight),
+            crate::strided(conv_bias),
+            t.x_proj.into_array_arg(),
+            crate::strided(t.dt_norm),
+            crate::strided(t.b_norm),
+            crate::strided(t.c_norm),
+            crate::strided(t.dt_proj),
+            crate::strided(dt_bias),
+            crate::strided(t.a_log),
+            crate::strided(t.d),
+            crate::strided(t.ssm_state),
+            crate::strided(y.clone()),
+            crate::strided(conv_out.clone()),
+            crate::strided(h_out.clone()),
+            rank as u32,
+            n_state as u32,
+            t.eps as f32,
+            xrow as u32,
+            inner,
+            outputs,
+            rank.div_ceil(groups),
+            k,
+            width,
+            lanes,
+            slices,
+            spu,
+            groups,
+            per_cube,
+            has_conv_bias,
+            has_dt_bias,
+            dtype.into(),
+        );
+    }
 }

@@ -15,9 +15,11 @@
 //! accumulating in f32, a second launch summing the slices. Where the widths split into
 //! 16-byte vectors and the weights are contiguous ([`takes_vector_form`]), each stage is one
 //! launch instead: a unit loads 16 bytes of a weight row at once and a cube holds all of `k`
-//! for its columns, so the slices meet in shared memory (three launches with the routing). Rounding follows the reference in
-//! the tensors' dtype: each product rounded, SiLU of the rounded gate rounded, their product
-//! rounded; each expert's output rounded, times its rounded routing weight, rounded.
+//! for its columns, so the slices meet in shared memory (three launches with the routing).
+//!
+//! Rounding follows the reference in the tensors' dtype: each product rounded, SiLU of the
+//! rounded gate rounded, their product rounded; each expert's output rounded, times its
+//! rounded routing weight, rounded.
 
 use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use burn_std::DType;
@@ -592,9 +594,8 @@ pub fn supports_normed_routing(tokens: usize, hidden: usize, experts: usize, top
 /// The residual sum, the RMSNorm and the router of a MoE layer's input ([`NormedRouting`])
 /// and then its mixture of experts, as [`routed_experts`] of the normalised input and the
 /// router's logits: five launches (three in the vector form) where the separate norm and
-/// router took seven. Rounding
-/// as the separate operations: each sum, the normalised value and its product with the norm's
-/// weight, and the logits rounded to the dtype.
+/// router took seven. Rounding as the separate operations: each sum, the normalised value and
+/// its product with the norm's weight, and the logits rounded to the dtype.
 ///
 /// # Panics
 /// If [`supports_normed_routing`] refuses the shape or the shapes disagree (the caller checks).
@@ -877,8 +878,9 @@ fn launch_partial<R: CubeRuntime>(
 /// A dense SwiGLU MLP of a few rows, `down(silu(x · gate) · (x · up))` for `x` `[rows, hidden]`
 /// and bias-free weights in Burn's `[in, out]` layout (`gate`, `up` `[hidden, inner]`, `down`
 /// `[inner, hidden]`): the routed kernels with one slot per row and no router, four launches
-/// (two in the vector form, for up to four rows) where the separate operations take thirteen (three products of two launches each, Burn's
-/// SiLU as six element-wise launches, and the product of the gate and up). Rounding as
+/// (two in the vector form, for up to four rows) where the separate operations take thirteen
+/// (three products of two launches each, Burn's SiLU as six element-wise launches, and the
+/// product of the gate and up). Rounding as
 /// [`routed_experts`]: each product rounded, SiLU of the rounded gate rounded, their product
 /// rounded. Every tensor shares one float dtype, which the result has. Any strides.
 ///
@@ -1174,27 +1176,18 @@ pub fn takes_vector_form<R: CubeRuntime>(
     y: &CubeTensor<R>,
     dense: bool,
 ) -> bool {
-    let dtype = x.dtype;
-    if !crate::gemv::vec_settings().0 || !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+    let Some(width) = crate::gemv::vec_width(x.dtype) else {
         return false;
-    }
-    let width = 16 / dtype.size();
+    };
     let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
     let inner = *gate.meta.shape().last().expect("a weight has a shape");
-    let contiguous = |t: &CubeTensor<R>| {
-        let (shape, strides) = (t.meta.shape(), t.meta.strides());
-        let mut expected = 1;
-        (0..shape.len()).rev().all(|d| {
-            let ok = shape[d] == 1 || strides[d] == expected;
-            expected *= shape[d];
-            ok
-        }) && crate::gemv::aligned(t)
-    };
     inner % width == 0
         && hidden % width == 0
         && inner > 0
         && hidden > 0
-        && [gate, up, down, y].into_iter().all(contiguous)
+        && [gate, up, down, y]
+            .into_iter()
+            .all(|t| t.is_contiguous() && crate::gemv::aligned(t))
         && (!dense || (1..=crate::gemv::NORMED_MAX_ROWS).contains(&tokens))
         && (hidden * inner) / width < u32::MAX as usize
 }
@@ -1214,8 +1207,8 @@ fn expert_mlp_vec<R: CubeRuntime>(
     let dense = routing.is_none();
     let slots = tokens * top_k;
     let (client, dtype) = (x.client.clone(), x.dtype);
-    let width = 16 / dtype.size();
-    let unroll = crate::gemv::vec_settings().1;
+    let width = crate::gemv::vec_width(dtype).expect("takes_vector_form checked the dtype");
+    let unroll = crate::gemv::vec_unroll();
     let act = empty_device_contiguous_dtype(
         client.clone(),
         x.device.clone(),
