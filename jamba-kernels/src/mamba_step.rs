@@ -222,25 +222,19 @@ fn mamba_step_scan_kernel<F: Float>(
     }
     sync_cube();
     let mut normed = SharedMemory::<f32>::new(outputs);
-    let mut o = unit;
-    while o < outputs {
-        let mut s = scale[0];
-        let mut w = 0.0f32;
-        if o < rank {
-            w = f32::cast_from(dt_norm.buf[o * dt_norm.stride(0usize)]);
-        }
-        if o >= rank && o < rank + n_state {
-            s = scale[1];
-            w = f32::cast_from(b_norm.buf[(o - rank) * b_norm.stride(0usize)]);
-        }
-        if o >= rank + n_state {
-            s = scale[2];
-            w = f32::cast_from(c_norm.buf[(o - rank - n_state) * c_norm.stride(0usize)]);
-        }
-        let v = f32::cast_from(F::cast_from(dbc[o] * s));
-        normed[o] = f32::cast_from(F::cast_from(v * w));
-        o += units;
-    }
+    weigh_norms::<F>(
+        &dbc,
+        &scale,
+        dt_norm,
+        b_norm,
+        c_norm,
+        &mut normed,
+        rank,
+        n_state,
+        outputs,
+        unit,
+        units,
+    );
     sync_cube();
 
     // Channel `d`: dt_proj, softplus, the state update over this unit's state indices.
@@ -293,6 +287,45 @@ fn mamba_step_scan_kernel<F: Float>(
 
 /// Units per cube of [`mamba_step_one_kernel`] at most.
 const ONE_MAX_UNITS: usize = 512;
+/// The normalised, weighted Δ, B and C (`normed`, each value rounded to the model dtype twice
+/// as the separate norm operations round it) from `x_proj`'s output `dbc` and the three
+/// norms' scales; unit `first` of `units` takes every `units`-th output.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn weigh_norms<F: Float>(
+    dbc: &SharedMemory<f32>,
+    scale: &SharedMemory<f32>,
+    dt_norm: &crate::Strided<F>,
+    b_norm: &crate::Strided<F>,
+    c_norm: &crate::Strided<F>,
+    normed: &mut SharedMemory<f32>,
+    rank: usize,
+    n_state: usize,
+    #[comptime] outputs: usize,
+    first: usize,
+    #[comptime] units: usize,
+) {
+    let mut o = first;
+    while o < outputs {
+        let mut sc = scale[0];
+        let mut w = 0.0f32;
+        if o < rank {
+            w = f32::cast_from(dt_norm.buf[o * dt_norm.stride(0usize)]);
+        }
+        if o >= rank && o < rank + n_state {
+            sc = scale[1];
+            w = f32::cast_from(b_norm.buf[(o - rank) * b_norm.stride(0usize)]);
+        }
+        if o >= rank + n_state {
+            sc = scale[2];
+            w = f32::cast_from(c_norm.buf[(o - rank - n_state) * c_norm.stride(0usize)]);
+        }
+        let v = f32::cast_from(F::cast_from(dbc[o] * sc));
+        normed[o] = f32::cast_from(F::cast_from(v * w));
+        o += units;
+    }
+}
+
 /// `x_proj` weight vectors in flight per unit in [`mamba_step_one_kernel`].
 const ONE_UNROLL: usize = 8;
 /// The shared memory [`mamba_step_one_kernel`] may take (wgpu's software Vulkan allows 32 KB).
@@ -474,25 +507,19 @@ fn mamba_step_one_kernel<F: Float, N: Size>(
     }
     sync_cube();
     let mut normed = SharedMemory::<f32>::new(outputs);
-    let mut o = u;
-    while o < outputs {
-        let mut sc = scale[0];
-        let mut w = 0.0f32;
-        if o < rank {
-            w = f32::cast_from(dt_norm.buf[o * dt_norm.stride(0usize)]);
-        }
-        if o >= rank && o < rank + n_state {
-            sc = scale[1];
-            w = f32::cast_from(b_norm.buf[(o - rank) * b_norm.stride(0usize)]);
-        }
-        if o >= rank + n_state {
-            sc = scale[2];
-            w = f32::cast_from(c_norm.buf[(o - rank - n_state) * c_norm.stride(0usize)]);
-        }
-        let v = f32::cast_from(F::cast_from(dbc[o] * sc));
-        normed[o] = f32::cast_from(F::cast_from(v * w));
-        o += units;
-    }
+    weigh_norms::<F>(
+        &dbc,
+        &scale,
+        dt_norm,
+        b_norm,
+        c_norm,
+        &mut normed,
+        rank,
+        n_state,
+        outputs,
+        u,
+        units,
+    );
     sync_cube();
 
     // Channel `d`: dt_proj with its rank split over the channel's `groups` units.
