@@ -298,12 +298,7 @@ fn decode_attention_vec_kernel<F: Float, N: Size>(
 /// compare).
 fn vec_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !matches!(
-            std::env::var("JAMBA_ATTN_VEC").as_deref(),
-            Ok("off" | "0" | "false" | "no")
-        )
-    })
+    crate::env_on(&ON, "JAMBA_ATTN_VEC")
 }
 
 /// The vector width [`decode_attention`] reads `k` and `v` with, or `None` where it takes the

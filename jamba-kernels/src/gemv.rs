@@ -980,12 +980,7 @@ pub(crate) fn slice_totals(
 /// compare).
 fn vec_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !matches!(
-            std::env::var("JAMBA_GEMV_VEC").as_deref(),
-            Ok("off" | "0" | "false" | "no")
-        )
-    })
+    crate::env_on(&ON, "JAMBA_GEMV_VEC")
 }
 
 /// The vector forms' weight rows in flight per unit (`JAMBA_GEMV_UNROLL`, 1 to 16, default 4).

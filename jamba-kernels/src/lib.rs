@@ -64,6 +64,17 @@ pub(crate) fn env_usize(
     *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()))
 }
 
+/// An on/off switch from the environment (`JAMBA_GEMV_VEC=off` and the like), read once per
+/// process into `cell`: on unless `name` is `off`, `0`, `false` or `no`.
+pub(crate) fn env_on(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| {
+        !matches!(
+            std::env::var(name).as_deref(),
+            Ok("off" | "0" | "false" | "no")
+        )
+    })
+}
+
 /// Contiguous tensors of the given shapes and dtypes, each its own allocation: a kernel's
 /// outputs and scratch buffers in one call.
 ///

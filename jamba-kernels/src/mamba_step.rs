@@ -72,34 +72,13 @@ fn mamba_step_front_kernel<F: Float>(
     let blocks = CUBE_COUNT_X as usize;
     let row = CUBE_POS_Y as usize;
     let c = block * FRONT_UNITS + unit;
-    let lead = comptime!(k - 1);
 
     // The conv window of channel `c`: the `k − 1` inputs of the state, then the new one.
     let mut uv = 0.0f32;
     if c < inner {
-        let mut acc = 0.0f32;
-        if comptime!(has_bias) {
-            acc = f32::cast_from(conv_b.buf[c * conv_b.stride(0usize)]);
-        }
-        let sb = row * conv_state.stride(0usize) + c * conv_state.stride(2usize);
-        let so = row * state_out.stride(0usize) + c * state_out.stride(2usize);
-        #[unroll]
-        for j in 0..lead {
-            acc +=
-                f32::cast_from(conv_w.buf[c * conv_w.stride(0usize) + j * conv_w.stride(1usize)])
-                    * f32::cast_from(conv_state.buf[sb + j * conv_state.stride(1usize)]);
-        }
         let xv = xz.buf[row * xz.stride(0usize) + c * xz.stride(1usize)];
-        acc += f32::cast_from(conv_w.buf[c * conv_w.stride(0usize) + lead * conv_w.stride(1usize)])
-            * f32::cast_from(xv);
-        // The new state: the window shifted by one.
-        #[unroll]
-        for j in 1..lead {
-            state_out.buf[so + (j - 1) * state_out.stride(1usize)] =
-                conv_state.buf[sb + j * conv_state.stride(1usize)];
-        }
-        state_out.buf[so + (lead - 1) * state_out.stride(1usize)] = xv;
-        let u = F::cast_from(silu_f32(acc));
+        let u = conv_channel::<F>(conv_state, conv_w, conv_b, xv, row, c, k, has_bias);
+        shift_conv_state::<F>(conv_state, state_out, xv, row, c, k);
         u_out.buf[row * u_out.stride(0usize) + c * u_out.stride(1usize)] = u;
         uv = f32::cast_from(u);
     }
@@ -287,6 +266,57 @@ fn mamba_step_scan_kernel<F: Float>(
 
 /// Units per cube of [`mamba_step_one_kernel`] at most.
 const ONE_MAX_UNITS: usize = 512;
+/// `u` of channel `c` of row `row`: SiLU of the conv over the `k − 1` inputs of the state and
+/// the new input `xv`, with the bias where there is one, rounded to the model dtype.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn conv_channel<F: Float>(
+    conv_state: &crate::Strided<F>,
+    conv_w: &crate::Strided<F>,
+    conv_b: &crate::Strided<F>,
+    xv: F,
+    row: usize,
+    c: usize,
+    #[comptime] k: usize,
+    #[comptime] has_bias: bool,
+) -> F {
+    let lead = comptime!(k - 1);
+    let mut acc = 0.0f32;
+    if comptime!(has_bias) {
+        acc = f32::cast_from(conv_b.buf[c * conv_b.stride(0usize)]);
+    }
+    let sb = row * conv_state.stride(0usize) + c * conv_state.stride(2usize);
+    #[unroll]
+    for j in 0..lead {
+        acc += f32::cast_from(conv_w.buf[c * conv_w.stride(0usize) + j * conv_w.stride(1usize)])
+            * f32::cast_from(conv_state.buf[sb + j * conv_state.stride(1usize)]);
+    }
+    acc += f32::cast_from(conv_w.buf[c * conv_w.stride(0usize) + lead * conv_w.stride(1usize)])
+        * f32::cast_from(xv);
+    F::cast_from(silu_f32(acc))
+}
+
+/// The new conv state of channel `c` of row `row`: the window shifted by one, `xv` last.
+#[cube]
+fn shift_conv_state<F: Float>(
+    conv_state: &crate::Strided<F>,
+    state_out: &mut crate::Strided<F>,
+    xv: F,
+    row: usize,
+    c: usize,
+    #[comptime] k: usize,
+) {
+    let lead = comptime!(k - 1);
+    let sb = row * conv_state.stride(0usize) + c * conv_state.stride(2usize);
+    let so = row * state_out.stride(0usize) + c * state_out.stride(2usize);
+    #[unroll]
+    for j in 1..lead {
+        state_out.buf[so + (j - 1) * state_out.stride(1usize)] =
+            conv_state.buf[sb + j * conv_state.stride(1usize)];
+    }
+    state_out.buf[so + (lead - 1) * state_out.stride(1usize)] = xv;
+}
+
 /// The normalised, weighted Δ, B and C (`normed`, each value rounded to the model dtype twice
 /// as the separate norm operations round it) from `x_proj`'s output `dbc` and the three
 /// norms' scales; unit `first` of `units` takes every `units`-th output.
@@ -384,7 +414,6 @@ fn mamba_step_one_kernel<F: Float, N: Size>(
     let (rank, n_state) = (rank as usize, n_state as usize);
     let units = comptime!(lanes * slices);
     let chans = comptime!(inner.div_ceil(lanes * slices));
-    let lead = comptime!(k - 1);
     let u = UNIT_POS as usize;
     let row = CUBE_POS_Y as usize;
     let c0 = CUBE_POS_X as usize * per_cube;
@@ -396,30 +425,19 @@ fn mamba_step_one_kernel<F: Float, N: Size>(
     for t in 0..chans {
         let c = u + t * units;
         if c < inner {
-            let mut acc = 0.0f32;
-            if comptime!(has_conv_bias) {
-                acc = f32::cast_from(conv_b.buf[c * conv_b.stride(0usize)]);
-            }
-            let sb = row * conv_state.stride(0usize) + c * conv_state.stride(2usize);
-            #[unroll]
-            for j in 0..lead {
-                acc += f32::cast_from(
-                    conv_w.buf[c * conv_w.stride(0usize) + j * conv_w.stride(1usize)],
-                ) * f32::cast_from(conv_state.buf[sb + j * conv_state.stride(1usize)]);
-            }
             let xv = xz.buf[row * xz.stride(0usize) + c * xz.stride(1usize)];
-            acc += f32::cast_from(
-                conv_w.buf[c * conv_w.stride(0usize) + lead * conv_w.stride(1usize)],
-            ) * f32::cast_from(xv);
-            us[c] = f32::cast_from(F::cast_from(silu_f32(acc)));
+            us[c] = f32::cast_from(conv_channel::<F>(
+                conv_state,
+                conv_w,
+                conv_b,
+                xv,
+                row,
+                c,
+                k,
+                has_conv_bias,
+            ));
             if c >= c0 && c < c0 + per_cube {
-                let so = row * state_out.stride(0usize) + c * state_out.stride(2usize);
-                #[unroll]
-                for j in 1..lead {
-                    state_out.buf[so + (j - 1) * state_out.stride(1usize)] =
-                        conv_state.buf[sb + j * conv_state.stride(1usize)];
-                }
-                state_out.buf[so + (lead - 1) * state_out.stride(1usize)] = xv;
+                shift_conv_state::<F>(conv_state, state_out, xv, row, c, k);
             }
         }
     }
@@ -646,12 +664,7 @@ struct OneForm {
 /// Whether the one-launch form runs (`JAMBA_MAMBA_ONE=off` turns it off, to compare).
 fn one_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !matches!(
-            std::env::var("JAMBA_MAMBA_ONE").as_deref(),
-            Ok("off" | "0" | "false" | "no")
-        )
-    })
+    crate::env_on(&ON, "JAMBA_MAMBA_ONE")
 }
 
 /// State indices per unit of the state update, and units per channel.
