@@ -1340,6 +1340,176 @@ fn swiglu_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64)
     );
 }
 
+/// The dense MLP with its residual sums and norm folded into the gate/up launch
+/// ([`JambaBackend::swiglu_normed`]) against the separate kernels on the same device (the
+/// residual norm, then [`JambaBackend::swiglu`]), with and without the first update, one to
+/// four rows, on fresh random inputs: the residual must match exactly, the output to the
+/// summation order. Widths whose rows CUDA's allocator pads (not contiguous there) and rows
+/// too wide for the staged norm must be refused, and the fused form must run somewhere.
+fn mlp_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let eps = 1e-6;
+    let (mut fused, mut refused) = (0usize, 0usize);
+    for &(hidden, inner) in &[(64usize, 256usize), (1024, 512), (40, 96), (2048, 64)] {
+        for rows in 1..=gemv::NORMED_MAX_ROWS {
+            for with_first in [false, true] {
+                let tensor = |shape: [usize; 2], std: f64, rng: &mut Rng| {
+                    let len = shape[0] * shape[1];
+                    Tensor::<K<R>, 2>::from_data(
+                        TensorData::new(rng.normal(len, 0.0, std), shape),
+                        device,
+                    )
+                    .cast(dtype)
+                };
+                let x = tensor([rows, hidden], 1.0, &mut rng);
+                let first = tensor([rows, hidden], 1.0, &mut rng);
+                let second = tensor([rows, hidden], 1.0, &mut rng);
+                let norm_w = tensor([1, hidden], 0.3, &mut rng)
+                    .add_scalar(1.0)
+                    .reshape([hidden]);
+                let gate = tensor([hidden, inner], 0.2, &mut rng);
+                let up = tensor([hidden, inner], 0.2, &mut rng);
+                let down = tensor([inner, hidden], 0.2, &mut rng);
+                let name = format!(
+                    "{dtype:?} swiglu_normed: {rows} rows, {hidden} x {inner}, first {with_first}"
+                );
+                let takes = moe::takes_normed_mlp(
+                    &prim(x.clone()),
+                    [&prim(gate.clone()), &prim(up.clone()), &prim(down.clone())],
+                    &prim(Tensor::<K<R>, 2>::empty([rows, hidden], (device, dtype))),
+                );
+                let out = K::<R>::swiglu_normed(jamba::ops::NormedMlp {
+                    x: x.clone(),
+                    first: with_first.then(|| first.clone()),
+                    second: second.clone(),
+                    norm: norm_w.clone(),
+                    eps,
+                    gate: gate.clone(),
+                    up: up.clone(),
+                    down: down.clone(),
+                });
+                assert_eq!(
+                    out.is_some(),
+                    takes,
+                    "{name}: fused form ran: {}",
+                    out.is_some()
+                );
+                let Some((residual, y)) = out else {
+                    refused += 1;
+                    continue;
+                };
+                fused += 1;
+                let x3 = |t: Tensor<K<R>, 2>| t.reshape([1, rows, hidden]);
+                let (res_want, normed) = if with_first {
+                    K::<R>::add2_rms_norm(x3(x), x3(first), x3(second), norm_w, eps)
+                } else {
+                    K::<R>::add_rms_norm(x3(x), x3(second), norm_w, eps)
+                };
+                let y_want = K::<R>::swiglu(normed.reshape([rows, hidden]), gate, up, down)
+                    .expect("the separate fused MLP runs for four rows");
+                let host = |t: Tensor<K<R>, 2>| to_vec(t.cast(DType::F32));
+                assert_close(
+                    &format!("{name}, residual"),
+                    &host(residual),
+                    &host(res_want.reshape([rows, hidden])),
+                    0.0,
+                );
+                assert_close(
+                    &format!("{name}, output"),
+                    &host(y),
+                    &host(y_want),
+                    tolerance,
+                );
+            }
+        }
+    }
+    assert!(
+        fused > 0 && refused > 0,
+        "cases fused {fused}, refused {refused}"
+    );
+}
+
+/// Several normalised projections in one launch ([`JambaBackend::normed_projections`], an
+/// attention layer's q/k/v) against one [`JambaBackend::normed_projection`] per weight on the
+/// same device, on fresh random inputs: one to three weights whose column vectors do not fill
+/// the cubes, with and without a pending update, one to four rows. A weight whose width is not
+/// a whole number of 16-byte vectors must be refused.
+fn normed_projections_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let eps = 1e-6;
+    let mut cases = 0usize;
+    let width = 16 / dtype.size();
+    for (k, outs) in [
+        (64usize, vec![64usize, 16, 16]),
+        (1024, vec![1024, 256, 256]),
+        (96, vec![3 * width, 5 * width]),
+        (40, vec![7 * width]),
+        (64, vec![64, width + 2, 64]),
+    ] {
+        for rows in 1..=gemv::NORMED_MAX_ROWS {
+            for with_pending in [false, true] {
+                let tensor = |shape: [usize; 3], std: f64, rng: &mut Rng| {
+                    let len = shape.iter().product();
+                    Tensor::<K<R>, 3>::from_data(
+                        TensorData::new(rng.normal(len, 0.0, std), shape),
+                        device,
+                    )
+                    .cast(dtype)
+                };
+                let x = tensor([1, rows, k], 1.0, &mut rng);
+                let pending = tensor([1, rows, k], 1.0, &mut rng);
+                let norm_w = tensor([1, 1, k], 0.3, &mut rng)
+                    .add_scalar(1.0)
+                    .reshape([k]);
+                let ws: Vec<Tensor<K<R>, 2>> = outs
+                    .iter()
+                    .map(|&n| tensor([1, k, n], 0.2, &mut rng).reshape([k, n]))
+                    .collect();
+                let name = format!(
+                    "{dtype:?} normed_projections: {rows} rows, k {k}, outputs {outs:?}, \
+                     pending {with_pending}"
+                );
+                let ys = K::<R>::normed_projections(jamba::ops::NormedProjections {
+                    x: x.clone(),
+                    pending: with_pending.then(|| pending.clone()),
+                    norm: norm_w.clone(),
+                    eps,
+                    weights: ws.clone(),
+                });
+                let whole = outs.iter().all(|n| n % width == 0);
+                assert_eq!(
+                    ys.is_some(),
+                    whole,
+                    "{name}: fused form ran: {}",
+                    ys.is_some()
+                );
+                let Some(ys) = ys else { continue };
+                assert_eq!(ys.len(), ws.len(), "{name}");
+                for (i, (y, w)) in ys.into_iter().zip(ws).enumerate() {
+                    let want = K::<R>::normed_projection(jamba::ops::NormedProjection {
+                        x: x.clone(),
+                        pending: with_pending.then(|| pending.clone()),
+                        norm: norm_w.clone(),
+                        eps,
+                        weight: w,
+                        bias: None,
+                    })
+                    .expect("the normed projection runs for four rows");
+                    assert_eq!(y.dims(), want.dims(), "{name}, weight {i}");
+                    assert_close(
+                        &format!("{name}, weight {i}"),
+                        &to_vec(y.cast(DType::F32)),
+                        &to_vec(want.cast(DType::F32)),
+                        tolerance,
+                    );
+                }
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 4 * gemv::NORMED_MAX_ROWS * 2, "fused cases");
+}
+
 /// `module` with every float parameter cast to `dtype`.
 fn cast_module<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
     module: M,
@@ -1409,6 +1579,20 @@ macro_rules! kernel_tests {
             #[test]
             fn fused_mlp_matches_the_separate_operations() {
                 super::swiglu_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-5);
+            }
+
+            #[test]
+            fn fused_normed_mlp_matches_the_separate_kernels() {
+                super::mlp_normed_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-5);
+            }
+
+            #[test]
+            fn normed_projections_match_one_launch_per_weight() {
+                super::normed_projections_grid::<R>(
+                    &Default::default(),
+                    burn::tensor::DType::F32,
+                    1e-5,
+                );
             }
 
             #[test]
@@ -1699,4 +1883,8 @@ fn cuda_fused_mlp_takes_half_inputs() {
     type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
     swiglu_grid::<R>(&Default::default(), DType::BF16, 2e-2);
     swiglu_grid::<R>(&Default::default(), DType::F16, 3e-3);
+    mlp_normed_grid::<R>(&Default::default(), DType::BF16, 2e-2);
+    mlp_normed_grid::<R>(&Default::default(), DType::F16, 3e-3);
+    normed_projections_grid::<R>(&Default::default(), DType::BF16, 2e-2);
+    normed_projections_grid::<R>(&Default::default(), DType::F16, 3e-3);
 }

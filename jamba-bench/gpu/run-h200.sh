@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|one|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|one|fold|prefill-where|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -355,6 +355,39 @@ if [ "$WHAT" = one ]; then
   rm -f "$OUT"/src*.log
   echo "== parity on CUDA"
   ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+fi
+if [ "$WHAT" = fold ]; then
+  # Session 20: the dense MLP's norm folded into its gate/up launch and the q/k/v projections
+  # in one launch, against the separate launches (JAMBA_MLP_NORMED=off JAMBA_QKV_ONE=off).
+  echo "== kernel tests on CUDA: the folded MLP norm, the q/k/v launch (f32, then half)"
+  ./kernels --test-threads 1 normed mlp 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -20
+  echo "== bf16 decode after 512: the folds off/on, alternated, two rounds"
+  for round in 1 2; do
+    JAMBA_MLP_NORMED=off JAMBA_QKV_ONE=off decode_bench ./jamba-bench "r$round old"
+    decode_bench ./jamba-bench "r$round new"
+  done
+  echo "== ncu: device time per kernel of a b1 step (12 minus 4 steps), folds on"
+  ncu_step fold
+  echo "== parity on CUDA"
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+fi
+if [ "$WHAT" = prefill-where ]; then
+  # Where a 2048-token prefill goes: the standard command twice, then ncu's device time per
+  # kernel of one steady-state prefill (a second repetition minus the first), set against the
+  # wall-clock time the bench reports.
+  for round in 1 2; do
+    echo "== the standard command, round $round"
+    ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+      --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+      --out "$OUT/h200-bench-jamba-1b-bf16-r$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+  done
+  echo "== ncu: device time of every kernel of a 2048-token prefill"
+  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 20
+  (cd "$OUT" && xz -6 ncu-*.csv)
 fi
 if [ "$WHAT" = scan-stalls ]; then
   echo "== why the chunked scan waits: ncu stall reasons per issued instruction, (1, 8192, 4096) bf16"

@@ -155,7 +155,11 @@ fn row_sum(
 /// Halves `rows` sums of the cube's partials (`part[r · units + u]` for each unit `u`, the
 /// cube's `units` a power of two) down to entry `r · units`, ending with a barrier.
 #[cube]
-fn halve_row_sums(part: &mut SharedMemory<f32>, #[comptime] rows: usize, #[comptime] units: usize) {
+pub(crate) fn halve_row_sums(
+    part: &mut SharedMemory<f32>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+) {
     let u = UNIT_POS as usize;
     let mut half = CUBE_DIM as usize / 2;
     while half > 0 {
@@ -747,7 +751,7 @@ const VEC_BYTES: usize = 16;
 /// Floats of shared memory the vector form's cross-slice sum may use (`units · width`): with
 /// [`VEC_STAGE_FLOATS`] (normalised forms), 32 KiB in all, which wgpu's devices give a cube
 /// too; without a stage, [`VEC_SUM_FLOATS_ALONE`].
-const VEC_SUM_FLOATS: usize = 2048;
+pub(crate) const VEC_SUM_FLOATS: usize = 2048;
 /// The same for the forms that stage nothing (32 KiB).
 pub(crate) const VEC_SUM_FLOATS_ALONE: usize = 8192;
 /// Units per cube of the vector forms at most. On the H200 a b1 bf16 step of bench-jamba-1b
@@ -756,7 +760,7 @@ pub(crate) const VEC_SUM_FLOATS_ALONE: usize = 8192;
 /// session 17).
 const VEC_MAX_UNITS: usize = 512;
 /// Floats of shared memory the vector form may stage its normalised input rows in.
-const VEC_STAGE_FLOATS: usize = 6144;
+pub(crate) const VEC_STAGE_FLOATS: usize = 6144;
 
 /// The vector form of [`gemv_single`] and [`gemv_normed`], for `rows <= NORMED_MAX_ROWS`: each
 /// unit loads `width` consecutive columns of a weight row at once (16 bytes), `unroll` rows of
@@ -780,8 +784,12 @@ fn gemv_vec_kernel<F: Float, N: Size>(
     update: &Array<F>,
     norm: &Array<F>,
     w: &Array<Vector<F, N>>,
+    w1: &Array<Vector<F, N>>,
+    w2: &Array<Vector<F, N>>,
     bias: &Array<Vector<F, N>>,
     y: &mut Array<Vector<F, N>>,
+    y1: &mut Array<Vector<F, N>>,
+    y2: &mut Array<Vector<F, N>>,
     x0: u32,
     x1: u32,
     u0: u32,
@@ -791,6 +799,12 @@ fn gemv_vec_kernel<F: Float, N: Size>(
     k: u32,
     n_vec: u32,
     eps: f32,
+    seg_cubes0: u32,
+    seg_cubes1: u32,
+    n_vec1: u32,
+    n_vec2: u32,
+    w_stride1: u32,
+    w_stride2: u32,
     #[comptime] rows: usize,
     #[comptime] width: usize,
     #[comptime] lanes: usize,
@@ -800,15 +814,38 @@ fn gemv_vec_kernel<F: Float, N: Size>(
     #[comptime] normed: bool,
     #[comptime] add: bool,
     #[comptime] has_bias: bool,
+    #[comptime] segments: usize,
     #[define(F)] _dtype: StorageType,
 ) {
-    let (k, n_vec, w_stride) = (k as usize, n_vec as usize, w_stride as usize);
+    let k = k as usize;
     let (x0, x1) = (x0 as usize, x1 as usize);
     let units = comptime!(lanes * slices);
     let lane = UNIT_POS_X as usize;
     let s = UNIT_POS_Y as usize;
     let u = UNIT_POS as usize;
-    let cube = (CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    let grid_cube = (CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    // Several products of one input (segments): the first `seg_cubes0` cubes own `w`'s
+    // columns, the next `seg_cubes1` `w1`'s, the rest `w2`'s. The segment is the same for a
+    // whole cube, so its branches below hold no barrier in divergent flow.
+    let (c0, c1) = (seg_cubes0 as usize, seg_cubes1 as usize);
+    let in1 = comptime!(segments > 1) && grid_cube >= c0;
+    let in2 = comptime!(segments > 2) && grid_cube >= c0 + c1;
+    let seg = select(in2, 2usize, select(in1, 1usize, 0usize));
+    let cube = select(
+        in2,
+        grid_cube - c0 - c1,
+        select(in1, grid_cube - c0, grid_cube),
+    );
+    let n_vec = select(
+        in2,
+        n_vec2 as usize,
+        select(in1, n_vec1 as usize, n_vec as usize),
+    );
+    let w_stride = select(
+        in2,
+        w_stride2 as usize,
+        select(in1, w_stride1 as usize, w_stride as usize),
+    );
     let cv = cube * lanes + lane;
     let active = cv < n_vec;
     let mut red = SharedMemory::<f32>::new(comptime!(units * width));
@@ -863,7 +900,17 @@ fn gemv_vec_kernel<F: Float, N: Size>(
         let mut wv = Array::<Vector<F, N>>::new(unroll);
         let mut kk = s;
         while kk < k {
-            load_weight_rows(w, 0, w_stride, cv, kk, k, &mut wv, slices, unroll);
+            if comptime!(segments > 1) {
+                if seg == 0 {
+                    load_weight_rows(w, 0, w_stride, cv, kk, k, &mut wv, slices, unroll);
+                } else if seg == 1 {
+                    load_weight_rows(w1, 0, w_stride, cv, kk, k, &mut wv, slices, unroll);
+                } else {
+                    load_weight_rows(w2, 0, w_stride, cv, kk, k, &mut wv, slices, unroll);
+                }
+            } else {
+                load_weight_rows(w, 0, w_stride, cv, kk, k, &mut wv, slices, unroll);
+            }
             #[unroll]
             for q in 0..unroll {
                 let kq = kk + q * slices;
@@ -906,7 +953,17 @@ fn gemv_vec_kernel<F: Float, N: Size>(
                     out[l] = F::cast_from(total[l]);
                 }
             }
-            y[r * n_vec + cv] = out;
+            if comptime!(segments > 1) {
+                if seg == 0 {
+                    y[r * n_vec + cv] = out;
+                } else if seg == 1 {
+                    y1[r * n_vec + cv] = out;
+                } else {
+                    y2[r * n_vec + cv] = out;
+                }
+            } else {
+                y[r * n_vec + cv] = out;
+            }
         }
     }
 }
@@ -1005,7 +1062,7 @@ pub(crate) fn aligned<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
 
 /// The rows of staged input the vector form's shared memory holds for this `k` (normalised
 /// forms stage `k` rounded up to a multiple of 1,024 floats per row).
-fn vec_stage(k: usize) -> usize {
+pub(crate) fn vec_stage(k: usize) -> usize {
     k.next_multiple_of(1024)
 }
 
@@ -1080,21 +1137,45 @@ fn try_launch_vec<R: CubeRuntime>(
     if !takes_vector_form(x, norm, w, bias) {
         return false;
     }
+    launch_vec(x, norm, &[w.clone()], bias, &[y.clone()]);
+    true
+}
+
+/// Launches the vector form over one to three weights of the same input (segments of one
+/// grid: the cubes of each weight's columns in turn), each writing its own output; a bias only
+/// with one weight. The caller checked [`takes_vector_form`] for each weight.
+fn launch_vec<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    norm: Option<&PreNorm<R>>,
+    ws: &[CubeTensor<R>],
+    bias: Option<&CubeTensor<R>>,
+    ys: &[CubeTensor<R>],
+) {
+    let segments = ws.len();
+    assert!(
+        (1..=3).contains(&segments) && ys.len() == segments && (bias.is_none() || segments == 1),
+        "launch_vec: {segments} weights, {} outputs",
+        ys.len()
+    );
     let width = vec_width(x.dtype).expect("takes_vector_form checked the dtype");
     let unroll = vec_unroll();
-    let (rows, k, n) = (x.meta.shape()[0], x.meta.shape()[1], w.meta.shape()[1]);
+    let (rows, k) = (x.meta.shape()[0], x.meta.shape()[1]);
     let dtype = x.dtype;
-    let w_strides = w.meta.strides();
     let stage = if norm.is_some() { vec_stage(k) } else { 1 };
     let client = x.client.clone();
-    let n_vec = n / width;
+    let n_vecs: Vec<usize> = ws.iter().map(|w| w.meta.shape()[1] / width).collect();
+    let w_strides: Vec<u32> = ws
+        .iter()
+        .map(|w| (w.meta.strides()[0] / width) as u32)
+        .collect();
     let sum_floats = if norm.is_some() {
         VEC_SUM_FLOATS
     } else {
         VEC_SUM_FLOATS_ALONE
     };
-    let (lanes, slices) = vec_cube(&client, n_vec, k, width, sum_floats);
-    let cubes = n_vec.div_ceil(lanes);
+    let (lanes, slices) = vec_cube(&client, n_vecs.iter().sum(), k, width, sum_floats);
+    let seg_cubes: Vec<usize> = n_vecs.iter().map(|n| n.div_ceil(lanes)).collect();
+    let cubes: usize = seg_cubes.iter().sum();
     let count = CubeCount::Static(
         cubes.min(MAX_CUBES_X) as u32,
         1,
@@ -1117,14 +1198,18 @@ fn try_launch_vec<R: CubeRuntime>(
         0
     };
     let has_bias = bias.is_some();
-    let bias = bias.cloned().unwrap_or_else(|| y.clone());
-    // SAFETY: units whose column vector is past `n / width` read no weight and write nothing.
-    // The others read weight rows below `k` (the loop's bound) at vector `cv` of a row whose
-    // `n / width` vectors are contiguous and aligned (checked above), rows below `rows` of `x`
-    // and `update` at indices below `k` through their strides, `k` entries of the norm's
-    // weight, and vector `cv` of a contiguous bias; slice 0 writes vector `cv` of each row of
-    // `y` (`[rows, n]`, contiguous). Shared memory: `units · width` floats (at most
-    // VEC_SUM_FLOATS, also holding `rows · units` statistics as rows <= width) and
+    let bias = bias.cloned().unwrap_or_else(|| ys[0].clone());
+    // Segments past the given weights are never reached: the first weight stands in.
+    let seg = |i: usize| i.min(segments - 1);
+    // SAFETY: units whose column vector is past their weight's `n / width` read no weight and
+    // write nothing. The others read weight rows below `k` (the loop's bound) at vector `cv` of
+    // a row whose `n / width` vectors are contiguous and aligned (checked by the caller), rows
+    // below `rows` of `x` and `update` at indices below `k` through their strides, `k` entries
+    // of the norm's weight, and vector `cv` of a contiguous bias; slice 0 writes vector `cv` of
+    // each row of its segment's output (`[rows, n]`, contiguous). A cube's segment follows
+    // from its position: the first `seg_cubes[0]` cubes, the next `seg_cubes[1]`, the rest,
+    // each segment's cubes covering its columns. Shared memory: `units · width` floats (at
+    // most VEC_SUM_FLOATS, also holding `rows · units` statistics as rows <= width) and
     // `rows · stage` (at most VEC_STAGE_FLOATS); `units` is `lanes · slices`, a power of two,
     // as the halving sums need.
     unsafe {
@@ -1136,18 +1221,28 @@ fn try_launch_vec<R: CubeRuntime>(
             x.clone().into_array_arg(),
             update.clone().into_array_arg(),
             norm_weight.into_array_arg(),
-            w.clone().into_array_arg(),
+            ws[0].clone().into_array_arg(),
+            ws[seg(1)].clone().into_array_arg(),
+            ws[seg(2)].clone().into_array_arg(),
             bias.into_array_arg(),
-            y.clone().into_array_arg(),
+            ys[0].clone().into_array_arg(),
+            ys[seg(1)].clone().into_array_arg(),
+            ys[seg(2)].clone().into_array_arg(),
             strides(x).0,
             strides(x).1,
             strides(&update).0,
             strides(&update).1,
             norm_stride,
-            (w_strides[0] / width) as u32,
+            w_strides[0],
             k as u32,
-            n_vec as u32,
+            n_vecs[0] as u32,
             eps,
+            seg_cubes[0] as u32,
+            seg_cubes[seg(1)] as u32,
+            n_vecs[seg(1)] as u32,
+            n_vecs[seg(2)] as u32,
+            w_strides[seg(1)],
+            w_strides[seg(2)],
             rows,
             width,
             lanes,
@@ -1157,8 +1252,53 @@ fn try_launch_vec<R: CubeRuntime>(
             norm.is_some(),
             add,
             has_bias,
+            segments,
             dtype.into(),
         );
     }
-    true
+}
+
+/// Several normalised projections of one input in one launch: `rms_norm(x (+ update)) · wᵢ`
+/// for up to three bias-free weights (an attention layer's `q_proj`, `k_proj` and `v_proj`),
+/// each cube owning columns of one weight, where [`gemv_normed`] takes a launch per weight.
+/// Each output as [`gemv_normed`]'s. Returns `None`, having launched nothing, unless every
+/// weight takes the vector form ([`takes_vector_form`]).
+///
+/// # Panics
+/// If no weight or more than three are given, or the shapes disagree (the caller checks).
+pub fn gemv_normed_many<R: CubeRuntime>(
+    x: CubeTensor<R>,
+    norm: PreNorm<R>,
+    ws: Vec<CubeTensor<R>>,
+) -> Option<Vec<CubeTensor<R>>> {
+    assert!(
+        (1..=3).contains(&ws.len()),
+        "gemv_normed_many: {} weights",
+        ws.len()
+    );
+    let rows = x.meta.shape()[0];
+    for w in &ws {
+        check_shapes(&x, w);
+    }
+    assert_eq!(
+        norm.weight.meta.shape()[0],
+        x.meta.shape()[1],
+        "gemv_normed_many: the norm's weight"
+    );
+    if rows == 0
+        || ws.iter().any(|w| w.meta.shape()[1] == 0)
+        || !ws
+            .iter()
+            .all(|w| takes_vector_form(&x, Some(&norm), w, None))
+    {
+        return None;
+    }
+    let specs: Vec<([usize; 2], DType)> = ws
+        .iter()
+        .map(|w| ([rows, w.meta.shape()[1]], x.dtype))
+        .collect();
+    let specs: Vec<(&[usize], DType)> = specs.iter().map(|(s, d)| (&s[..], *d)).collect();
+    let ys = crate::empty_many(&x.client, &x.device, &specs);
+    launch_vec(&x, Some(&norm), &ws, None, &ys);
+    Some(ys)
 }

@@ -724,7 +724,7 @@ fn expert_mlp<R: CubeRuntime>(
     let inner = *gate.meta.shape().last().expect("a weight has a shape");
     let dense = routing.is_none();
     if takes_vector_form(&x, [&gate, &up, &down], &y, dense) {
-        let act = expert_mlp_vec(x, [gate, up, down], indices, routing, y, top_k);
+        let act = expert_mlp_vec(x, [gate, up, down], indices, routing, y, top_k, None);
         return (None, act, None);
     }
     let slots = tokens * top_k;
@@ -927,6 +927,101 @@ pub fn swiglu<R: CubeRuntime>(
     y
 }
 
+/// The residual connection(s) and the RMSNorm before a dense MLP, for [`swiglu_normed`]: the
+/// residual `s = (x + first) + second`, each sum rounded to the dtype, and the MLP's input
+/// `rms_norm(s)`.
+#[derive(Debug, Clone)]
+pub struct ResidualNorm<R: CubeRuntime> {
+    /// The residual stream `[rows, hidden]`.
+    pub x: CubeTensor<R>,
+    /// Added to `x` first, when present (the previous layer's feed-forward output, still
+    /// pending).
+    pub first: Option<CubeTensor<R>>,
+    /// The mixer's output, `[rows, hidden]`, added second.
+    pub second: CubeTensor<R>,
+    /// The norm's weight, `[hidden]`.
+    pub norm: CubeTensor<R>,
+    /// The norm's epsilon.
+    pub eps: f64,
+}
+
+/// Whether [`swiglu_normed`] takes these operands: [`takes_vector_form`]'s dense MLP of at
+/// most four rows, whose normalised rows fit the gate/up launch's shared memory (`hidden` up
+/// to 6,144 for one row, 1,024 for four: Jamba-v0.1's 4,096 takes one row).
+pub fn takes_normed_mlp<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    weights: [&CubeTensor<R>; 3],
+    y: &CubeTensor<R>,
+) -> bool {
+    let [rows, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
+    takes_vector_form(x, weights, y, true)
+        && rows * crate::gemv::vec_stage(hidden) <= crate::gemv::VEC_STAGE_FLOATS
+}
+
+/// A dense SwiGLU MLP with the residual connection(s) and the RMSNorm before it
+/// ([`ResidualNorm`]) folded into its gate/up launch: two launches where the norm and
+/// [`swiglu`] take three. Every cube of the gate/up launch recomputes the rows' statistics
+/// (a pass over `3 · hidden` values per row, against its `2 · hidden · columns` weights); cube
+/// 0 writes the residual. Rounding as the separate operations: each sum, the normalised value
+/// and its product with the norm's weight (as `add2_rms_norm`), then as [`swiglu`]. Returns
+/// `(residual, mlp output)`, each `[rows, hidden]`, or `None`, having launched nothing, where
+/// [`takes_normed_mlp`] refuses the operands (the caller runs the norm and [`swiglu`]).
+///
+/// # Panics
+/// If the shapes disagree (the caller checks).
+pub fn swiglu_normed<R: CubeRuntime>(
+    input: ResidualNorm<R>,
+    gate: CubeTensor<R>,
+    up: CubeTensor<R>,
+    down: CubeTensor<R>,
+) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
+    let [rows, hidden] = [input.x.meta.shape()[0], input.x.meta.shape()[1]];
+    let inner = gate.meta.shape()[1];
+    for (name, t, shape) in [
+        ("gate", &gate, [hidden, inner]),
+        ("up", &up, [hidden, inner]),
+        ("down", &down, [inner, hidden]),
+    ] {
+        assert_eq!(t.meta.shape().as_slice(), shape, "swiglu_normed: {name}");
+    }
+    for t in input.first.iter().chain([&input.second]) {
+        assert_eq!(
+            t.meta.shape(),
+            input.x.meta.shape(),
+            "swiglu_normed: updates"
+        );
+    }
+    assert_eq!(input.norm.meta.shape()[0], hidden, "swiglu_normed: norm");
+    let (client, device, dtype) = (
+        input.x.client.clone(),
+        input.x.device.clone(),
+        input.x.dtype,
+    );
+    let [y, residual]: [CubeTensor<R>; 2] = crate::empty_many(
+        &client,
+        &device,
+        &[(&[rows, hidden], dtype), (&[rows, hidden], dtype)],
+    )
+    .try_into()
+    .expect("two tensors");
+    if !takes_normed_mlp(&input.x, [&gate, &up, &down], &y) || !residual.is_contiguous() {
+        return None;
+    }
+    let x = input.x.clone();
+    // The dense kernels read no `indices`: any buffer stands in.
+    let stand_in = x.clone();
+    expert_mlp_vec::<R>(
+        x,
+        [gate, up, down],
+        stand_in,
+        None,
+        y.clone(),
+        1,
+        Some((input, residual.clone())),
+    );
+    Some((residual, y))
+}
+
 /// The gate and up products of the vector form of the expert MLPs and their SiLU gate, in one
 /// launch: cube `(c, slot)` owns column vectors `c · lanes …` of `inner` for that slot (dense:
 /// every row, `rows` of them, one weight), each unit loading `width` consecutive columns of
@@ -936,12 +1031,22 @@ pub fn swiglu<R: CubeRuntime>(
 #[allow(clippy::too_many_arguments)]
 fn expert_gate_up_vec_kernel<F: Float, N: Size>(
     x: &Array<F>,
+    first: &Array<F>,
+    second: &Array<F>,
+    norm: &Array<F>,
     gate: &Array<Vector<F, N>>,
     up: &Array<Vector<F, N>>,
     indices: &Array<u32>,
     act: &mut Array<Vector<F, N>>,
+    residual: &mut Array<F>,
     x0: u32,
     x1: u32,
+    f0: u32,
+    f1: u32,
+    s0: u32,
+    s1: u32,
+    norm_stride: u32,
+    eps: f32,
     k: u32,
     n_vec: u32,
     expert_stride: u32,
@@ -952,6 +1057,9 @@ fn expert_gate_up_vec_kernel<F: Float, N: Size>(
     #[comptime] slices: usize,
     #[comptime] unroll: usize,
     #[comptime] dense: bool,
+    #[comptime] normed: bool,
+    #[comptime] add_first: bool,
+    #[comptime] stage: usize,
     #[define(F)] _dtype: StorageType,
 ) {
     let (k, n_vec) = (k as usize, n_vec as usize);
@@ -962,6 +1070,33 @@ fn expert_gate_up_vec_kernel<F: Float, N: Size>(
     let cv = CUBE_POS_X as usize * lanes + lane;
     let slot = CUBE_POS_Y as usize;
     let active = cv < n_vec;
+    let mut red = SharedMemory::<f32>::new(comptime!(units * width));
+    // Normalised (dense only): the residual sums, their norm, staged once per cube.
+    let mut xs = SharedMemory::<f32>::new(comptime!(if normed { rows * stage } else { 1 }));
+    if comptime!(normed) {
+        stage_normed_rows(
+            x,
+            first,
+            second,
+            x0,
+            x1,
+            f0 as usize,
+            f1 as usize,
+            s0 as usize,
+            s1 as usize,
+            norm,
+            norm_stride as usize,
+            eps,
+            residual,
+            &mut xs,
+            &mut red,
+            k,
+            rows,
+            units,
+            stage,
+            add_first,
+        );
+    }
     // Dense: one slot whose `rows` rows are x's; routed: slot `slot` is row `slot / per_row`.
     let x_row = slot / per_row as usize;
     let mut base = 0usize;
@@ -989,7 +1124,11 @@ fn expert_gate_up_vec_kernel<F: Float, N: Size>(
                     let (g, v) = (wg[q], wu[q]);
                     #[unroll]
                     for r in 0..rows {
-                        let xv = f32::cast_from(x[(x_row + r) * x0 + kq * x1]);
+                        let xv = if comptime!(normed) {
+                            xs[r * stage + kq]
+                        } else {
+                            f32::cast_from(x[(x_row + r) * x0 + kq * x1])
+                        };
                         #[unroll]
                         for l in 0..width {
                             acc_g[r * width + l] += xv * f32::cast_from(g[l]);
@@ -1001,7 +1140,6 @@ fn expert_gate_up_vec_kernel<F: Float, N: Size>(
             kk += unroll * slices;
         }
     }
-    let mut red = SharedMemory::<f32>::new(comptime!(units * width));
     let mut g_total = Array::<f32>::new(width);
     let mut u_total = Array::<f32>::new(width);
     #[unroll]
@@ -1035,6 +1173,80 @@ fn expert_gate_up_vec_kernel<F: Float, N: Size>(
             act[(slot + r) * n_vec + cv] = out;
         }
     }
+}
+
+/// The prologue of a normalised dense gate/up launch: each row's residual sum
+/// `s = (x + first) + second` (`first` only with `add_first`; each addition rounded to the
+/// dtype, as [`route_normed_kernel`] does), written to `residual` (`[rows, k]`, contiguous) by
+/// cube 0, and its RMSNorm (rounded, times the weight, rounded) staged as f32 in `xs` (`stage`
+/// floats a row) for the products. `red` (at least `rows · units` floats) holds the sums of
+/// squares. Ends with a barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_normed_rows<F: Float>(
+    x: &Array<F>,
+    first: &Array<F>,
+    second: &Array<F>,
+    x0: usize,
+    x1: usize,
+    f0: usize,
+    f1: usize,
+    s0: usize,
+    s1: usize,
+    norm: &Array<F>,
+    norm_stride: usize,
+    eps: f32,
+    residual: &mut Array<F>,
+    xs: &mut SharedMemory<f32>,
+    red: &mut SharedMemory<f32>,
+    k: usize,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] stage: usize,
+    #[comptime] add_first: bool,
+) {
+    let u = UNIT_POS as usize;
+    let writer = CUBE_POS_X == 0;
+    #[unroll]
+    for r in 0..rows {
+        let mut sq = 0.0f32;
+        let mut j = u;
+        while j < k {
+            let mut v = f32::cast_from(x[r * x0 + j * x1]);
+            if comptime!(add_first) {
+                v = f32::cast_from(F::cast_from(v + f32::cast_from(first[r * f0 + j * f1])));
+            }
+            let sum = F::cast_from(v + f32::cast_from(second[r * s0 + j * s1]));
+            if writer {
+                residual[r * k + j] = sum;
+            }
+            v = f32::cast_from(sum);
+            xs[r * stage + j] = v;
+            sq += v * v;
+            j += units;
+        }
+        red[r * units + u] = sq;
+    }
+    sync_cube();
+    crate::gemv::halve_row_sums(red, rows, units);
+    let mut inv = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        inv[r] = 1.0f32 / f32::sqrt(red[r * units] / f32::cast_from(k) + eps);
+    }
+    // Each unit normalises the entries it staged; the barrier also ends the reads of `red`.
+    #[unroll]
+    for r in 0..rows {
+        let mut j = u;
+        while j < k {
+            let scaled = F::cast_from(xs[r * stage + j] * inv[r]);
+            xs[r * stage + j] = f32::cast_from(F::cast_from(
+                f32::cast_from(scaled) * f32::cast_from(norm[j * norm_stride]),
+            ));
+            j += units;
+        }
+    }
+    sync_cube();
 }
 
 /// The down products of the vector form of the expert MLPs and their (weighted) sum, in one
@@ -1201,6 +1413,7 @@ fn expert_mlp_vec<R: CubeRuntime>(
     routing: Option<CubeTensor<R>>,
     y: CubeTensor<R>,
     top_k: usize,
+    pre: Option<(ResidualNorm<R>, CubeTensor<R>)>,
 ) -> CubeTensor<R> {
     let [tokens, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
     let inner = *gate.meta.shape().last().expect("a weight has a shape");
@@ -1220,15 +1433,47 @@ fn expert_mlp_vec<R: CubeRuntime>(
     let (rows, cube_rows) = if dense { (tokens, 1) } else { (1, slots) };
     let (x0, x1) = (x.meta.strides()[0] as u32, x.meta.strides()[1] as u32);
     let n_vec = inner / width;
-    let (lanes, slices) = crate::gemv::vec_cube(
-        &client,
-        n_vec,
-        hidden,
-        width,
-        crate::gemv::VEC_SUM_FLOATS_ALONE,
+    let normed = pre.is_some();
+    assert!(
+        !normed || dense,
+        "expert_mlp_vec: a normalised input is dense"
     );
+    // Normalised, shared memory also holds the staged rows: a smaller sum buffer, as
+    // `gemv_normed`'s.
+    let sum_floats = if normed {
+        crate::gemv::VEC_SUM_FLOATS
+    } else {
+        crate::gemv::VEC_SUM_FLOATS_ALONE
+    };
+    let (lanes, slices) = crate::gemv::vec_cube(&client, n_vec, hidden, width, sum_floats);
     let cubes = n_vec.div_ceil(lanes);
     assert!(cubes <= MAX_CUBES_X, "routed_experts: {inner} columns");
+    let stage = if normed {
+        crate::gemv::vec_stage(hidden)
+    } else {
+        1
+    };
+    let add_first = pre.as_ref().is_some_and(|(p, _)| p.first.is_some());
+    // Without a norm the kernel reads none of its inputs and writes no residual: `x` and
+    // `act` stand in.
+    let (first, second, norm, eps, residual) = match pre {
+        Some((p, residual)) => (
+            p.first.unwrap_or_else(|| p.x.clone()),
+            p.second,
+            p.norm,
+            p.eps as f32,
+            residual,
+        ),
+        None => (x.clone(), x.clone(), x.clone(), 0.0, act.clone()),
+    };
+    let s = |t: &CubeTensor<R>, d: usize| t.meta.strides()[d] as u32;
+    let (f0, f1, s0, s1, norm_stride) = (
+        s(&first, 0),
+        s(&first, 1),
+        s(&second, 0),
+        s(&second, 1),
+        s(&norm, 0),
+    );
     // SAFETY: units whose column vector is past `inner / width` read no weight and write
     // nothing. The others read rows of `x` below `tokens` (routed: row slot / top_k; dense:
     // rows 0..rows) at `k` indices below `hidden` through its strides, and the weight rows
@@ -1236,7 +1481,13 @@ fn expert_mlp_vec<R: CubeRuntime>(
     // wrote it; dense: the one weight, `indices` not read), vector `cv` of rows of `inner /
     // width` contiguous aligned vectors; slice 0 writes vector `cv` of its rows of `act`
     // (`[slots, inner]`, contiguous). Shared memory: `lanes · slices · width` floats, at most
-    // VEC_SUM_FLOATS_ALONE; `slices` is a power of two.
+    // VEC_SUM_FLOATS_ALONE (VEC_SUM_FLOATS normalised, holding also the `rows · units` sums of
+    // squares, as rows <= NORMED_MAX_ROWS <= width); `slices` is a power of two. Normalised
+    // (dense, `rows` <= NORMED_MAX_ROWS): every unit also reads rows below `rows` of `x`,
+    // `first` and `second` (the shape of `x`) at indices below `hidden` through their strides
+    // and `hidden` entries of the norm's weight, stages `rows · stage` floats (the caller
+    // checked them against VEC_STAGE_FLOATS), and cube 0 writes `residual` (`[rows, hidden]`,
+    // contiguous), each element by one unit.
     unsafe {
         expert_gate_up_vec_kernel::launch_unchecked::<R>(
             &client,
@@ -1244,12 +1495,22 @@ fn expert_mlp_vec<R: CubeRuntime>(
             CubeDim::new_2d(lanes as u32, slices as u32),
             width,
             x.into_array_arg(),
+            first.into_array_arg(),
+            second.into_array_arg(),
+            norm.into_array_arg(),
             gate.into_array_arg(),
             up.into_array_arg(),
             indices.clone().into_array_arg(),
             act.clone().into_array_arg(),
+            residual.into_array_arg(),
             x0,
             x1,
+            f0,
+            f1,
+            s0,
+            s1,
+            norm_stride,
+            eps,
             hidden as u32,
             n_vec as u32,
             (hidden * n_vec) as u32,
@@ -1260,6 +1521,9 @@ fn expert_mlp_vec<R: CubeRuntime>(
             slices,
             unroll,
             dense,
+            normed,
+            add_first,
+            stage,
             dtype.into(),
         );
     }

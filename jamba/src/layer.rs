@@ -114,8 +114,9 @@ impl<B: JambaBackend> DecoderLayer<B> {
     ///
     /// Where the backend can, the input norm is folded into the mixer's first projections
     /// (`mix_folded`) and the sum `x + pending` is left to the norm after the mixer,
-    /// which adds both updates ([`RmsNorm::add2_forward`]); a MoE block may take that norm and
-    /// its router into its own first launch ([`SparseMoe::forward_normed`]). Each form rounds
+    /// which adds both updates ([`RmsNorm::add2_forward`]); the feed-forward block may take
+    /// that norm into its own first launch ([`SparseMoe::forward_normed`] with its router,
+    /// [`Mlp::forward_normed`]). Each form rounds
     /// each sum and norm as the separate operations do.
     pub fn forward_deferred(
         &self,
@@ -136,18 +137,20 @@ impl<B: JambaBackend> DecoderLayer<B> {
                     (x, None, self.mix(normed, masks, cache))
                 }
             };
-        if let FeedForward::Moe(moe) = &self.feed_forward
-            && let Some((residual, feed_forward, logits)) = moe.forward_normed(
-                x.clone(),
-                first.clone(),
-                mixed.clone(),
-                &self.pre_ff_layernorm,
-            )
-        {
+        let norm = &self.pre_ff_layernorm;
+        let fused = match &self.feed_forward {
+            FeedForward::Moe(moe) => moe
+                .forward_normed(x.clone(), first.clone(), mixed.clone(), norm)
+                .map(|(residual, y, logits)| (residual, y, Some(logits))),
+            FeedForward::Mlp(mlp) => mlp
+                .forward_normed(x.clone(), first.clone(), mixed.clone(), norm)
+                .map(|(residual, y)| (residual, y, None)),
+        };
+        if let Some((residual, feed_forward, router_logits)) = fused {
             return DeferredOutput {
                 residual,
                 feed_forward,
-                router_logits: Some(logits),
+                router_logits,
             };
         }
         let (residual, normed) = match first {
@@ -189,7 +192,8 @@ impl<B: JambaBackend> DecoderLayer<B> {
     }
 
     /// The mixer with the input norm of `x + pending` folded into its first projections
-    /// ([`RmsNorm::project_normed`]: `in_proj`, or `q_proj`, `k_proj` and `v_proj`), or `None`
+    /// ([`RmsNorm::project_normed`]: `in_proj`, or `q_proj`, `k_proj` and `v_proj`, in one
+    /// launch where the backend can: [`RmsNorm::project_normed_many`]), or `None`
     /// where the backend has no such form or a Mamba mixer's input is masked (padding is
     /// zeroed before `in_proj`).
     fn mix_folded(
@@ -216,10 +220,16 @@ impl<B: JambaBackend> DecoderLayer<B> {
                     None => None,
                     Some(_) => unreachable!("the cache is built from the same layer plan"),
                 };
-                let q = norm.project_normed(x, pending, &attn.q_proj)?;
-                let k = norm.project_normed(x, pending, &attn.k_proj)?;
-                let v = norm.project_normed(x, pending, &attn.v_proj)?;
-                Some(attn.forward_projected([q, k, v], masks.attention.as_ref(), kv))
+                let linears = [&attn.q_proj, &attn.k_proj, &attn.v_proj];
+                let qkv = match norm.project_normed_many(x, pending, linears) {
+                    Some(qkv) => qkv,
+                    None => [
+                        norm.project_normed(x, pending, linears[0])?,
+                        norm.project_normed(x, pending, linears[1])?,
+                        norm.project_normed(x, pending, linears[2])?,
+                    ],
+                };
+                Some(attn.forward_projected(qkv, masks.attention.as_ref(), kv))
             }
             _ => None,
         }

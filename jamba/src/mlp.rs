@@ -5,7 +5,8 @@ use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
-use crate::ops::{JambaBackend, project};
+use crate::norm::RmsNorm;
+use crate::ops::{JambaBackend, NormedMlp, project};
 
 /// Configuration of [`Mlp`].
 #[derive(Config, Debug)]
@@ -70,6 +71,39 @@ impl<B: JambaBackend> Mlp<B> {
             return y.reshape(dims);
         }
         self.forward_unfused(x)
+    }
+
+    /// The residual connection `s = (x + first) + second` and `norm` before this block, then
+    /// the block on `norm(s)`, in the backend's fused form ([`JambaBackend::swiglu_normed`]);
+    /// `None` where it has none (the caller adds, normalises and calls
+    /// [`forward`](Self::forward)). Returns `s` and the block's output.
+    pub fn forward_normed(
+        &self,
+        x: Tensor<B, 3>,
+        first: Option<Tensor<B, 3>>,
+        second: Tensor<B, 3>,
+        norm: &RmsNorm<B>,
+    ) -> Option<(Tensor<B, 3>, Tensor<B, 3>)> {
+        let dims = x.dims();
+        let [batch, seq, hidden] = dims;
+        if [&self.gate_proj, &self.up_proj, &self.down_proj]
+            .iter()
+            .any(|l| l.bias.is_some())
+        {
+            return None;
+        }
+        let flat = |t: Tensor<B, 3>| t.reshape([batch * seq, hidden]);
+        let (residual, y) = B::swiglu_normed(NormedMlp {
+            x: flat(x),
+            first: first.map(flat),
+            second: flat(second),
+            norm: norm.weight.val(),
+            eps: norm.eps,
+            gate: self.gate_proj.weight.val(),
+            up: self.up_proj.weight.val(),
+            down: self.down_proj.weight.val(),
+        })?;
+        Some((residual.reshape(dims), y.reshape(dims)))
     }
 
     /// [`forward`](Self::forward) as separate operations, for comparisons.

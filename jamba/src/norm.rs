@@ -123,4 +123,26 @@ impl<B: JambaBackend> RmsNorm<B> {
             bias: linear.bias.as_ref().map(|b| b.val()),
         })
     }
+
+    /// [`project_normed`](Self::project_normed) of several bias-free projections in one
+    /// launch ([`JambaBackend::normed_projections`]), or `None` where the backend has no such
+    /// form or a projection has a bias.
+    pub fn project_normed_many<const N: usize>(
+        &self,
+        x: &Tensor<B, 3>,
+        pending: Option<&Tensor<B, 3>>,
+        linears: [&burn::nn::Linear<B>; N],
+    ) -> Option<[Tensor<B, 3>; N]> {
+        if linears.iter().any(|l| l.bias.is_some()) {
+            return None;
+        }
+        let ys = B::normed_projections(crate::ops::NormedProjections {
+            x: x.clone(),
+            pending: pending.cloned(),
+            norm: self.weight.val(),
+            eps: self.eps,
+            weights: linears.iter().map(|l| l.weight.val()).collect(),
+        })?;
+        ys.try_into().ok()
+    }
 }

@@ -83,6 +83,23 @@ pub struct NormedProjection<B: Backend> {
     pub bias: Option<Tensor<B, 1>>,
 }
 
+/// Several bias-free projections of one RMSNorm's output, for
+/// [`JambaBackend::normed_projections`]: `linear_i(norm(x + pending))`, as
+/// [`NormedProjection`] for each weight.
+#[derive(Debug, Clone)]
+pub struct NormedProjections<B: Backend> {
+    /// The residual stream, `[batch, seq, in]`.
+    pub x: Tensor<B, 3>,
+    /// A residual update not yet added to `x`, the shape and dtype of `x`.
+    pub pending: Option<Tensor<B, 3>>,
+    /// The norm's weight, `[in]`.
+    pub norm: Tensor<B, 1>,
+    /// The norm's epsilon.
+    pub eps: f64,
+    /// The projections' weights, each `[in, out_i]` (Burn's layout).
+    pub weights: Vec<Tensor<B, 2>>,
+}
+
 /// A MoE layer's feed-forward block with the residual connection and the norm before it, for
 /// [`JambaBackend::routed_experts_normed`]: the residual `s = (x + first) + second`, then the
 /// mixture of experts of `rms_norm(s)` routed by `router`.
@@ -119,6 +136,29 @@ pub struct NormedMoeOutput<B: Backend> {
     pub y: Tensor<B, 2>,
     /// The router's logits, `[tokens, experts]`.
     pub router_logits: Tensor<B, 2>,
+}
+
+/// A dense MLP block with the residual connection and the norm before it, for
+/// [`JambaBackend::swiglu_normed`]: the residual `s = (x + first) + second`, then the SwiGLU
+/// MLP of `rms_norm(s)` (bias-free weights in Burn's `[in, out]` layout).
+#[derive(Debug, Clone)]
+pub struct NormedMlp<B: Backend> {
+    /// The residual stream, `[rows, hidden]`.
+    pub x: Tensor<B, 2>,
+    /// An update added first when present (a previous layer's pending output).
+    pub first: Option<Tensor<B, 2>>,
+    /// The mixer's output, added second.
+    pub second: Tensor<B, 2>,
+    /// The norm's weight, `[hidden]`.
+    pub norm: Tensor<B, 1>,
+    /// The norm's epsilon.
+    pub eps: f64,
+    /// `gate_proj`, `[hidden, intermediate]`.
+    pub gate: Tensor<B, 2>,
+    /// `up_proj`, `[hidden, intermediate]`.
+    pub up: Tensor<B, 2>,
+    /// `down_proj`, `[intermediate, hidden]`.
+    pub down: Tensor<B, 2>,
 }
 
 /// The inputs of one Mamba decoding step between `in_proj` and `out_proj`
@@ -283,6 +323,17 @@ pub trait JambaBackend: Backend {
         None
     }
 
+    /// [`normed_projection`](Self::normed_projection) of several bias-free weights of one
+    /// input in one launch ([`NormedProjections`]: an attention layer's `q_proj`, `k_proj` and
+    /// `v_proj`), or `None` to let the caller project each (the default).
+    ///
+    /// CubeCL backends run `jamba_kernels::gemv::gemv_normed_many` for up to three weights
+    /// where each takes the vector form: one launch where the separate projections take three
+    /// (`JAMBA_QKV_ONE=off` turns it off, for comparisons).
+    fn normed_projections(_input: NormedProjections<Self>) -> Option<Vec<Tensor<Self, 3>>> {
+        None
+    }
+
     /// A MoE layer's residual connection, pre-feed-forward norm, router and experts for a few
     /// tokens ([`NormedMoe`]), or `None` to let the caller run the norm and
     /// [`routed_experts`](Self::routed_experts) (the default).
@@ -348,6 +399,18 @@ pub trait JambaBackend: Backend {
         _up: Tensor<Self, 2>,
         _down: Tensor<Self, 2>,
     ) -> Option<Tensor<Self, 2>> {
+        None
+    }
+
+    /// A dense MLP block with its residual connection and norm ([`NormedMlp`]) as
+    /// `(s, mlp(rms_norm(s)))`, or `None` to let the caller run
+    /// [`add2_rms_norm`](Self::add2_rms_norm) and [`swiglu`](Self::swiglu) (the default).
+    ///
+    /// CubeCL backends fold the sums and the norm into the MLP's gate/up launch for up to four
+    /// rows where the vector form runs (`jamba_kernels::moe::swiglu_normed`): two launches
+    /// where the separate form takes three. `JAMBA_FUSED_STEP=off` turns it off, and
+    /// `JAMBA_MLP_NORMED=off` this form alone, for comparisons.
+    fn swiglu_normed(_input: NormedMlp<Self>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
         None
     }
 
@@ -671,6 +734,22 @@ pub fn fused_step_enabled() -> bool {
     *ENABLED.get_or_init(|| env_switch("JAMBA_FUSED_STEP", true))
 }
 
+/// Whether CubeCL backends fold a dense MLP's residual sums and norm into its gate/up launch
+/// ([`JambaBackend::swiglu_normed`]; on by default, `JAMBA_MLP_NORMED=off` runs the norm's
+/// own launch, for comparisons).
+pub fn normed_mlp_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_MLP_NORMED", true))
+}
+
+/// Whether CubeCL backends run an attention layer's three normalised projections in one launch
+/// ([`JambaBackend::normed_projections`]; on by default, `JAMBA_QKV_ONE=off` runs three, for
+/// comparisons).
+pub fn qkv_one_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_QKV_ONE", true))
+}
+
 /// Whether CubeCL backends run a decoding step's attention in one kernel
 /// ([`JambaBackend::decode_attention`]; on by default, `JAMBA_FUSED_ATTENTION=off` runs the
 /// separate operations). On the H200 it took bf16 decoding at batch 1 from ~397 to ~475
@@ -709,8 +788,9 @@ pub mod cube {
     };
 
     use super::{
-        ConvInput, ConvOutput, JambaBackend, MambaStepInput, MambaStepOutput, NormedMoe,
-        NormedMoeOutput, NormedProjection, RoutedExperts, ScanGrads, kernels_enabled,
+        ConvInput, ConvOutput, JambaBackend, MambaStepInput, MambaStepOutput, NormedMlp, NormedMoe,
+        NormedMoeOutput, NormedProjection, NormedProjections, RoutedExperts, ScanGrads,
+        kernels_enabled,
     };
     use crate::scan::{ScanInput, ScanOutput};
 
@@ -1030,6 +1110,50 @@ pub mod cube {
             Some(y.reshape([batch, seq, outputs]))
         }
 
+        fn normed_projections(input: NormedProjections<Self>) -> Option<Vec<Tensor<Self, 3>>> {
+            let [batch, seq, inputs] = input.x.dims();
+            let rows = batch * seq;
+            let dtype = input.x.dtype();
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || !super::qkv_one_enabled()
+                || rows == 0
+                || rows > gemv::NORMED_MAX_ROWS
+                || !(1..=3).contains(&input.weights.len())
+                || input
+                    .weights
+                    .iter()
+                    .any(|w| w.dims()[0] != inputs || w.dtype() != dtype)
+                || input.norm.dims() != [inputs]
+                || input.norm.dtype() != dtype
+                || input
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.dtype() != dtype || p.dims() != input.x.dims())
+            {
+                return None;
+            }
+            let flat = |t: Tensor<Self, 3>| prim(t.reshape([rows, inputs]));
+            let ys = gemv::gemv_normed_many(
+                flat(input.x),
+                gemv::PreNorm {
+                    update: input.pending.map(flat),
+                    weight: prim(input.norm),
+                    eps: input.eps,
+                },
+                input.weights.into_iter().map(prim).collect(),
+            )?;
+            Some(
+                ys.into_iter()
+                    .map(|y| {
+                        let y: Tensor<Self, 2> = wrap(y);
+                        let outputs = y.dims()[1];
+                        y.reshape([batch, seq, outputs])
+                    })
+                    .collect(),
+            )
+        }
+
         fn routed_experts_normed(input: NormedMoe<Self>) -> Option<NormedMoeOutput<Self>> {
             let [tokens, hidden] = input.x.dims();
             let [_, experts] = input.router.dims();
@@ -1110,6 +1234,46 @@ pub mod cube {
                 return None;
             }
             Some(wrap(moe::swiglu(prim(x), prim(gate), prim(up), prim(down))))
+        }
+
+        fn swiglu_normed(input: NormedMlp<Self>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+            let [rows, hidden] = input.x.dims();
+            let [_, inner] = input.gate.dims();
+            let dtype = input.x.dtype();
+            if !kernels_enabled()
+                || !super::fused_step_enabled()
+                || !super::normed_mlp_enabled()
+                || rows == 0
+                || rows > gemv::NORMED_MAX_ROWS
+                || input.norm.dims() != [hidden]
+                || input.gate.dims() != [hidden, inner]
+                || input.up.dims() != [hidden, inner]
+                || input.down.dims() != [inner, hidden]
+                || [&input.gate, &input.up, &input.down]
+                    .iter()
+                    .any(|t| t.dtype() != dtype)
+                || input.norm.dtype() != dtype
+                || input
+                    .first
+                    .iter()
+                    .chain([&input.second])
+                    .any(|t| t.dtype() != dtype || t.dims() != [rows, hidden])
+            {
+                return None;
+            }
+            let (residual, y) = moe::swiglu_normed(
+                moe::ResidualNorm {
+                    x: prim(input.x),
+                    first: input.first.map(prim),
+                    second: prim(input.second),
+                    norm: prim(input.norm),
+                    eps: input.eps,
+                },
+                prim(input.gate),
+                prim(input.up),
+                prim(input.down),
+            )?;
+            Some((wrap(residual), wrap(y)))
         }
 
         fn mamba_step(input: MambaStepInput<Self>) -> Option<MambaStepOutput<Self>> {
