@@ -1297,7 +1297,14 @@ fn swiglu_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64)
     let seed = common::fresh_seed();
     K::<R>::seed(device, seed);
     let mut forms = [0usize; 2];
-    for &(hidden, inner) in &[(24usize, 72usize), (100, 300), (512, 1408), (7, 5)] {
+    // (64, 256): rows CUDA's allocator does not pad in half precision either (128 and 512 bytes).
+    for &(hidden, inner) in &[
+        (24usize, 72usize),
+        (100, 300),
+        (512, 1408),
+        (7, 5),
+        (64, 256),
+    ] {
         let mlp = cast_module(MlpConfig::new(hidden, inner).init::<K<R>>(device), dtype);
         for rows in [1usize, 3, jamba::kernels::moe::MAX_SLOTS] {
             let name = format!("{dtype:?} hidden {hidden} inner {inner} rows {rows} (seed {seed})");
@@ -1510,6 +1517,41 @@ fn normed_projections_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tol
     assert_eq!(cases, 4 * gemv::NORMED_MAX_ROWS * 2, "fused cases");
 }
 
+/// The one-launch SwiGLU gate ([`JambaBackend::silu_mul`]) against Burn's `silu` and product
+/// on the same device, on fresh random inputs around SiLU's bend: shapes whose element count
+/// is a whole number of 16-byte vectors (the kernel runs) and one that is not (the composed
+/// form runs); both must agree with the composition.
+fn silu_mul_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, tolerance: f64) {
+    use burn::tensor::activation::silu;
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    let width = 16 / dtype.size();
+    let mut ran = 0usize;
+    for shape in [[3usize, 5, 8 * width], [1, 2048, 64], [2, 3, 5]] {
+        let len: usize = shape.iter().product();
+        let tensor = |rng: &mut Rng| {
+            Tensor::<K<R>, 3>::from_data(TensorData::new(rng.normal(len, 0.0, 3.0), shape), device)
+                .cast(dtype)
+        };
+        let (gate, up) = (tensor(&mut rng), tensor(&mut rng));
+        let kernel = jamba::kernels::activation::silu_mul(prim(gate.clone()), prim(up.clone()));
+        assert_eq!(kernel.is_some(), len % width == 0, "{dtype:?} {shape:?}");
+        ran += usize::from(kernel.is_some());
+        let ours = K::<R>::silu_mul(gate.clone(), up.clone());
+        let want = silu(gate.cast(DType::F32)).cast(dtype).cast(DType::F32) * up.cast(DType::F32);
+        assert_eq!(ours.dims(), shape);
+        assert_close(
+            &format!("{dtype:?} silu_mul {shape:?}"),
+            &to_vec(ours.cast(DType::F32)),
+            &to_vec(want.cast(dtype).cast(DType::F32)),
+            tolerance,
+        );
+    }
+    assert_eq!(
+        ran, 2,
+        "{dtype:?}: the kernel ran on the whole-vector shapes"
+    );
+}
+
 /// `module` with every float parameter cast to `dtype`.
 fn cast_module<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
     module: M,
@@ -1593,6 +1635,11 @@ macro_rules! kernel_tests {
                     burn::tensor::DType::F32,
                     1e-5,
                 );
+            }
+
+            #[test]
+            fn silu_mul_kernel_matches_burns_silu_and_product() {
+                super::silu_mul_grid::<R>(&Default::default(), burn::tensor::DType::F32, 1e-6);
             }
 
             #[test]
@@ -1872,6 +1919,82 @@ fn cuda_fused_mamba_step_takes_half_inputs() {
     type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
     mamba_step_grid::<R>(&Default::default(), DType::BF16, 2e-2);
     mamba_step_grid::<R>(&Default::default(), DType::F16, 3e-3);
+}
+
+/// The SwiGLU gate kernel in bf16 and f16: SiLU rounded once, then the product rounded, as the
+/// composition (in f32, then rounded) does; a different last bit of `exp` can flip a rounding.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_silu_mul_takes_half_inputs() {
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    silu_mul_grid::<R>(&Default::default(), DType::BF16, 1e-2);
+    silu_mul_grid::<R>(&Default::default(), DType::F16, 2e-3);
+}
+
+/// The flash prefill attention (cubek's tensor-core kernel, `attention::flash_prefill`) against
+/// Burn's unfused attention on the same device, bf16 and f16, causal, on fresh random inputs:
+/// lengths that are not multiples of its tiles, one and several heads, with and without a
+/// padding mask (left padding: the first keys of a row hidden). The kernel must run on every
+/// case (the model relies on it for half-precision prefills).
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_flash_prefill_matches_the_unfused_attention() {
+    use burn::tensor::Bool;
+    use burn::tensor::ops::AttentionModuleOptions;
+    type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
+    let device = Default::default();
+    let mut rng = Rng(SplitMix64::new(common::fresh_seed()));
+    for (dtype, tolerance) in [(DType::BF16, 3e-2), (DType::F16, 1e-2)] {
+        for &(batch, heads, len, dim, padded) in &[
+            (1usize, 8usize, 512usize, 128usize, false),
+            (1, 2, 77, 64, false),
+            (2, 4, 200, 128, true),
+            (1, 1, 1000, 64, false),
+        ] {
+            let tensor = |rng: &mut Rng| {
+                let shape = [batch, heads, len, dim];
+                Tensor::<K<R>, 4>::from_data(
+                    TensorData::new(rng.normal(shape.iter().product(), 0.0, 1.0), shape),
+                    &device,
+                )
+                .cast(dtype)
+            };
+            let (q, k, v) = (tensor(&mut rng), tensor(&mut rng), tensor(&mut rng));
+            // Row b hides its first 7 · b keys from every query.
+            let mask = padded.then(|| {
+                let hidden: Vec<bool> = (0..batch)
+                    .flat_map(|b| (0..len).map(move |j| j < 7 * b))
+                    .collect();
+                Tensor::<K<R>, 2, Bool>::from_data(TensorData::new(hidden, [batch, len]), &device)
+                    .reshape([batch, 1, 1, len])
+                    .expand([batch, heads, len, len])
+            });
+            let name = format!(
+                "{dtype:?} flash prefill b{batch} h{heads} len {len} dim {dim}, mask {padded}"
+            );
+            let out = jamba::kernels::attention::flash_prefill(
+                prim(q.clone()),
+                prim(k.clone()),
+                prim(v.clone()),
+                mask.clone().map(|m| m.into_primitive()),
+            )
+            .unwrap_or_else(|| panic!("{name}: the flash kernel refused it"));
+            let options = AttentionModuleOptions {
+                scale: None,
+                softcap: None,
+                is_causal: true,
+            };
+            let want = jamba::ops::attention_with(q, k, v, mask, options, |a, b| a.matmul(b));
+            let ours = wrap::<R, 4>(out);
+            assert_eq!(ours.dims(), want.dims(), "{name}");
+            assert_close(
+                &name,
+                &to_vec(ours.cast(DType::F32)),
+                &to_vec(want.cast(DType::F32)),
+                tolerance,
+            );
+        }
+    }
 }
 
 /// The fused MLP in bf16 and f16 against the separate operations in the same dtype. Burn's SiLU

@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|one|fold|prefill-where|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|one|fold|prefill-where|prefill2|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -387,6 +387,33 @@ if [ "$WHAT" = prefill-where ]; then
   $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 20
+  (cd "$OUT" && xz -6 ncu-*.csv)
+fi
+if [ "$WHAT" = prefill2 ]; then
+  # Session 20, second build: the SwiGLU gate in one launch (JAMBA_SILU_MUL) and the flash
+  # attention of half-precision prefills (JAMBA_FLASH_ATTENTION), each switched off in turn.
+  echo "== kernel tests on CUDA: silu_mul, flash prefill, the folded MLP norm, q/k/v (f32, half)"
+  ./kernels --test-threads 1 silu flash mlp normed 2>&1 | grep -E "^test |test result|FAIL|panicked|rel. error" | head -24
+  echo "== parity on CUDA (every fixture; kernels on)"
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+  P="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --decode-steps 0 --reps 5 --warmup 2"
+  for round in 1 2; do
+    echo "== prefill, round $round: default / silu_mul off / flash off / both off"
+    ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/default   /"
+    JAMBA_SILU_MUL=off ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/silu off  /"
+    JAMBA_FLASH_ATTENTION=off ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/flash off /"
+    JAMBA_SILU_MUL=off JAMBA_FLASH_ATTENTION=off ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/both off  /"
+  done
+  echo "== the standard command"
+  ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+    --out "$OUT/h200-bench-jamba-1b-bf16.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+  echo "== ncu: device time of every kernel of a 2048-token prefill"
+  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 16
   (cd "$OUT" && xz -6 ncu-*.csv)
 fi
 if [ "$WHAT" = scan-stalls ]; then

@@ -39,6 +39,7 @@
 //! path for every other backend. Inputs may be f32, f16 or bf16 (where the runtime has them);
 //! arithmetic is f32.
 
+pub mod activation;
 pub mod argmax;
 pub mod attention;
 pub mod conv;

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::tensor::{Tensor, activation::silu, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
 
 use crate::norm::RmsNorm;
 use crate::ops::{JambaBackend, NormedMlp, project};
@@ -108,8 +108,9 @@ impl<B: JambaBackend> Mlp<B> {
 
     /// [`forward`](Self::forward) as separate operations, for comparisons.
     pub fn forward_unfused<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = silu(project(&self.gate_proj, x.clone()));
-        project(&self.down_proj, gate.mul(project(&self.up_proj, x)))
+        let gate = project(&self.gate_proj, x.clone());
+        let act = B::silu_mul(gate, project(&self.up_proj, x));
+        project(&self.down_proj, act)
     }
 }
 
@@ -122,6 +123,7 @@ pub fn swiglu<B: JambaBackend>(
     up: Tensor<B, 2>,
     down: Tensor<B, 2>,
 ) -> Tensor<B, 3> {
-    let g = silu(B::projection(x.clone(), gate, None));
-    B::projection(g.mul(B::projection(x, up, None)), down, None)
+    let g = B::projection(x.clone(), gate, None);
+    let act = B::silu_mul(g, B::projection(x, up, None));
+    B::projection(act, down, None)
 }

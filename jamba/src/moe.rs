@@ -4,9 +4,7 @@ use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{
-    DType, Distribution, Int, Tensor, TensorData,
-    activation::{silu, softmax},
-    backend::Backend,
+    DType, Distribution, Int, Tensor, TensorData, activation::softmax, backend::Backend,
 };
 
 use crate::mlp::swiglu;
@@ -311,9 +309,9 @@ impl<B: JambaBackend> SparseMoe<B> {
         let rows = index.clone().slice([0..experts * capacity]);
         let back = index.slice([experts * capacity..experts * capacity + slots]);
         let x = flat.select(0, rows).reshape([experts, capacity, hidden]);
-        let gate = silu(B::batched_matmul(x.clone(), self.experts.gate_proj.val()));
+        let gate = B::batched_matmul(x.clone(), self.experts.gate_proj.val());
         let up = B::batched_matmul(x, self.experts.up_proj.val());
-        let out = B::batched_matmul(gate * up, self.experts.down_proj.val());
+        let out = B::batched_matmul(B::silu_mul(gate, up), self.experts.down_proj.val());
         let per_slot = out.reshape([experts * capacity, hidden]).select(0, back);
         self.weighted_sum(per_slot, weights, shape)
     }

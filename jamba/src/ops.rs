@@ -414,6 +414,16 @@ pub trait JambaBackend: Backend {
         None
     }
 
+    /// The SwiGLU gate `silu(gate) · up` of two tensors of one shape: SiLU computed in f32
+    /// and rounded to the dtype, then the product rounded (PyTorch's order in half precision).
+    ///
+    /// CubeCL backends run it in one launch (`jamba_kernels::activation::silu_mul`) where
+    /// Burn's `silu` of a half-precision tensor and the product are nine (`JAMBA_SILU_MUL=off`
+    /// composes them).
+    fn silu_mul<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+        silu(gate).mul(up)
+    }
+
     /// One decoding step of a Mamba mixer between `in_proj` and `out_proj` (conv + SiLU,
     /// `x_proj`, the norms of Δ, B and C, `dt_proj`, softplus, the state update, the D skip and
     /// the SiLU(z) gate), or `None` to let [`crate::mamba::MambaMixer`] run it as separate
@@ -750,6 +760,21 @@ pub fn qkv_one_enabled() -> bool {
     *ENABLED.get_or_init(|| env_switch("JAMBA_QKV_ONE", true))
 }
 
+/// Whether CubeCL backends run the SwiGLU gate in one launch ([`JambaBackend::silu_mul`]; on by
+/// default, `JAMBA_SILU_MUL=off` composes Burn's `silu` and product, for comparisons).
+pub fn silu_mul_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_SILU_MUL", true))
+}
+
+/// Whether CubeCL backends run a half-precision causal prefill's attention through cubek's
+/// flash kernel (`jamba_kernels::attention::flash_prefill`; on by default,
+/// `JAMBA_FLASH_ATTENTION=off` runs Burn's unfused form, for comparisons).
+pub fn flash_attention_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_FLASH_ATTENTION", true))
+}
+
 /// Whether CubeCL backends run a decoding step's attention in one kernel
 /// ([`JambaBackend::decode_attention`]; on by default, `JAMBA_FUSED_ATTENTION=off` runs the
 /// separate operations). On the H200 it took bf16 decoding at batch 1 from ~397 to ~475
@@ -784,7 +809,7 @@ pub mod cube {
     use burn::tensor::{DType, Tensor, TensorPrimitive};
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
     use jamba_kernels::{
-        argmax, attention, conv, gemv, mamba_step, matmul, moe, norm, scan, scan_bwd,
+        activation, argmax, attention, conv, gemv, mamba_step, matmul, moe, norm, scan, scan_bwd,
     };
 
     use super::{
@@ -886,6 +911,16 @@ pub mod cube {
             kernels_enabled() && scan::supports_state(state)
         }
 
+        fn silu_mul<const D: usize>(gate: Tensor<Self, D>, up: Tensor<Self, D>) -> Tensor<Self, D> {
+            if kernels_enabled()
+                && super::silu_mul_enabled()
+                && let Some(out) = activation::silu_mul(prim(gate.clone()), prim(up.clone()))
+            {
+                return wrap(out);
+            }
+            burn::tensor::activation::silu(gate).mul(up)
+        }
+
         fn scaled_dot_product_attention(
             q: Tensor<Self, 4>,
             k: Tensor<Self, 4>,
@@ -894,6 +929,25 @@ pub mod cube {
             options: burn::tensor::ops::AttentionModuleOptions,
         ) -> Tensor<Self, 4> {
             if q.dtype() != DType::F32 {
+                // A fresh causal prefill (as many keys as queries: cubek's causal mask is
+                // aligned at the first key, ours at the last) through the flash kernel.
+                let [_, _, queries, _] = q.dims();
+                if kernels_enabled()
+                    && super::flash_attention_enabled()
+                    && options.is_causal
+                    && options.scale.is_none()
+                    && options.softcap.is_none()
+                    && queries > 1
+                    && k.dims()[2] == queries
+                    && let Some(out) = attention::flash_prefill(
+                        prim(q.clone()),
+                        prim(k.clone()),
+                        prim(v.clone()),
+                        mask.clone().map(|m| m.into_primitive()),
+                    )
+                {
+                    return wrap(out);
+                }
                 return burn::tensor::module::attention(q, k, v, mask, None, options);
             }
             // The unfused form, softmax of `QKᵀ`, with f32 products. (cubek's f32 flash kernel
