@@ -208,7 +208,8 @@ fn host_conv_matches_the_definition() {
     assert_eq!(cases, 128);
 }
 
-/// flex's host GEMV for decoding rows against an f64 product: row counts up to the GEMV's limit,
+/// flex's host GEMV for decoding rows against an f64 product (the error relative to the size of
+/// the products' terms, which bounds f32 summation): row counts up to the GEMV's limit,
 /// input counts that leave a tail after the groups of four, output counts that are not whole
 /// bands of 16 and products large enough to split across threads; with and without bias.
 #[cfg(feature = "flex")]
@@ -228,14 +229,22 @@ fn host_projection_matches_the_definition() {
                         .collect()
                 };
                 let (x, w, b) = (draw(rows * inputs), draw(inputs * outputs), draw(outputs));
+                // Each output's f64 value and the sum of its terms' magnitudes: an f32 sum's
+                // rounding error is bounded relative to the latter, not to the result (a single
+                // `x·w + b` may cancel to almost nothing).
                 let mut expected = Vec::with_capacity(rows * outputs);
+                let mut magnitude = Vec::with_capacity(rows * outputs);
                 for r in 0..rows {
                     for o in 0..outputs {
                         let mut acc = if with_bias { b[o] as f64 } else { 0.0 };
+                        let mut size = acc.abs();
                         for i in 0..inputs {
-                            acc += x[r * inputs + i] as f64 * w[i * outputs + o] as f64;
+                            let term = x[r * inputs + i] as f64 * w[i * outputs + o] as f64;
+                            acc += term;
+                            size += term.abs();
                         }
-                        expected.push(acc as f32);
+                        expected.push(acc);
+                        magnitude.push(size);
                     }
                 }
                 let y = jamba::host::projection_flex(
@@ -244,7 +253,14 @@ fn host_projection_matches_the_definition() {
                     with_bias.then(|| Tensor::from_data(TensorData::new(b, [outputs]), &dev)),
                 );
                 assert_eq!(y.dims(), [1, rows, outputs]);
-                let err = rel_err(&to_vec(y), &expected);
+                let y = to_vec(y);
+                let diff: f64 = y
+                    .iter()
+                    .zip(&expected)
+                    .map(|(&a, &e)| (a as f64 - e).powi(2))
+                    .sum();
+                let size: f64 = magnitude.iter().map(|m| m * m).sum();
+                let err = (diff / size.max(f64::MIN_POSITIVE)).sqrt();
                 assert!(
                     err <= 1e-6,
                     "rows {rows} inputs {inputs} outputs {outputs} bias {with_bias}: rel. error {err:.3e}"

@@ -390,19 +390,18 @@ if [ "$WHAT" = prefill-where ]; then
   (cd "$OUT" && xz -6 ncu-*.csv)
 fi
 if [ "$WHAT" = prefill2 ]; then
-  # Session 20, second build: the SwiGLU gate in one launch (JAMBA_SILU_MUL) and the flash
-  # attention of half-precision prefills (JAMBA_FLASH_ATTENTION), each switched off in turn.
-  echo "== kernel tests on CUDA: silu_mul, flash prefill, the folded MLP norm, q/k/v (f32, half)"
-  ./kernels --test-threads 1 silu flash mlp normed 2>&1 | grep -E "^test |test result|FAIL|panicked|rel. error" | head -24
+  # Session 20, second build: the SwiGLU gate in one launch, against Burn's silu and product
+  # (JAMBA_SILU_MUL=off). (The session's run also timed cubek's flash attention, switched by
+  # JAMBA_FLASH_ATTENTION; it refused every shape and was taken out: RESULTS.md, session 20.)
+  echo "== kernel tests on CUDA: silu_mul, the folded MLP norm, q/k/v (f32, half)"
+  ./kernels --test-threads 1 silu mlp normed 2>&1 | grep -E "^test |test result|FAIL|panicked|rel. error" | head -24
   echo "== parity on CUDA (every fixture; kernels on)"
   ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
   P="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --decode-steps 0 --reps 5 --warmup 2"
   for round in 1 2; do
-    echo "== prefill, round $round: default / silu_mul off / flash off / both off"
+    echo "== prefill, round $round: default / silu_mul off"
     ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/default   /"
     JAMBA_SILU_MUL=off ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/silu off  /"
-    JAMBA_FLASH_ATTENTION=off ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/flash off /"
-    JAMBA_SILU_MUL=off JAMBA_FLASH_ATTENTION=off ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/both off  /"
   done
   echo "== the standard command"
   ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \

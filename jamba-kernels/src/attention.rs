@@ -426,37 +426,3 @@ pub fn decode_attention<R: CubeRuntime>(
     }
     out
 }
-
-/// Causal attention of a half-precision prefill through cubek's flash kernel on tensor cores
-/// (`BlackboxAccelerated`, four planes per cube): `softmax(q·kᵀ / √dim, causal, masked) · v`
-/// for `q` `[batch, heads, queries, dim]` and `k`, `v` `[batch, heads, keys, dim]` (the key/value
-/// heads already repeated), `mask` `[batch, heads, queries, keys]` (`true` hides a key), f32
-/// accumulation. Burn 0.21 runs its unfused fallback unless autotuning is compiled in: score,
-/// mask, max, subtract, `exp`, sum, divide, each over the whole `[heads, queries, keys]`
-/// matrix, ~1 ms of the H200's 11.6 ms for a 2048-token prefill of bench-jamba-1b.
-///
-/// Returns `None` for f32 (cubek's f32 forms round to TF32 or, on plain units, failed the
-/// fixtures on wgpu: the caller keeps its exact form) and where cubek refuses the problem.
-pub fn flash_prefill<R: CubeRuntime>(
-    q: CubeTensor<R>,
-    k: CubeTensor<R>,
-    v: CubeTensor<R>,
-    mask: Option<CubeTensor<R>>,
-) -> Option<CubeTensor<R>> {
-    use burn_cubecl::kernel::attention::{AttentionStrategy, attention};
-    use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
-    if !matches!(q.dtype, burn_std::DType::BF16 | burn_std::DType::F16) {
-        return None;
-    }
-    let options = burn_backend::ops::AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
-    let strategy = AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy {
-        num_planes: 4,
-        seq_q: 1,
-        seq_kv: 1,
-    });
-    attention(q, k, v, mask, None, options, strategy).ok()
-}

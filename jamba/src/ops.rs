@@ -767,14 +767,6 @@ pub fn silu_mul_enabled() -> bool {
     *ENABLED.get_or_init(|| env_switch("JAMBA_SILU_MUL", true))
 }
 
-/// Whether CubeCL backends run a half-precision causal prefill's attention through cubek's
-/// flash kernel (`jamba_kernels::attention::flash_prefill`; on by default,
-/// `JAMBA_FLASH_ATTENTION=off` runs Burn's unfused form, for comparisons).
-pub fn flash_attention_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| env_switch("JAMBA_FLASH_ATTENTION", true))
-}
-
 /// Whether CubeCL backends run a decoding step's attention in one kernel
 /// ([`JambaBackend::decode_attention`]; on by default, `JAMBA_FUSED_ATTENTION=off` runs the
 /// separate operations). On the H200 it took bf16 decoding at batch 1 from ~397 to ~475
@@ -929,25 +921,6 @@ pub mod cube {
             options: burn::tensor::ops::AttentionModuleOptions,
         ) -> Tensor<Self, 4> {
             if q.dtype() != DType::F32 {
-                // A fresh causal prefill (as many keys as queries: cubek's causal mask is
-                // aligned at the first key, ours at the last) through the flash kernel.
-                let [_, _, queries, _] = q.dims();
-                if kernels_enabled()
-                    && super::flash_attention_enabled()
-                    && options.is_causal
-                    && options.scale.is_none()
-                    && options.softcap.is_none()
-                    && queries > 1
-                    && k.dims()[2] == queries
-                    && let Some(out) = attention::flash_prefill(
-                        prim(q.clone()),
-                        prim(k.clone()),
-                        prim(v.clone()),
-                        mask.clone().map(|m| m.into_primitive()),
-                    )
-                {
-                    return wrap(out);
-                }
                 return burn::tensor::module::attention(q, k, v, mask, None, options);
             }
             // The unfused form, softmax of `QKᵀ`, with f32 products. (cubek's f32 flash kernel
