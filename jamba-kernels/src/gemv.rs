@@ -155,11 +155,7 @@ fn row_sum(
 /// Halves `rows` sums of the cube's partials (`part[r · units + u]` for each unit `u`, the
 /// cube's `units` a power of two) down to entry `r · units`, ending with a barrier.
 #[cube]
-pub(crate) fn halve_row_sums(
-    part: &mut SharedMemory<f32>,
-    #[comptime] rows: usize,
-    #[comptime] units: usize,
-) {
+fn halve_row_sums(part: &mut SharedMemory<f32>, #[comptime] rows: usize, #[comptime] units: usize) {
     let u = UNIT_POS as usize;
     let mut half = CUBE_DIM as usize / 2;
     while half > 0 {
@@ -869,26 +865,17 @@ fn gemv_vec_kernel<F: Float, N: Size>(
             }
             red[r * units + u] = sq;
         }
-        sync_cube();
-        halve_row_sums(&mut red, rows, units);
-        let mut inv = Array::<f32>::new(rows);
-        #[unroll]
-        for r in 0..rows {
-            inv[r] = 1.0f32 / f32::sqrt(red[r * units] / f32::cast_from(k) + eps);
-        }
-        // Each unit normalises the entries it staged; the barrier also ends the reads of `red`.
-        #[unroll]
-        for r in 0..rows {
-            let mut j = u;
-            while j < k {
-                let normed = F::cast_from(xs[r * stage + j] * inv[r]);
-                xs[r * stage + j] = f32::cast_from(F::cast_from(
-                    f32::cast_from(normed) * f32::cast_from(norm[j * norm_stride as usize]),
-                ));
-                j += units;
-            }
-        }
-        sync_cube();
+        normalise_staged(
+            &mut xs,
+            &mut red,
+            norm,
+            norm_stride as usize,
+            eps,
+            k,
+            rows,
+            units,
+            stage,
+        );
     }
 
     let mut acc = Array::<f32>::new(comptime!(rows * width));
@@ -966,6 +953,47 @@ fn gemv_vec_kernel<F: Float, N: Size>(
             }
         }
     }
+}
+
+/// The second half of an RMSNorm staged in shared memory: with each row's residual sums in
+/// `xs` (`stage` floats a row, this unit's entries `u, u + units, …`) and this unit's sums of
+/// their squares at `red[r · units + u]`, turns the staged values into the normalised input
+/// (the value times the row's `1 / sqrt(mean + eps)`, rounded, times the norm's weight,
+/// rounded, as [`crate::norm::add_rms_norm`] stores it). Starts and ends with a barrier.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn normalise_staged<F: Float>(
+    xs: &mut SharedMemory<f32>,
+    red: &mut SharedMemory<f32>,
+    norm: &Array<F>,
+    norm_stride: usize,
+    eps: f32,
+    k: usize,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] stage: usize,
+) {
+    let u = UNIT_POS as usize;
+    sync_cube();
+    halve_row_sums(red, rows, units);
+    let mut inv = Array::<f32>::new(rows);
+    #[unroll]
+    for r in 0..rows {
+        inv[r] = 1.0f32 / f32::sqrt(red[r * units] / f32::cast_from(k) + eps);
+    }
+    // Each unit normalises the entries it staged; the barrier also ends the reads of `red`.
+    #[unroll]
+    for r in 0..rows {
+        let mut j = u;
+        while j < k {
+            let scaled = F::cast_from(xs[r * stage + j] * inv[r]);
+            xs[r * stage + j] = f32::cast_from(F::cast_from(
+                f32::cast_from(scaled) * f32::cast_from(norm[j * norm_stride]),
+            ));
+            j += units;
+        }
+    }
+    sync_cube();
 }
 
 /// The vector forms' weight loads of one step: the vectors at column vector `cv` of weight

@@ -1227,26 +1227,7 @@ fn stage_normed_rows<F: Float>(
         }
         red[r * units + u] = sq;
     }
-    sync_cube();
-    crate::gemv::halve_row_sums(red, rows, units);
-    let mut inv = Array::<f32>::new(rows);
-    #[unroll]
-    for r in 0..rows {
-        inv[r] = 1.0f32 / f32::sqrt(red[r * units] / f32::cast_from(k) + eps);
-    }
-    // Each unit normalises the entries it staged; the barrier also ends the reads of `red`.
-    #[unroll]
-    for r in 0..rows {
-        let mut j = u;
-        while j < k {
-            let scaled = F::cast_from(xs[r * stage + j] * inv[r]);
-            xs[r * stage + j] = f32::cast_from(F::cast_from(
-                f32::cast_from(scaled) * f32::cast_from(norm[j * norm_stride]),
-            ));
-            j += units;
-        }
-    }
-    sync_cube();
+    crate::gemv::normalise_staged(xs, red, norm, norm_stride, eps, k, rows, units, stage);
 }
 
 /// The down products of the vector form of the expert MLPs and their (weighted) sum, in one
