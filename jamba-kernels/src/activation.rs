@@ -47,7 +47,7 @@ pub fn silu_mul<R: CubeRuntime>(gate: CubeTensor<R>, up: CubeTensor<R>) -> Optio
     if gate.meta.shape() != up.meta.shape()
         || gate.dtype != up.dtype
         || len == 0
-        || len % width != 0
+        || !len.is_multiple_of(width)
         || len / width >= u32::MAX as usize
         || ![&gate, &up]
             .iter()

@@ -1165,7 +1165,13 @@ fn try_launch_vec<R: CubeRuntime>(
     if !takes_vector_form(x, norm, w, bias) {
         return false;
     }
-    launch_vec(x, norm, &[w.clone()], bias, &[y.clone()]);
+    launch_vec(
+        x,
+        norm,
+        std::slice::from_ref(w),
+        bias,
+        std::slice::from_ref(y),
+    );
     true
 }
 
