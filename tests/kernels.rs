@@ -644,11 +644,13 @@ fn routed_normed_grid<R: CubeRuntime>(device: &R::Device, dtype: DType, toleranc
             );
             let out = moe::routed_experts_normed(
                 moe::NormedRouting {
-                    x: prim(x.clone()),
-                    first: with_first.then(|| prim(first.clone())),
-                    second: prim(second.clone()),
-                    norm: prim(norm_w.clone()),
-                    eps,
+                    sum: moe::ResidualNorm {
+                        x: prim(x.clone()),
+                        first: with_first.then(|| prim(first.clone())),
+                        second: prim(second.clone()),
+                        norm: prim(norm_w.clone()),
+                        eps,
+                    },
                     router: prim(router.clone()),
                 },
                 weights.clone(),

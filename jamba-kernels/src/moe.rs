@@ -549,23 +549,48 @@ pub fn routed_experts_stages<R: CubeRuntime>(
     }
 }
 
+/// The residual connection(s) and the RMSNorm before a layer's feed-forward block, for
+/// [`swiglu_normed`] and [`routed_experts_normed`]: the residual `s = (x + first) + second`,
+/// each sum rounded to the dtype, and the block's input `rms_norm(s)`.
+#[derive(Debug, Clone)]
+pub struct ResidualNorm<R: CubeRuntime> {
+    /// The residual stream `[rows, hidden]` (a row per token).
+    pub x: CubeTensor<R>,
+    /// Added to `x` first, when present (the previous layer's feed-forward output, still
+    /// pending).
+    pub first: Option<CubeTensor<R>>,
+    /// The mixer's output, `[rows, hidden]`, added second.
+    pub second: CubeTensor<R>,
+    /// The norm's weight, `[hidden]`.
+    pub norm: CubeTensor<R>,
+    /// The norm's epsilon.
+    pub eps: f64,
+}
+
+impl<R: CubeRuntime> ResidualNorm<R> {
+    /// `[rows, hidden]`, the shape of `x`.
+    ///
+    /// # Panics
+    /// If an update's shape is not that of `x` or the norm's weight is not `[hidden]`; `what`
+    /// names the caller.
+    fn check_shapes(&self, what: &str) -> [usize; 2] {
+        let [rows, hidden] = [self.x.meta.shape()[0], self.x.meta.shape()[1]];
+        for t in self.first.iter().chain([&self.second]) {
+            assert_eq!(t.meta.shape(), self.x.meta.shape(), "{what}: updates");
+        }
+        assert_eq!(self.norm.meta.shape()[0], hidden, "{what}: norm");
+        [rows, hidden]
+    }
+}
+
 /// A MoE layer's input side fused for a decoding step: the residual connection(s) before the
 /// layer's pre-feed-forward RMSNorm, the norm, and the router's product (`[hidden, experts]`,
 /// no bias) run in the route kernel's launch, a cube per token, instead of three launches
 /// (the norm, the router's GEMV, the routing).
 #[derive(Debug, Clone)]
 pub struct NormedRouting<R: CubeRuntime> {
-    /// The residual stream `[tokens, hidden]`.
-    pub x: CubeTensor<R>,
-    /// Added to `x` first, when present (the previous layer's feed-forward output, still
-    /// pending), then `second` (the mixer's output); each sum rounded to the dtype.
-    pub first: Option<CubeTensor<R>>,
-    /// The mixer's output, `[tokens, hidden]`.
-    pub second: CubeTensor<R>,
-    /// The norm's weight, `[hidden]`.
-    pub norm: CubeTensor<R>,
-    /// The norm's epsilon.
-    pub eps: f64,
+    /// The residual sums and the norm, a row per token.
+    pub sum: ResidualNorm<R>,
     /// The router's weight, `[hidden, experts]`.
     pub router: CubeTensor<R>,
 }
@@ -604,34 +629,19 @@ pub fn routed_experts_normed<R: CubeRuntime>(
     weights: ExpertWeights<R>,
     top_k: usize,
 ) -> NormedRoutedOutput<R> {
-    let [tokens, hidden] = [input.x.meta.shape()[0], input.x.meta.shape()[1]];
-    let experts = input.router.meta.shape()[1];
+    let [tokens, hidden] = input.sum.check_shapes("routed_experts_normed");
+    let NormedRouting { sum, router } = input;
+    let experts = router.meta.shape()[1];
     assert!(
         tokens > 0 && supports_normed_routing(tokens, hidden, experts, top_k),
         "routed_experts_normed: {tokens} tokens of {hidden}, top {top_k} of {experts} experts"
     );
     assert_eq!(
-        input.router.meta.shape()[0],
+        router.meta.shape()[0],
         hidden,
         "routed_experts_normed: router"
     );
-    assert_eq!(
-        input.norm.meta.shape()[0],
-        hidden,
-        "routed_experts_normed: norm"
-    );
-    for t in input.first.iter().chain([&input.second]) {
-        assert_eq!(
-            t.meta.shape(),
-            input.x.meta.shape(),
-            "routed_experts_normed: updates"
-        );
-    }
-    let (client, device, dtype) = (
-        input.x.client.clone(),
-        input.x.device.clone(),
-        input.x.dtype,
-    );
+    let (client, device, dtype) = (sum.x.client.clone(), sum.x.device.clone(), sum.x.dtype);
     let slots = tokens * top_k;
     let [residual, normed, logits, routing, indices, y]: [CubeTensor<R>; 6] = crate::empty_many(
         &client,
@@ -649,9 +659,9 @@ pub fn routed_experts_normed<R: CubeRuntime>(
     .expect("six tensors");
     let max_units = client.properties().hardware.max_units_per_cube as usize;
     let units = ROUTE_UNITS.min(1 << max_units.ilog2()).max(experts);
-    let add_first = input.first.is_some();
+    let add_first = sum.first.is_some();
     // Without `first` the kernel reads none: `x` stands in.
-    let first = input.first.unwrap_or_else(|| input.x.clone());
+    let first = sum.first.unwrap_or_else(|| sum.x.clone());
     // SAFETY: cube t (below `tokens`) reads row t of `x`, `first` and `second` (the shape of
     // `x`) and the `[hidden]` norm and `[hidden, experts]` router below their shapes, writes
     // row t of `residual`, `normed` and `logits` and its `top_k` slots of `routing` and
@@ -662,17 +672,17 @@ pub fn routed_experts_normed<R: CubeRuntime>(
             &client,
             CubeCount::Static(tokens as u32, 1, 1),
             CubeDim::new_1d(units as u32),
-            crate::strided(input.x),
+            crate::strided(sum.x),
             crate::strided(first),
-            crate::strided(input.second),
-            crate::strided(input.norm),
-            crate::strided(input.router),
+            crate::strided(sum.second),
+            crate::strided(sum.norm),
+            crate::strided(router),
             crate::strided(residual.clone()),
             crate::strided(normed.clone()),
             crate::strided(logits.clone()),
             crate::strided(routing.clone()),
             crate::strided(indices.clone()),
-            input.eps as f32,
+            sum.eps as f32,
             hidden,
             experts,
             units,
@@ -927,24 +937,6 @@ pub fn swiglu<R: CubeRuntime>(
     y
 }
 
-/// The residual connection(s) and the RMSNorm before a dense MLP, for [`swiglu_normed`]: the
-/// residual `s = (x + first) + second`, each sum rounded to the dtype, and the MLP's input
-/// `rms_norm(s)`.
-#[derive(Debug, Clone)]
-pub struct ResidualNorm<R: CubeRuntime> {
-    /// The residual stream `[rows, hidden]`.
-    pub x: CubeTensor<R>,
-    /// Added to `x` first, when present (the previous layer's feed-forward output, still
-    /// pending).
-    pub first: Option<CubeTensor<R>>,
-    /// The mixer's output, `[rows, hidden]`, added second.
-    pub second: CubeTensor<R>,
-    /// The norm's weight, `[hidden]`.
-    pub norm: CubeTensor<R>,
-    /// The norm's epsilon.
-    pub eps: f64,
-}
-
 /// Whether [`swiglu_normed`] takes these operands: [`takes_vector_form`]'s dense MLP of at
 /// most four rows, whose normalised rows fit the gate/up launch's shared memory (`hidden` up
 /// to 6,144 for one row, 1,024 for four: Jamba-v0.1's 4,096 takes one row).
@@ -975,7 +967,7 @@ pub fn swiglu_normed<R: CubeRuntime>(
     up: CubeTensor<R>,
     down: CubeTensor<R>,
 ) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
-    let [rows, hidden] = [input.x.meta.shape()[0], input.x.meta.shape()[1]];
+    let [rows, hidden] = input.check_shapes("swiglu_normed");
     let inner = gate.meta.shape()[1];
     for (name, t, shape) in [
         ("gate", &gate, [hidden, inner]),
@@ -984,14 +976,6 @@ pub fn swiglu_normed<R: CubeRuntime>(
     ] {
         assert_eq!(t.meta.shape().as_slice(), shape, "swiglu_normed: {name}");
     }
-    for t in input.first.iter().chain([&input.second]) {
-        assert_eq!(
-            t.meta.shape(),
-            input.x.meta.shape(),
-            "swiglu_normed: updates"
-        );
-    }
-    assert_eq!(input.norm.meta.shape()[0], hidden, "swiglu_normed: norm");
     let (client, device, dtype) = (
         input.x.client.clone(),
         input.x.device.clone(),
@@ -1004,7 +988,7 @@ pub fn swiglu_normed<R: CubeRuntime>(
     )
     .try_into()
     .expect("two tensors");
-    if !takes_normed_mlp(&input.x, [&gate, &up, &down], &y) || !residual.is_contiguous() {
+    if !takes_normed_mlp(&input.x, [&gate, &up, &down], &y) {
         return None;
     }
     let x = input.x.clone();

@@ -1211,11 +1211,13 @@ pub mod cube {
             }
             let out = moe::routed_experts_normed(
                 moe::NormedRouting {
-                    x: prim(input.x),
-                    first: input.first.map(prim),
-                    second: prim(input.second),
-                    norm: prim(input.norm),
-                    eps: input.eps,
+                    sum: moe::ResidualNorm {
+                        x: prim(input.x),
+                        first: input.first.map(prim),
+                        second: prim(input.second),
+                        norm: prim(input.norm),
+                        eps: input.eps,
+                    },
                     router: prim(input.router),
                 },
                 moe::ExpertWeights {
