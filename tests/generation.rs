@@ -148,6 +148,63 @@ fn stops_on_any_eos_id_and_streams_every_token() {
     );
 }
 
+/// Greedy generation (each step queued before the previous step's tokens are read, the
+/// default) against the definition: each prompt alone, every token from a full forward pass
+/// over the prompt and the tokens so far, no cache. A batch of three prompts of different
+/// lengths, free and then with end-of-sequence ids that stop the rows at different steps (the
+/// stopped rows' extra steps must not leak into the others).
+#[test]
+fn greedy_generation_matches_step_by_step_decoding() {
+    let model = model();
+    let prompts = vec![vec![300, 70, 281], vec![299, 73], vec![5, 6, 7, 8, 9]];
+    let alone = |prompt: &[u32], eos: &[u32], max_new: usize| -> Vec<u32> {
+        let mut ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+        let mut out = Vec::new();
+        while out.len() < max_new {
+            let logits = model
+                .forward_ids(&ids, 1, None, None, &Default::default())
+                .unwrap()
+                .logits;
+            let [_, seq, vocab] = logits.dims();
+            let last = jamba::reference::to_vec(logits.slice([0..1, seq - 1..seq, 0..vocab]));
+            let t = jamba::generation::argmax(&last);
+            out.push(t);
+            ids.push(t as i64);
+            if eos.contains(&t) {
+                break;
+            }
+        }
+        out
+    };
+    let free_config = GenerationConfig {
+        max_new_tokens: 9,
+        ..Default::default()
+    };
+    let free = generate(&model, &prompts, &free_config, |_, _| {}).unwrap();
+    for (r, p) in prompts.iter().enumerate() {
+        assert_eq!(
+            free.tokens[r],
+            alone(p, &[], 9),
+            "row {r}, no end-of-sequence id"
+        );
+    }
+    // Row 0 stops at its third token, row 1 at its fifth (unless an earlier token matches).
+    let eos = vec![free.tokens[0][2], free.tokens[1][4]];
+    let stopping = GenerationConfig {
+        eos_token_ids: eos.clone(),
+        ..free_config
+    };
+    let out = generate(&model, &prompts, &stopping, |_, _| {}).unwrap();
+    for (r, p) in prompts.iter().enumerate() {
+        assert_eq!(
+            out.tokens[r],
+            alone(p, &eos, 9),
+            "row {r}, stopping on {eos:?}"
+        );
+    }
+    assert_eq!(out.finish[0], jamba::generation::FinishReason::Eos);
+}
+
 #[test]
 fn bad_inputs_are_errors() {
     let model = model();

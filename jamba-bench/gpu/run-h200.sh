@@ -2,7 +2,7 @@
 # Runs on the GPU machine, from a folder holding the stripped CUDA binaries (`jamba`,
 # `jamba-bench`, and the test binaries `kernels` and `parity`), `fixtures/` and `configs/`
 # (copies of ../shared). `jamba-bench/gpu/stage.sh` builds and stages all of it into .device/.
-# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|one|fold|prefill-where|prefill2|host|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
+# Usage: bash run-h200.sh [tests|agree|kernels|scan|sweep|scan-variants|scan-ftz|autotune-decode|scan-sass|prefill-tma|decode-variants|fused-step|switches|decode-kernels|vec|strided|exclusive|one|fold|prefill-where|prefill2|s21-tests|s21|s21-host2|host|host-prefill|mmprobe|scan-stalls|step|routed|ncu|ncu-prefill|ncu-model|model|matmul|profile|paper|paper-decode|all]
 #   (default all; sweep and ncu are tuning runs: the scan kernels' variants, ncu's device times)
 set -u
 OUT=${OUT:-out}
@@ -198,6 +198,26 @@ if [ "$WHAT" = host ]; then
       grep -v "^#" "$OUT/perf-$v.txt" | grep . | head -60 | cut -c1-200
     done
   fi
+fi
+if [ "$WHAT" = host-prefill ]; then
+  # Where a 2048-token prefill's host time goes (wall ~2x its device time): perf on the bench
+  # with its symbols, flat by thread and symbol, then with DWARF call stacks (children) for
+  # the model's thread. Needs `perfkit.tar.xz` and `jamba-bench-sym` (perfkit.sh) beside this.
+  tar xJf perfkit.tar.xz
+  P="LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf"
+  A="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --prefill 2048 --decode-steps 0"
+  echo "== perf, flat, prefill 2048 x 30"
+  env LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf record -F 4999 -o perf-p.data \
+    ./jamba-bench-sym $A --reps 30 --warmup 2 2>&1 >/dev/null | grep "^prefill"
+  env LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf report -i perf-p.data --sort comm --stdio 2>/dev/null | grep -v "^#" | grep . | head -8
+  env LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf report -i perf-p.data --sort comm,dso,sym --stdio 2>/dev/null > "$OUT/perf-prefill-flat.txt"
+  grep -v "^#" "$OUT/perf-prefill-flat.txt" | grep . | head -70 | cut -c1-220
+  echo "== perf, call stacks (dwarf), prefill 2048 x 8"
+  env LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf record -F 499 --call-graph dwarf,16384 -o perf-g.data \
+    ./jamba-bench-sym $A --reps 8 --warmup 1 2>&1 >/dev/null | grep "^prefill"
+  env LD_LIBRARY_PATH=$PWD/perfkit/lib ./perfkit/perf report -i perf-g.data --children --sort comm,sym --stdio --no-demangle -g none --percent-limit 1.5 2>/dev/null > "$OUT/perf-prefill-children.txt"
+  grep -v "^#" "$OUT/perf-prefill-children.txt" | grep . | head -120 | cut -c1-240
+  (cd "$OUT" && xz -6 perf-prefill-*.txt)
 fi
 if [ "$WHAT" = fused-step ]; then
   echo "== decoding with the fused Mamba step (default) and without (JAMBA_FUSED_STEP=off), alternated, bf16 then f32"
@@ -413,6 +433,57 @@ if [ "$WHAT" = prefill2 ]; then
   $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
   python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 16
+  (cd "$OUT" && xz -6 ncu-*.csv)
+fi
+if [ "$WHAT" = s21-tests ]; then
+  # Session 21: every kernel test (the new route, scan-parameter and conv ones included) and
+  # parity (greedy generation now queues each step before reading the last one's tokens).
+  echo "== kernel tests on CUDA (all)"
+  ./kernels --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked|rel. error" | head -60
+  echo "== parity on CUDA (every fixture; kernels on)"
+  ./parity cuda --test-threads 1 2>&1 | grep -E "^test |test result|FAIL|panicked" | head -12
+  echo "== jamba check on CUDA, bf16 compute"
+  ./jamba check fixtures/tiny-jamba-bf16 --backend cuda --dtype bf16 2>&1 | grep -v "^hidden\|^router" | tail -6
+fi
+if [ "$WHAT" = s21-host2 ]; then
+  # Session 21, a second host: the conv kernel tests (its tensor-op reference now on a
+  # contiguous weight), then the standard command twice.
+  ./kernels --test-threads 1 conv 2>&1 | grep -E "^test |test result|FAIL|panicked|rel. error" | head -8
+  for round in 1 2; do
+    echo "== the standard command, round $round"
+    ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+      --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+      --out "$OUT/h200-bench-jamba-1b-bf16-s21-host2-$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+  done
+fi
+if [ "$WHAT" = s21 ]; then
+  # Session 21: this build against session 20's (`jamba-bench-s20`, staged beside it),
+  # alternated on one host; then each new switch alone; the standard command; ncu of a prefill.
+  P="throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --decode-steps 0 --reps 5 --warmup 2 --prefill 512,2048"
+  for round in 1 2; do
+    echo "== round $round: session 20's build / this build"
+    [ -x ./jamba-bench-s20 ] && ./jamba-bench-s20 $P 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/s20  /"
+    ./jamba-bench $P 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/s21  /"
+    [ -x ./jamba-bench-s20 ] && decode_bench ./jamba-bench-s20 s20
+    decode_bench ./jamba-bench s21
+  done
+  echo "== switches: greedy pipeline off; device top-k off"
+  JAMBA_PIPELINE=off decode_bench ./jamba-bench pipeline-off
+  decode_bench ./jamba-bench default
+  JAMBA_DEVICE_TOPK=off ./jamba-bench $P 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/topk-off  /"
+  ./jamba-bench $P 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/default   /"
+  for round in 1 2; do
+    echo "== the standard command, round $round"
+    ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+      --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+      --out "$OUT/h200-bench-jamba-1b-bf16-s21-$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+  done
+  echo "== ncu: device time of every kernel of a 2048-token prefill"
+  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
+  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 20
   (cd "$OUT" && xz -6 ncu-*.csv)
 fi
 if [ "$WHAT" = scan-stalls ]; then

@@ -392,6 +392,28 @@ fn throughput<B: jamba::JambaBackend>(
                         context,
                         args.prefill_chunk.or(Some(2048)),
                     )?;
+                    if jamba::generation::pipeline_enabled() {
+                        // As greedy generation runs: each step queued from the previous
+                        // step's argmax on the device, then that step's ids read back.
+                        let mut pipe = jamba::generation::GreedyPipeline::new(&model, logits);
+                        pipe.next_tokens()?; // the prefill's token, before the clock starts
+                        let t = Instant::now();
+                        for _ in 0..args.decode_steps {
+                            if jamba::ops::exclusive_enabled() {
+                                B::exclusive(device, || pipe.queue_step(&mut cache))?;
+                            } else {
+                                pipe.queue_step(&mut cache)?;
+                            }
+                            if pipe.queued() > 1 {
+                                pipe.next_tokens()?;
+                            }
+                        }
+                        while pipe.queued() > 0 {
+                            pipe.next_tokens()?;
+                        }
+                        sync::<B>(device)?;
+                        return Ok(t.elapsed().as_secs_f64());
+                    }
                     let next = jamba::generation::argmax_last(logits);
                     let mut ids: Vec<i64> = next.into_data().convert::<i64>().into_vec().unwrap();
                     let t = Instant::now();

@@ -1,14 +1,11 @@
 //! Depthwise causal conv1d with bias and optional SiLU, continuing from a conv state.
 //!
 //! The sequence is read as `[prefix, x]` where `prefix` holds the `d_conv − 1` inputs before
-//! `x` (the cache's conv state, zeros for a fresh sequence). One unit per output element; a
-//! second small launch writes the new prefix (the last `d_conv − 1` rows of `[prefix, x]`).
-//! With a sequence of length 1 this is the decoding update.
+//! `x` (the cache's conv state, zeros for a fresh sequence). One launch: a unit per output
+//! element, and each (row, channel)'s last-step unit also writes the new prefix (the last
+//! `d_conv − 1` rows of `[prefix, x]`). With a sequence of length 1 this is the decoding update.
 
-use burn_cubecl::{
-    CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
-    tensor::CubeTensor,
-};
+use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use cubecl::prelude::Tensor as CubeArg;
 use cubecl::prelude::*;
 use cubecl::{calculate_cube_count_elemwise, ir::FastMath};
@@ -39,18 +36,19 @@ fn padded_at<F: Float>(
     fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf
 )]
 #[allow(clippy::too_many_arguments)]
-fn conv_kernel<F: Float>(
+fn conv_kernel<F: Float, W: Float>(
     x: &CubeArg<F>,
     prefix: &CubeArg<F>,
-    weight: &CubeArg<f32>,
-    bias: &CubeArg<f32>,
+    weight: &CubeArg<W>,
+    bias: &CubeArg<W>,
     out: &mut CubeArg<F>,
+    state: &mut CubeArg<F>,
     batch: u32,
     seq: u32,
     channels: u32,
     #[comptime] k: usize,
     #[comptime] apply_silu: bool,
-    #[define(F)] _dtype: StorageType,
+    #[define(F, W)] _dtypes: [StorageType; 2],
 ) {
     let seq = seq as usize;
     let channels = channels as usize;
@@ -61,17 +59,29 @@ fn conv_kernel<F: Float>(
     let d = pos % channels;
     let t = (pos / channels) % seq;
     let row = pos / (channels * seq);
-    let mut acc = bias[d];
+    // The parameters in their own dtype and layout: no cast or copy launches before this one.
+    let mut acc = f32::cast_from(bias[d * bias.stride(0)]);
     #[unroll]
     for j in 0..k {
-        acc += weight[d * k + j] * padded_at::<F>(x, prefix, row, t + j, d, k);
+        acc += f32::cast_from(weight[d * weight.stride(0) + j * weight.stride(1)])
+            * padded_at::<F>(x, prefix, row, t + j, d, k);
     }
     if comptime!(apply_silu) {
         acc = silu_f32(acc);
     }
     out[row * out.stride(0) + t * out.stride(1) + d * out.stride(2)] = F::cast_from(acc);
+    // The last step's unit of each (row, channel) also writes the new prefix: the last
+    // `k − 1` inputs of `[prefix, x]` (from the old prefix too when `seq < k − 1`).
+    if t == seq - 1 {
+        #[unroll]
+        for j in 0..comptime!(k - 1) {
+            state[row * state.stride(0) + j * state.stride(1) + d * state.stride(2)] =
+                F::cast_from(padded_at::<F>(x, prefix, row, seq + j, d, k));
+        }
+    }
 }
 
+/// The new prefix alone, for an empty sequence (the conv kernel writes it otherwise).
 #[cube(launch_unchecked)]
 fn conv_state_kernel<F: Float>(
     x: &CubeArg<F>,
@@ -103,9 +113,9 @@ pub struct ConvTensors<R: CubeRuntime> {
     pub x: CubeTensor<R>,
     /// The `d_conv − 1` inputs before `x`, `[batch, d_conv − 1, channels]`, the dtype of `x`.
     pub prefix: CubeTensor<R>,
-    /// `[channels, d_conv]`, f32.
+    /// `[channels, d_conv]`, any float dtype and strides (read as they are, in f32 arithmetic).
     pub weight: CubeTensor<R>,
-    /// `[channels]`, f32 (zeros for none).
+    /// `[channels]`, the dtype of `weight`, any stride (zeros for none).
     pub bias: CubeTensor<R>,
     /// Apply SiLU to the output.
     pub silu: bool,
@@ -140,48 +150,56 @@ pub fn causal_conv1d_into<R: CubeRuntime>(
     let (batch, seq, channels) = (shape[0], shape[1], shape[2]);
     let k = input.weight.meta.shape()[1];
     assert!(k >= 2, "causal_conv1d needs d_conv ≥ 2");
+    assert_eq!(
+        input.bias.dtype, input.weight.dtype,
+        "causal_conv1d: the bias and the weight share a dtype"
+    );
     let client = x.client.clone();
-    let dtype = x.dtype;
+    let dtypes = [x.dtype.into(), input.weight.dtype.into()];
     let cube_dim = CubeDim::new_1d(256);
     let total = batch * seq * channels;
-    // SAFETY (both launches): units past the element count return at once; every other index
-    // is a (row, step, channel) inside the tensor it addresses.
-    if total > 0 {
-        unsafe {
-            conv_kernel::launch_unchecked::<R>(
-                &client,
-                calculate_cube_count_elemwise(&client, total, cube_dim),
-                cube_dim,
-                x.clone().into_tensor_arg(),
-                input.prefix.clone().into_tensor_arg(),
-                into_contiguous(input.weight).into_tensor_arg(),
-                into_contiguous(input.bias).into_tensor_arg(),
-                out.into_tensor_arg(),
-                batch as u32,
-                seq as u32,
-                channels as u32,
-                k,
-                input.silu,
-                dtype.into(),
-            )
-        };
+    if total == 0 {
+        // No step to read: the new prefix is the old one.
+        let total_state = batch * (k - 1) * channels;
+        if total_state > 0 {
+            // SAFETY: units past the state's element count return at once.
+            unsafe {
+                conv_state_kernel::launch_unchecked::<R>(
+                    &client,
+                    calculate_cube_count_elemwise(&client, total_state, cube_dim),
+                    cube_dim,
+                    x.into_tensor_arg(),
+                    input.prefix.into_tensor_arg(),
+                    state.into_tensor_arg(),
+                    batch as u32,
+                    seq as u32,
+                    channels as u32,
+                    k,
+                    dtypes[0],
+                )
+            };
+        }
+        return;
     }
-    let total_state = batch * (k - 1) * channels;
-    if total_state > 0 {
-        unsafe {
-            conv_state_kernel::launch_unchecked::<R>(
-                &client,
-                calculate_cube_count_elemwise(&client, total_state, cube_dim),
-                cube_dim,
-                x.into_tensor_arg(),
-                input.prefix.into_tensor_arg(),
-                state.into_tensor_arg(),
-                batch as u32,
-                seq as u32,
-                channels as u32,
-                k,
-                dtype.into(),
-            )
-        };
-    }
+    // SAFETY: units past the element count return at once; every other index is a (row, step,
+    // channel) inside the tensor it addresses, and the state's (row, j < k − 1, channel).
+    unsafe {
+        conv_kernel::launch_unchecked::<R>(
+            &client,
+            calculate_cube_count_elemwise(&client, total, cube_dim),
+            cube_dim,
+            x.into_tensor_arg(),
+            input.prefix.into_tensor_arg(),
+            input.weight.into_tensor_arg(),
+            input.bias.into_tensor_arg(),
+            out.into_tensor_arg(),
+            state.into_tensor_arg(),
+            batch as u32,
+            seq as u32,
+            channels as u32,
+            k,
+            input.silu,
+            dtypes,
+        )
+    };
 }

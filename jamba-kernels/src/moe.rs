@@ -48,7 +48,7 @@ fn route_kernel<F: Float>(
     // experts ahead of it (a larger logit, or an equal one at a lower index), and the experts
     // ranked below k fill the token's k slots in rank order. (No selection state to carry
     // between passes: each expert's rank is counted on its own.)
-    let t = ABSOLUTE_POS_X as usize;
+    let t = ABSOLUTE_POS;
     if t >= tokens as usize {
         terminate!();
     }
@@ -422,6 +422,55 @@ pub struct ExpertWeights<R: CubeRuntime> {
     pub up: CubeTensor<R>,
     /// `[experts, intermediate, hidden]`.
     pub down: CubeTensor<R>,
+}
+
+/// The router's softmax and top-k for any number of tokens: `logits` `[tokens, experts]` (any
+/// strides, any float dtype) gives each token's `top_k` routing weights, softmax
+/// probabilities in f32 rounded to the logits' dtype and not renormalised, `[tokens · top_k]`
+/// in the logits' dtype, and their experts `[tokens · top_k]` (u32), slot order (largest
+/// first; an equal logit at a lower index ranks first). One launch, a unit per token: for a
+/// prefill's grouped experts, whose sort by expert is then the only read back to the host.
+///
+/// # Panics
+/// If `top_k` is 0 or exceeds the number of experts (the caller checks).
+pub fn route<R: CubeRuntime>(
+    logits: CubeTensor<R>,
+    top_k: usize,
+) -> (CubeTensor<R>, CubeTensor<R>) {
+    let [tokens, experts] = [logits.meta.shape()[0], logits.meta.shape()[1]];
+    assert!(
+        (1..=experts).contains(&top_k),
+        "route: top {top_k} of {experts} experts"
+    );
+    let (client, device, dtype) = (logits.client.clone(), logits.device.clone(), logits.dtype);
+    let [weights, indices]: [CubeTensor<R>; 2] = crate::empty_many(
+        &client,
+        &device,
+        &[(&[tokens * top_k], dtype), (&[tokens * top_k], DType::U32)],
+    )
+    .try_into()
+    .expect("two tensors");
+    if tokens == 0 {
+        return (weights, indices);
+    }
+    let cubes = tokens.div_ceil(64);
+    let (x, y) = (cubes.min(MAX_CUBES_X), cubes.div_ceil(MAX_CUBES_X));
+    // SAFETY: as in `routed_experts_stages`: units past `tokens` return first, the others
+    // read their row of `logits` and write their `top_k` entries of each output.
+    unsafe {
+        route_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(x as u32, y as u32, 1),
+            CubeDim::new_1d(64),
+            logits.into_tensor_arg(),
+            weights.clone().into_tensor_arg(),
+            indices.clone().into_tensor_arg(),
+            tokens as u32,
+            top_k,
+            dtype.into(),
+        );
+    }
+    (weights, indices)
 }
 
 /// The mixture of experts of `x` `[tokens, hidden]` given the router's `logits`

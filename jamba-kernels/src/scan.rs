@@ -23,11 +23,108 @@ use burn_cubecl::{
     CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
     tensor::CubeTensor,
 };
+use burn_std::DType;
 use cubecl::prelude::*;
 use cubecl::{ir::FastMath, prelude::Tensor as CubeArg};
 
 /// The largest `d_state` the kernel takes (its tile must fit in shared memory).
 pub const MAX_STATE: usize = 256;
+
+#[cube(launch_unchecked)]
+fn scan_parameters_kernel<W: Float>(
+    a_log: &CubeArg<W>,
+    d: &CubeArg<W>,
+    bias: &CubeArg<W>,
+    a: &mut Array<f32>,
+    d_out: &mut Array<f32>,
+    bias_out: &mut Array<f32>,
+    channels: u32,
+    state: u32,
+    #[comptime] has_bias: bool,
+    #[define(W)] _dtype: StorageType,
+) {
+    let (channels, state) = (channels as usize, state as usize);
+    let pos = ABSOLUTE_POS;
+    let matrix = channels * state;
+    if pos < matrix {
+        let (c, n) = (pos / state, pos % state);
+        a[pos] = -f32::exp(f32::cast_from(
+            a_log[c * a_log.stride(0) + n * a_log.stride(1)],
+        ));
+    } else if pos < matrix + channels {
+        let c = pos - matrix;
+        d_out[c] = f32::cast_from(d[c * d.stride(0)]);
+    } else if pos < matrix + 2 * channels {
+        let c = pos - matrix - channels;
+        if comptime!(has_bias) {
+            bias_out[c] = f32::cast_from(bias[c * bias.stride(0)]);
+        } else {
+            bias_out[c] = 0.0;
+        }
+    }
+}
+
+/// A Mamba layer's scan parameters in f32 from the layer's own (any float dtype, any strides,
+/// all one dtype): `A = −exp(A_log)` `[channels, state]`, the skip `D` `[channels]` and the
+/// Δ bias `[channels]` (zeros for none). One launch, where `A` alone took three (cast, `exp`,
+/// negation) and each cast of `D` and the bias another.
+///
+/// # Panics
+/// If the shapes or dtypes disagree (the caller checks).
+pub fn scan_parameters<R: CubeRuntime>(
+    a_log: CubeTensor<R>,
+    d: CubeTensor<R>,
+    bias: Option<CubeTensor<R>>,
+) -> [CubeTensor<R>; 3] {
+    let [channels, state] = [a_log.meta.shape()[0], a_log.meta.shape()[1]];
+    assert_eq!(d.meta.shape()[0], channels, "scan_parameters: D");
+    let dtype = a_log.dtype;
+    assert!(
+        d.dtype == dtype
+            && bias
+                .as_ref()
+                .is_none_or(|b| b.dtype == dtype && b.meta.shape()[0] == channels),
+        "scan_parameters: A_log, D and the bias share a dtype and a width"
+    );
+    let (client, device) = (a_log.client.clone(), a_log.device.clone());
+    let [a, d_out, bias_out]: [CubeTensor<R>; 3] = crate::empty_many(
+        &client,
+        &device,
+        &[
+            (&[channels, state], DType::F32),
+            (&[channels], DType::F32),
+            (&[channels], DType::F32),
+        ],
+    )
+    .try_into()
+    .expect("three tensors");
+    let total = channels * (state + 2);
+    if total > 0 {
+        let has_bias = bias.is_some();
+        let bias = bias.unwrap_or_else(|| d.clone());
+        let cube_dim = CubeDim::new_1d(256);
+        // SAFETY: units past `total` write nothing; the others write one element of the
+        // output they index, reading inside the inputs' shapes.
+        unsafe {
+            scan_parameters_kernel::launch_unchecked::<R>(
+                &client,
+                cubecl::calculate_cube_count_elemwise(&client, total, cube_dim),
+                cube_dim,
+                a_log.into_tensor_arg(),
+                d.into_tensor_arg(),
+                bias.into_tensor_arg(),
+                a.clone().into_array_arg(),
+                d_out.clone().into_array_arg(),
+                bias_out.clone().into_array_arg(),
+                channels as u32,
+                state as u32,
+                has_bias,
+                dtype.into(),
+            );
+        }
+    }
+    [a, d_out, bias_out]
+}
 
 /// Inputs of [`selective_scan_fwd`], all on one device.
 ///

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Int, Tensor, backend::Backend};
 
+use crate::cache::JambaCache;
 use crate::error::{JambaError, Result};
 use crate::model::{ForwardOptions, Jamba};
 
@@ -254,6 +255,94 @@ pub fn argmax_last<B: JambaBackend>(logits: Tensor<B, 3>) -> Tensor<B, 3, Int> {
     (best_block * block as i64 + offset).reshape([batch, seq, 1])
 }
 
+/// Greedy decoding one step ahead of the host. Each step runs on the previous step's argmax
+/// while it is still on the device, and the ids' copy to the host is queued behind it
+/// ([`JambaBackend::queue_read_ids`]), so the host can issue step `t + 1` before it waits for
+/// step `t`'s tokens: the device does not sit idle while the tokens cross to the host and the
+/// next step's first launches are issued. Tokens come out in order, one row each per step.
+///
+/// A caller that stops on a token it has just read (an end-of-sequence id) has already queued
+/// one more step: its cache holds one position more than the tokens it kept.
+/// `JAMBA_PIPELINE=off` makes [`generate`] read every step's tokens before issuing the next.
+///
+/// ```
+/// use jamba::backends::Cpu;
+/// use jamba::generation::GreedyPipeline;
+/// use jamba::{ForwardOptions, Jamba, JambaConfig};
+/// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 2,
+///     "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64,
+///     "attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 4}"#).unwrap();
+/// let model = Jamba::<Cpu>::init(&config, &Default::default());
+/// let mut cache = model.new_cache(1);
+/// let prefill = model.forward_ids(&[5, 6, 7], 1, None, Some(&mut cache), &Default::default());
+/// let mut pipe = GreedyPipeline::new(&model, prefill.unwrap().logits);
+/// pipe.queue_step(&mut cache).unwrap(); // step 1, from the prefill's token still on the device
+/// let first = pipe.next_tokens().unwrap(); // the prefill's token
+/// let second = pipe.next_tokens().unwrap(); // step 1's
+/// assert_eq!((first.len(), second.len(), cache.seq_len()), (1, 1, 4));
+/// ```
+pub struct GreedyPipeline<'m, B: JambaBackend> {
+    model: &'m Jamba<B>,
+    /// The newest chosen ids, `[batch, 1]`, on the device.
+    newest: Tensor<B, 2, Int>,
+    /// Reads of chosen ids in flight, oldest first.
+    queued: std::collections::VecDeque<crate::ops::QueuedIds>,
+}
+
+impl<'m, B: JambaBackend> GreedyPipeline<'m, B> {
+    /// Starts from a prefill's logits `[batch, seq, vocab]`: the argmax of the last position is
+    /// taken on the device and its read queued.
+    pub fn new(model: &'m Jamba<B>, logits: Tensor<B, 3>) -> Self {
+        let [batch, seq, vocab] = logits.dims();
+        let last = logits.slice([0..batch, seq - 1..seq, 0..vocab]);
+        let newest = argmax_last(last).reshape([batch, 1]);
+        let queued = [B::queue_read_ids(newest.clone().reshape([batch]))].into();
+        Self {
+            model,
+            newest,
+            queued,
+        }
+    }
+
+    /// Queues one decoding step on the device from the newest chosen ids (not yet read) through
+    /// `cache`, takes its argmax on the device and queues that read.
+    pub fn queue_step(&mut self, cache: &mut JambaCache<B>) -> Result<()> {
+        let keep_last = ForwardOptions {
+            logits_to_keep: Some(1),
+            ..Default::default()
+        };
+        let out = self
+            .model
+            .forward_chosen(self.newest.clone(), Some(cache), &keep_last)?;
+        let batch = self.newest.dims()[0];
+        self.newest = argmax_last(out.logits).reshape([batch, 1]);
+        self.queued
+            .push_back(B::queue_read_ids(self.newest.clone().reshape([batch])));
+        Ok(())
+    }
+
+    /// The oldest chosen tokens not yet taken, one per row; waits for their read.
+    pub fn next_tokens(&mut self) -> Result<Vec<u32>> {
+        let read = self
+            .queued
+            .pop_front()
+            .ok_or_else(|| JambaError::Input("no decoding step is queued".into()))?;
+        Ok(read.wait()?.into_iter().map(|t| t as u32).collect())
+    }
+
+    /// How many steps' tokens are queued and not yet taken.
+    pub fn queued(&self) -> usize {
+        self.queued.len()
+    }
+}
+
+/// Whether greedy [`generate`] queues each step before reading the previous step's tokens
+/// ([`GreedyPipeline`]; on by default, `JAMBA_PIPELINE=off` reads first, for comparisons).
+pub fn pipeline_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| crate::ops::env_switch("JAMBA_PIPELINE", true))
+}
+
 /// Left-pads prompts of different lengths into `[batch, longest]` ids and a 1/0 mask.
 pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<i64>, Vec<i64>, usize) {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -350,11 +439,15 @@ pub fn generate<B: JambaBackend>(
         stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
     }
     let mut rng = SplitMix64::new(config.sampling.seed);
-    let mut next = pick(
-        logits.expect("prompts are non-empty"),
-        &config.sampling,
-        &mut rng,
-    )?;
+    let logits = logits.expect("prompts are non-empty");
+    // Greedy decoding queues each step before reading the previous one's tokens; the
+    // prefill's token is read at once, so that `prefill_secs` covers the prefill.
+    let mut pipe = (config.sampling.is_greedy() && pipeline_enabled())
+        .then(|| GreedyPipeline::new(model, logits.clone()));
+    let mut next = match pipe.as_mut() {
+        Some(pipe) => pipe.next_tokens()?,
+        None => pick(logits, &config.sampling, &mut rng)?,
+    };
     stats.prefill_tokens = batch * longest;
     stats.prefill_secs = start.elapsed().as_secs_f64();
 
@@ -362,6 +455,23 @@ pub fn generate<B: JambaBackend>(
     let mut finish: Vec<Option<FinishReason>> = vec![None; batch];
     let decode_start = Instant::now();
     loop {
+        if let Some(pipe) = pipe.as_mut() {
+            // The next step is queued now, from `next` still on the device, if any row can
+            // go on after taking it (a row that stops on an end-of-sequence id wastes it).
+            let ahead = (0..batch).any(|r| {
+                finish[r].is_none()
+                    && tokens[r].len() + 1 < config.max_new_tokens
+                    && prompts[r].len() + tokens[r].len() + 1 < max_context
+            });
+            if ahead {
+                if exclusive_enabled() {
+                    B::exclusive(&device, || pipe.queue_step(&mut cache))?;
+                } else {
+                    pipe.queue_step(&mut cache)?;
+                }
+                stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
+            }
+        }
         for row in 0..batch {
             if finish[row].is_some() {
                 continue;
@@ -382,6 +492,13 @@ pub fn generate<B: JambaBackend>(
         if finish.iter().all(Option::is_some) || config.max_new_tokens == 0 {
             break;
         }
+        let running = finish.iter().filter(|f| f.is_none()).count();
+        if let Some(pipe) = pipe.as_mut() {
+            // Finished rows went on with their own argmax; their tokens are dropped above.
+            next = pipe.next_tokens()?;
+            stats.decode_tokens += running;
+            continue;
+        }
         // Finished rows keep stepping with a pad token (their outputs are ignored) so the batch
         // stays rectangular.
         let step: Vec<i64> = (0..batch)
@@ -393,7 +510,6 @@ pub fn generate<B: JambaBackend>(
                 }
             })
             .collect();
-        let running = finish.iter().filter(|f| f.is_none()).count();
         let mut decode_step = || -> Result<Vec<u32>> {
             let out = model.forward_ids(&step, batch, None, Some(&mut cache), &keep_last)?;
             pick(out.logits, &config.sampling, &mut rng)

@@ -285,7 +285,11 @@ impl<B: JambaBackend> MambaMixer<B> {
             .c_layernorm
             .forward(dbc.slice([0..batch, 0..seq, r + n..r + 2 * n]));
         let delta = B::projection(dt, self.dt_proj.weight.val(), None);
-        let a = B::ssm_a(self.a_log.val());
+        let (a, d, delta_bias) = B::scan_parameters(
+            self.a_log.val(),
+            self.d.val(),
+            self.dt_proj.bias.as_ref().map(|p| p.val()),
+        );
 
         let out = selective_scan(ScanInput {
             u,
@@ -293,9 +297,9 @@ impl<B: JambaBackend> MambaMixer<B> {
             a,
             b,
             c,
-            d: Some(self.d.val()),
+            d: Some(d),
             z: Some(z),
-            delta_bias: self.dt_proj.bias.as_ref().map(|p| p.val()),
+            delta_bias,
             delta_softplus: true,
             initial_state: ssm_state,
         });

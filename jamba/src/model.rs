@@ -225,6 +225,19 @@ impl<B: JambaBackend> Jamba<B> {
         self.forward_checked(input_ids, attention_mask, cache, options)
     }
 
+    /// [`forward`](Self::forward) of ids this model chose on the device (its own argmax, so
+    /// inside the vocabulary by construction): the shapes and the cache are checked, the ids'
+    /// range is not, so nothing is read back from the device before the step is queued.
+    pub(crate) fn forward_chosen(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        cache: Option<&mut JambaCache<B>>,
+        options: &ForwardOptions,
+    ) -> Result<JambaOutput<B>> {
+        self.check_inputs(&input_ids, || (0, 0), None, cache.as_deref())?;
+        self.forward_checked(input_ids, None, cache, options)
+    }
+
     fn forward_checked(
         &self,
         input_ids: Tensor<B, 2, Int>,

@@ -199,9 +199,16 @@ impl<B: JambaBackend> SparseMoe<B> {
         }) {
             return (out.reshape([batch, seq, hidden]), router_logits);
         }
-        let probs = softmax(router_logits.clone().cast(DType::F32), 1);
-        let (weights, selected) = probs.topk_with_indices(self.top_k, 1);
-        let weights = weights.cast(flat.dtype()).reshape([tokens * self.top_k]);
+        let slots = tokens * self.top_k;
+        let (weights, selected) =
+            B::route_top_k(router_logits.clone(), self.top_k).unwrap_or_else(|| {
+                let probs = softmax(router_logits.clone().cast(DType::F32), 1);
+                let (weights, selected) = probs.topk_with_indices(self.top_k, 1);
+                (
+                    weights.cast(flat.dtype()).reshape([slots]),
+                    selected.reshape([slots]),
+                )
+            });
 
         let selected: Vec<i64> = selected
             .into_data()
@@ -210,7 +217,6 @@ impl<B: JambaBackend> SparseMoe<B> {
             .expect("top-k indices are integers");
         // The (token, slot) pairs sorted by expert, so that each expert's rows are one
         // contiguous block of a single gathered matrix.
-        let slots = tokens * self.top_k;
         let mut order: Vec<usize> = (0..slots).collect();
         order.sort_by_key(|&slot| selected[slot]);
         let mut counts = vec![0usize; self.num_experts()];

@@ -217,6 +217,32 @@ pub trait JambaBackend: Backend {
         causal_conv1d_tensor_ops(input)
     }
 
+    /// A Mamba layer's parameters as [`selective_scan`](Self::selective_scan) takes them:
+    /// `A = −exp(A_log)` in f32, the skip `D` and the Δ bias (`dt_bias`). The default computes
+    /// `A` with [`ssm_a`](Self::ssm_a) and passes the other two as they are.
+    ///
+    /// CubeCL backends give all three in f32 from one launch
+    /// (`jamba_kernels::scan::scan_parameters`), where `A` took three (cast, `exp`, negation)
+    /// and the scan's casts of `D` and the bias two more, in every Mamba layer of a prefill.
+    ///
+    /// ```
+    /// use burn::tensor::Tensor;
+    /// use jamba::backends::Cpu;
+    /// use jamba::ops::JambaBackend;
+    /// let device = Default::default();
+    /// let a_log = Tensor::<Cpu, 2>::zeros([4, 2], &device);
+    /// let (a, d, bias) = Cpu::scan_parameters(a_log, Tensor::ones([4], &device), None);
+    /// assert_eq!(a.into_data().to_vec::<f32>().unwrap(), vec![-1.0; 8]);
+    /// assert_eq!((d.dims(), bias.is_none()), ([4], true));
+    /// ```
+    fn scan_parameters(
+        a_log: Tensor<Self, 2>,
+        d: Tensor<Self, 1>,
+        dt_bias: Option<Tensor<Self, 1>>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 1>, Option<Tensor<Self, 1>>) {
+        (Self::ssm_a(a_log), d, dt_bias)
+    }
+
     /// The state matrix `A = −exp(A_log)` in f32 (any shape, here `[channels, state]`). An
     /// operation of its own because every Mamba layer recomputes it at every decoding step, and
     /// the CPU backends' element-wise `exp` is a library call per element (0.14 ms for
@@ -385,6 +411,32 @@ pub trait JambaBackend: Backend {
         None
     }
 
+    /// The router's softmax (f32) and top-k for the grouped experts of many tokens:
+    /// `router_logits` `[tokens, experts]` gives each token's `top_k` routing weights
+    /// (probabilities rounded to the logits' dtype, not renormalised) and their experts, both
+    /// `[tokens · top_k]` in slot order (largest first; an equal logit at a lower index ranks
+    /// first), or `None` to let [`crate::moe::SparseMoe`] compose Burn's `softmax` and
+    /// `topk_with_indices` (the default).
+    ///
+    /// CubeCL backends run one kernel (`jamba_kernels::moe::route`): Burn 0.21's CubeCL `topk`
+    /// reads the probabilities back to the host and sorts them there, a synchronisation and
+    /// ~0.5 ms of host sorting per MoE layer of a 2048-token prefill, before the read of the
+    /// chosen experts that the grouping needs anyway. `JAMBA_DEVICE_TOPK=off` turns it off.
+    ///
+    /// ```
+    /// use burn::tensor::Tensor;
+    /// use jamba::backends::Cpu;
+    /// use jamba::ops::JambaBackend;
+    /// let logits = Tensor::<Cpu, 2>::from_floats([[0.1, 2.0, -1.0]], &Default::default());
+    /// assert!(Cpu::route_top_k(logits, 2).is_none()); // the CPU composes Burn's operations
+    /// ```
+    fn route_top_k(
+        _router_logits: Tensor<Self, 2>,
+        _top_k: usize,
+    ) -> Option<(Tensor<Self, 1>, Tensor<Self, 1, burn::tensor::Int>)> {
+        None
+    }
+
     /// A dense SwiGLU MLP of a few rows, `down(silu(x · gate) · (x · up))` for `x`
     /// `[rows, hidden]` and bias-free weights in Burn's `[in, out]` layout, or `None` to let
     /// [`crate::mlp::Mlp`] run it as separate operations (the default).
@@ -462,6 +514,25 @@ pub trait JambaBackend: Backend {
         None
     }
 
+    /// Starts copying `ids` (token ids on the device, e.g. a decoding step's argmax) to the host
+    /// and returns the read to wait on later ([`QueuedIds::wait`]), so that the host can queue
+    /// more work on the device meanwhile: greedy generation queues the next step from these ids,
+    /// still on the device, before waiting for them ([`crate::generation::GreedyPipeline`]).
+    ///
+    /// CubeCL backends enqueue the copy behind the work already queued on the device's stream
+    /// (on CUDA a pinned, asynchronous copy and a fence); the default reads at once.
+    ///
+    /// ```
+    /// use burn::tensor::{Int, Tensor};
+    /// use jamba::backends::Cpu;
+    /// use jamba::JambaBackend;
+    /// let ids = Tensor::<Cpu, 1, Int>::from_ints([3, 1, 4], &Default::default());
+    /// assert_eq!(Cpu::queue_read_ids(ids).wait().unwrap(), vec![3, 1, 4]);
+    /// ```
+    fn queue_read_ids(ids: Tensor<Self, 1, burn::tensor::Int>) -> QueuedIds {
+        QueuedIds::ready(read_ids(ids.into_data()))
+    }
+
     /// Runs `f` where the backend issues work most cheaply. CubeCL backends hand every
     /// operation to a device thread through a queue; running a whole decoding step on that
     /// thread (`ComputeClient::exclusive`) issues each operation directly instead. Elsewhere it
@@ -475,6 +546,40 @@ pub trait JambaBackend: Backend {
     fn exclusive<R: Send + 'static>(_device: &Self::Device, f: impl FnOnce() -> R + Send) -> R {
         f()
     }
+}
+
+/// A read of token ids from the device to the host, started by
+/// [`JambaBackend::queue_read_ids`] and finished by [`wait`](Self::wait).
+pub struct QueuedIds(Box<dyn FnOnce() -> crate::Result<Vec<i64>> + Send>);
+
+impl QueuedIds {
+    /// A read that has already finished.
+    pub fn ready(ids: crate::Result<Vec<i64>>) -> Self {
+        Self(Box::new(move || ids))
+    }
+
+    /// A read that finishes when `wait` runs (it blocks until the ids are on the host).
+    pub fn pending(wait: impl FnOnce() -> crate::Result<Vec<i64>> + Send + 'static) -> Self {
+        Self(Box::new(wait))
+    }
+
+    /// Waits for the ids.
+    pub fn wait(self) -> crate::Result<Vec<i64>> {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for QueuedIds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueuedIds")
+    }
+}
+
+/// Token ids read from the device, as `i64`.
+fn read_ids(data: burn::tensor::TensorData) -> crate::Result<Vec<i64>> {
+    data.convert::<i64>()
+        .into_vec::<i64>()
+        .map_err(|e| crate::JambaError::Input(format!("token ids read from the device: {e:?}")))
 }
 
 /// Gradients of a selective scan, one per input of [`ScanInput`], each in its input's dtype.
@@ -767,6 +872,14 @@ pub fn silu_mul_enabled() -> bool {
     *ENABLED.get_or_init(|| env_switch("JAMBA_SILU_MUL", true))
 }
 
+/// Whether CubeCL backends route a prefill's tokens to their experts on the device
+/// ([`JambaBackend::route_top_k`]; on by default, `JAMBA_DEVICE_TOPK=off` composes Burn's
+/// `softmax` and `topk_with_indices`, which sorts on the host, for comparisons).
+pub fn device_topk_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| env_switch("JAMBA_DEVICE_TOPK", true))
+}
+
 /// Whether CubeCL backends run a decoding step's attention in one kernel
 /// ([`JambaBackend::decode_attention`]; on by default, `JAMBA_FUSED_ATTENTION=off` runs the
 /// separate operations). On the H200 it took bf16 decoding at batch 1 from ~397 to ~475
@@ -825,6 +938,31 @@ pub mod cube {
         Tensor::from_primitive(TensorPrimitive::Float(t))
     }
 
+    /// The device's compute client with a `'static` lifetime, made once per runtime and device
+    /// and kept for the program's life: a read's future borrows the client it was started from
+    /// (CubeCL 0.10's `read_one_tensor_async` takes `&self`), and a queued read must outlive the
+    /// call that started it.
+    fn static_client<R: CubeRuntime>(
+        device: &R::Device,
+    ) -> &'static burn_cubecl::cubecl::client::ComputeClient<R> {
+        use std::any::{Any, TypeId};
+        type Entry = (TypeId, String, &'static (dyn Any + Send + Sync));
+        static CLIENTS: std::sync::Mutex<Vec<Entry>> = std::sync::Mutex::new(Vec::new());
+        let (runtime, name) = (TypeId::of::<R>(), format!("{device:?}"));
+        let mut clients = CLIENTS.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients
+            .iter()
+            .find(|(r, d, _)| *r == runtime && *d == name)
+            .and_then(|(_, _, c)| c.downcast_ref())
+        {
+            return client;
+        }
+        let client: &'static burn_cubecl::cubecl::client::ComputeClient<R> =
+            Box::leak(Box::new(R::client(device)));
+        clients.push((runtime, name, client));
+        client
+    }
+
     /// The kernel's view of a [`ScanInput`]: `u`'s dtype for the per-step inputs, f32 for the
     /// rest, zeros for what is absent.
     pub fn scan_tensors<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
@@ -859,8 +997,8 @@ pub mod cube {
         }
     }
 
-    /// The kernel's view of a [`ConvInput`]: `x`'s dtype for the signal, f32 weights, zeros
-    /// for what is absent.
+    /// The kernel's view of a [`ConvInput`]: `x`'s dtype for the signal, the weight as it is
+    /// (the bias in its dtype), zeros for what is absent.
     pub fn conv_tensors<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
         input: ConvInput<Cube<R, F, I, BT>>,
     ) -> conv::ConvTensors<R> {
@@ -872,14 +1010,17 @@ pub mod cube {
             .prefix
             .map(|p| p.cast(dtype))
             .unwrap_or_else(|| Tensor::zeros([batch, k.max(2) - 1, channels], (&device, dtype)));
+        // The kernel reads the parameters in their own dtype and layout (a model's are in its
+        // dtype): no cast launches per forward.
+        let wdtype = input.weight.dtype();
         let bias = input
             .bias
-            .map(|b| b.cast(DType::F32))
-            .unwrap_or_else(|| Tensor::zeros([channels], (&device, DType::F32)));
+            .map(|b| b.cast(wdtype))
+            .unwrap_or_else(|| Tensor::zeros([channels], (&device, wdtype)));
         conv::ConvTensors {
             x: prim(input.x),
             prefix: prim(prefix),
-            weight: prim(input.weight.cast(DType::F32)),
+            weight: prim(input.weight),
             bias: prim(bias),
             silu: input.silu,
         }
@@ -1049,6 +1190,41 @@ pub mod cube {
                 },
                 input.top_k,
             )))
+        }
+
+        fn scan_parameters(
+            a_log: Tensor<Self, 2>,
+            d: Tensor<Self, 1>,
+            dt_bias: Option<Tensor<Self, 1>>,
+        ) -> (Tensor<Self, 2>, Tensor<Self, 1>, Option<Tensor<Self, 1>>) {
+            let [channels, _] = a_log.dims();
+            let dtype = a_log.dtype();
+            let fits = d.dims() == [channels]
+                && d.dtype() == dtype
+                && dt_bias
+                    .as_ref()
+                    .is_none_or(|b| b.dims() == [channels] && b.dtype() == dtype);
+            if !kernels_enabled() || !fits {
+                return (Self::ssm_a(a_log), d, dt_bias);
+            }
+            let has_bias = dt_bias.is_some();
+            let [a, d, bias] = scan::scan_parameters(prim(a_log), prim(d), dt_bias.map(prim));
+            (wrap(a), wrap(d), has_bias.then(|| wrap(bias)))
+        }
+
+        fn route_top_k(
+            router_logits: Tensor<Self, 2>,
+            top_k: usize,
+        ) -> Option<(Tensor<Self, 1>, Tensor<Self, 1, burn::tensor::Int>)> {
+            let experts = router_logits.dims()[1];
+            if !kernels_enabled()
+                || !super::device_topk_enabled()
+                || !(1..=experts).contains(&top_k)
+            {
+                return None;
+            }
+            let (weights, experts) = moe::route(prim(router_logits), top_k);
+            Some((wrap(weights), Tensor::from_primitive(experts)))
         }
 
         fn rms_norm(x: Tensor<Self, 3>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 3> {
@@ -1393,6 +1569,25 @@ pub mod cube {
                 pad,
                 scale,
             )))
+        }
+
+        fn queue_read_ids(ids: Tensor<Self, 1, burn::tensor::Int>) -> super::QueuedIds {
+            use burn::tensor::TensorData;
+            use burn_cubecl::cubecl::server::CopyDescriptor;
+            let t = burn_cubecl::kernel::into_contiguous(ids.into_primitive());
+            let (shape, dtype) = (t.meta.shape().clone(), t.dtype);
+            let (strides, elem_size) = (t.meta.strides().clone(), t.elem_size());
+            let client = static_client::<R>(&t.device);
+            let descriptor =
+                CopyDescriptor::new(t.handle.binding(), shape.clone(), strides, elem_size);
+            // Enqueued now, behind the work already issued; waited on in `wait`.
+            let read = client.read_one_tensor_async(descriptor);
+            super::QueuedIds::pending(move || {
+                let bytes = burn_cubecl::cubecl::future::block_on(read).map_err(|e| {
+                    crate::JambaError::Input(format!("reading token ids from the device: {e}"))
+                })?;
+                super::read_ids(TensorData::from_bytes(bytes, shape, dtype))
+            })
         }
 
         fn exclusive<T: Send + 'static>(device: &Self::Device, f: impl FnOnce() -> T + Send) -> T {
