@@ -27,6 +27,17 @@ ncu_step() {
   python3 ncu_rows.py "$OUT/ncu-$1-2.csv" --top 16
   (cd "$OUT" && xz -6 ncu-$1-*.csv)
 }
+# ncu's device time per kernel of one steady-state 2048-token prefill of ./jamba-bench (a second
+# repetition minus the first), the top N kernels: `ncu_prefill N`; CSVs kept as $OUT/ncu-*.csv.xz.
+ncu_prefill() {
+  echo "== ncu: device time of every kernel of a 2048-token prefill"
+  local B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
+  local M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
+  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
+  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top "$1"
+  (cd "$OUT" && xz -6 ncu-*.csv)
+}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
 nvidia-smi -q -d CLOCK | grep -A4 "Applications Clocks\|Clocks Event Reasons" | head -20
 if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
@@ -401,13 +412,7 @@ if [ "$WHAT" = prefill-where ]; then
       --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
       --out "$OUT/h200-bench-jamba-1b-bf16-r$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
   done
-  echo "== ncu: device time of every kernel of a 2048-token prefill"
-  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
-  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
-  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 20
-  (cd "$OUT" && xz -6 ncu-*.csv)
+  ncu_prefill 20
 fi
 if [ "$WHAT" = prefill2 ]; then
   # Session 20, second build: the SwiGLU gate in one launch, against Burn's silu and product
@@ -427,13 +432,7 @@ if [ "$WHAT" = prefill2 ]; then
   ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
     --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
     --out "$OUT/h200-bench-jamba-1b-bf16.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
-  echo "== ncu: device time of every kernel of a 2048-token prefill"
-  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
-  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
-  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 16
-  (cd "$OUT" && xz -6 ncu-*.csv)
+  ncu_prefill 16
 fi
 if [ "$WHAT" = s21-tests ]; then
   # Session 21: every kernel test (the new route, scan-parameter and conv ones included) and
@@ -478,13 +477,7 @@ if [ "$WHAT" = s21 ]; then
       --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
       --out "$OUT/h200-bench-jamba-1b-bf16-s21-$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
   done
-  echo "== ncu: device time of every kernel of a 2048-token prefill"
-  B="./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 --warmup 1"
-  M="ncu --clock-control none --metrics gpu__time_duration.sum --csv"
-  $M --log-file "$OUT/ncu-prefill-1.csv" $B --reps 1 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  $M --log-file "$OUT/ncu-prefill-2.csv" $B --reps 2 --prefill 2048 --decode-steps 0 > /dev/null 2>&1
-  python3 ncu_summary.py "$OUT/ncu-prefill-2.csv" --minus "$OUT/ncu-prefill-1.csv" --top 20
-  (cd "$OUT" && xz -6 ncu-*.csv)
+  ncu_prefill 20
 fi
 if [ "$WHAT" = scan-stalls ]; then
   echo "== why the chunked scan waits: ncu stall reasons per issued instruction, (1, 8192, 4096) bf16"
