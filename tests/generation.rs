@@ -208,6 +208,20 @@ fn greedy_generation_matches_step_by_step_decoding() {
 #[test]
 fn bad_inputs_are_errors() {
     let model = model();
+    let no_position = burn::tensor::Tensor::<B, 3>::zeros([1, 0, 512], &Default::default());
+    let err = jamba::generation::GreedyPipeline::new(&model, no_position)
+        .err()
+        .expect("logits without a position are an error");
+    assert!(err.to_string().contains("[1, 0, 512]"), "{err}");
+    let mut cache = model.new_cache(2);
+    let one_row = burn::tensor::Tensor::<B, 3>::zeros([1, 1, 512], &Default::default());
+    let mut pipe = jamba::generation::GreedyPipeline::new(&model, one_row).unwrap();
+    assert!(
+        pipe.queue_step(&mut cache).is_err(),
+        "a cache of another batch size"
+    );
+    pipe.next_tokens().unwrap();
+    assert!(pipe.next_tokens().is_err(), "nothing queued");
     let config = GenerationConfig {
         max_new_tokens: 3,
         max_context: Some(8),

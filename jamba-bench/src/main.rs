@@ -395,7 +395,7 @@ fn throughput<B: jamba::JambaBackend>(
                     if jamba::generation::pipeline_enabled() {
                         // As greedy generation runs: each step queued from the previous
                         // step's argmax on the device, then that step's ids read back.
-                        let mut pipe = jamba::generation::GreedyPipeline::new(&model, logits);
+                        let mut pipe = jamba::generation::GreedyPipeline::new(&model, logits)?;
                         pipe.next_tokens()?; // the prefill's token, before the clock starts
                         let t = Instant::now();
                         for _ in 0..args.decode_steps {

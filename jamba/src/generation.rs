@@ -275,7 +275,7 @@ pub fn argmax_last<B: JambaBackend>(logits: Tensor<B, 3>) -> Tensor<B, 3, Int> {
 /// let model = Jamba::<Cpu>::init(&config, &Default::default());
 /// let mut cache = model.new_cache(1);
 /// let prefill = model.forward_ids(&[5, 6, 7], 1, None, Some(&mut cache), &Default::default());
-/// let mut pipe = GreedyPipeline::new(&model, prefill.unwrap().logits);
+/// let mut pipe = GreedyPipeline::new(&model, prefill.unwrap().logits).unwrap();
 /// pipe.queue_step(&mut cache).unwrap(); // step 1, from the prefill's token still on the device
 /// let first = pipe.next_tokens().unwrap(); // the prefill's token
 /// let second = pipe.next_tokens().unwrap(); // step 1's
@@ -291,17 +291,24 @@ pub struct GreedyPipeline<'m, B: JambaBackend> {
 
 impl<'m, B: JambaBackend> GreedyPipeline<'m, B> {
     /// Starts from a prefill's logits `[batch, seq, vocab]`: the argmax of the last position is
-    /// taken on the device and its read queued.
-    pub fn new(model: &'m Jamba<B>, logits: Tensor<B, 3>) -> Self {
+    /// taken on the device and its read queued. Errors on logits without a row, a position or
+    /// a vocabulary entry.
+    pub fn new(model: &'m Jamba<B>, logits: Tensor<B, 3>) -> Result<Self> {
         let [batch, seq, vocab] = logits.dims();
+        if batch == 0 || seq == 0 || vocab == 0 {
+            return Err(JambaError::Input(format!(
+                "greedy decoding needs logits with a row, a position and a vocabulary; got \
+                 [{batch}, {seq}, {vocab}]"
+            )));
+        }
         let last = logits.slice([0..batch, seq - 1..seq, 0..vocab]);
         let newest = argmax_last(last).reshape([batch, 1]);
         let queued = [B::queue_read_ids(newest.clone().reshape([batch]))].into();
-        Self {
+        Ok(Self {
             model,
             newest,
             queued,
-        }
+        })
     }
 
     /// Queues one decoding step on the device from the newest chosen ids (not yet read) through
@@ -443,7 +450,8 @@ pub fn generate<B: JambaBackend>(
     // Greedy decoding queues each step before reading the previous one's tokens; the
     // prefill's token is read at once, so that `prefill_secs` covers the prefill.
     let mut pipe = (config.sampling.is_greedy() && pipeline_enabled())
-        .then(|| GreedyPipeline::new(model, logits.clone()));
+        .then(|| GreedyPipeline::new(model, logits.clone()))
+        .transpose()?;
     let mut next = match pipe.as_mut() {
         Some(pipe) => pipe.next_tokens()?,
         None => pick(logits, &config.sampling, &mut rng)?,
