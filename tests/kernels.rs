@@ -1912,12 +1912,9 @@ fn cuda_conv_kernel_takes_half_weights() {
             (1, 1, 64, 3),
         ] {
             let mut t = |n: usize, shape: Vec<usize>, std: f64| {
-                Tensor::<K<R>, 1>::from_data(
-                    TensorData::new(rng_normal(&mut rng, n, std), [n]),
-                    &device,
-                )
-                .cast(dtype)
-                .reshape::<3, _>([shape[0], shape[1], shape[2]])
+                Tensor::<K<R>, 1>::from_data(TensorData::new(rng.normal(n, 0.0, std), [n]), &device)
+                    .cast(dtype)
+                    .reshape::<3, _>([shape[0], shape[1], shape[2]])
             };
             let x = t(batch * seq * channels, vec![batch, seq, channels], 1.0);
             let prefix = t(
@@ -1961,11 +1958,6 @@ fn cuda_scan_parameters_take_half_inputs() {
     type R = jamba::burn_cubecl::cubecl::cuda::CudaRuntime;
     scan_parameters_grid::<R>(&Default::default(), DType::BF16);
     scan_parameters_grid::<R>(&Default::default(), DType::F16);
-}
-
-#[cfg(feature = "cuda")]
-fn rng_normal(rng: &mut Rng, n: usize, std: f64) -> Vec<f32> {
-    rng.normal(n, 0.0, std)
 }
 
 /// The few-row product with bf16 and f16 operands (f32 accumulation): the error is the output's

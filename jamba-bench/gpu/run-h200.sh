@@ -27,6 +27,13 @@ ncu_step() {
   python3 ncu_rows.py "$OUT/ncu-$1-2.csv" --top 16
   (cd "$OUT" && xz -6 ncu-$1-*.csv)
 }
+# The standard command of RESULTS.md (bf16 prefill 512 and 2048, decode b1 and b16 after 512),
+# its rows kept as $OUT/h200-bench-jamba-1b-bf16SUFFIX.json: `standard_command SUFFIX`.
+standard_command() {
+  ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
+    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
+    --out "$OUT/h200-bench-jamba-1b-bf16$1.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+}
 # ncu's device time per kernel of one steady-state 2048-token prefill of ./jamba-bench (a second
 # repetition minus the first), the top N kernels: `ncu_prefill N`; CSVs kept as $OUT/ncu-*.csv.xz.
 ncu_prefill() {
@@ -408,9 +415,7 @@ if [ "$WHAT" = prefill-where ]; then
   # wall-clock time the bench reports.
   for round in 1 2; do
     echo "== the standard command, round $round"
-    ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-      --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
-      --out "$OUT/h200-bench-jamba-1b-bf16-r$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+    standard_command "-r$round"
   done
   ncu_prefill 20
 fi
@@ -429,9 +434,7 @@ if [ "$WHAT" = prefill2 ]; then
     JAMBA_SILU_MUL=off ./jamba-bench $P --prefill 512,2048 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/silu off  /"
   done
   echo "== the standard command"
-  ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-    --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
-    --out "$OUT/h200-bench-jamba-1b-bf16.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+  standard_command ""
   ncu_prefill 16
 fi
 if [ "$WHAT" = s21-tests ]; then
@@ -450,9 +453,7 @@ if [ "$WHAT" = s21-host2 ]; then
   ./kernels --test-threads 1 conv 2>&1 | grep -E "^test |test result|FAIL|panicked|rel. error" | head -8
   for round in 1 2; do
     echo "== the standard command, round $round"
-    ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-      --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
-      --out "$OUT/h200-bench-jamba-1b-bf16-s21-host2-$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+    standard_command "-s21-host2-$round"
   done
 fi
 if [ "$WHAT" = s21 ]; then
@@ -473,9 +474,7 @@ if [ "$WHAT" = s21 ]; then
   ./jamba-bench $P 2>&1 >/dev/null | grep -E "^prefill" | sed "s/^/default   /"
   for round in 1 2; do
     echo "== the standard command, round $round"
-    ./jamba-bench throughput --config configs/bench-jamba-1b.config.json --backend cuda --dtype bf16 \
-      --prefill 512,2048 --decode-batch 1,16 --decode-context 512 --decode-steps 32 --reps 3 --warmup 1 \
-      --out "$OUT/h200-bench-jamba-1b-bf16-s21-$round.json" 2>&1 >/dev/null | grep -E "^(prefill|decode)"
+    standard_command "-s21-$round"
   done
   ncu_prefill 20
 fi

@@ -455,8 +455,8 @@ pub fn route<R: CubeRuntime>(
     }
     let cubes = tokens.div_ceil(64);
     let (x, y) = (cubes.min(MAX_CUBES_X), cubes.div_ceil(MAX_CUBES_X));
-    // SAFETY: as in `routed_experts_stages`: units past `tokens` return first, the others
-    // read their row of `logits` and write their `top_k` entries of each output.
+    // SAFETY: units past `tokens` return first; the others read their row of `logits` (its
+    // own strides) and write their `top_k` entries of `weights` and `indices`, `[tokens · top_k]`.
     unsafe {
         route_kernel::launch_unchecked::<R>(
             &client,
@@ -531,22 +531,17 @@ pub fn routed_experts_stages<R: CubeRuntime>(
         assert_eq!(t.meta.shape().as_slice(), shape, "routed_experts: {name}");
     }
     let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
+    // The routing (one launch; nothing for no tokens), then the experts on its slots.
+    let (routing, indices) = route(logits, top_k);
     // Contiguous, not the runtime's preferred layout: CUDA pads each row of an `empty` tensor
     // to a power of two of bytes (a `[slots, 72]` f32 buffer gets rows of 128), and these
     // buffers are written by linear index. (That padding was session 7's "wrong on CUDA for
     // widths that are not powers of two": `act` written densely, read back through its padded
     // row stride.)
-    let [y, routing, indices]: [CubeTensor<R>; 3] = crate::empty_many(
-        &client,
-        &device,
-        &[
-            (&[tokens, hidden], dtype),
-            (&[slots], dtype),
-            (&[slots], DType::U32),
-        ],
-    )
-    .try_into()
-    .expect("three tensors");
+    let [y]: [CubeTensor<R>; 1] =
+        crate::empty_many(&client, &device, &[(&[tokens, hidden], dtype)])
+            .try_into()
+            .expect("one tensor");
     let stages = |y| RoutedStages {
         routing: routing.clone(),
         indices: indices.clone(),
@@ -565,21 +560,6 @@ pub fn routed_experts_stages<R: CubeRuntime>(
             [tokens, hidden].into(),
             dtype,
         ));
-    }
-    // SAFETY: units past `tokens` return first; the others read their row of `logits` (its
-    // own strides) and write their `top_k` entries of `routing` and `indices`, `[slots]`.
-    unsafe {
-        route_kernel::launch_unchecked::<R>(
-            &client,
-            CubeCount::Static(tokens.div_ceil(32) as u32, 1, 1),
-            CubeDim::new_1d(32),
-            logits.into_tensor_arg(),
-            routing.clone().into_tensor_arg(),
-            indices.clone().into_tensor_arg(),
-            tokens as u32,
-            top_k,
-            dtype.into(),
-        );
     }
 
     let (gate_up_partial, act, down_partial) = expert_mlp::<R>(

@@ -554,11 +554,8 @@ fn pick<B: JambaBackend>(
     let [batch, _, vocab] = logits.dims();
     let logits = logits.reshape([batch, vocab]);
     if sampling.is_greedy() {
-        let ids = argmax_last(logits.reshape([batch, 1, vocab]))
-            .into_data()
-            .convert::<i64>()
-            .into_vec::<i64>()
-            .expect("int data");
+        let ids = argmax_last(logits.reshape([batch, 1, vocab])).reshape([batch]);
+        let ids = B::queue_read_ids(ids).wait()?;
         return Ok(ids.into_iter().map(|t| t as u32).collect());
     }
     let values: Vec<f32> = logits
