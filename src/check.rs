@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 use jamba::reference::{Check, Fixture, decode_checks, parity_checks};
-use jamba::{Jamba, LoadOptions};
+use jamba::{Engine, EngineOptions, Jamba, LoadOptions};
 
 use crate::backends::{BackendKind, DTypeArg};
 
@@ -19,19 +19,16 @@ pub struct CheckArgs {
     /// The dtype to compute in.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DTypeArg,
-    /// Multiplies every value tolerance. Default 1; 500 for f32 on CUDA with
-    /// `JAMBA_ALLOW_TF32=1`, whose products then run on TF32 tensor cores (inputs rounded to a
-    /// 10-bit mantissa, unit roundoff 2^-11 ≈ 4.9e-4: 5e-3 is ten of those). Routing near-ties
-    /// can still flip under TF32, which no value tolerance covers.
-    #[arg(long)]
-    pub tolerance_scale: Option<f64>,
+    /// Multiplies every value tolerance (1: the fixture's own; see `Fixture::tolerance`).
+    #[arg(long, default_value_t = 1.0)]
+    pub tolerance_scale: f64,
 }
 
 pub fn run(args: CheckArgs) -> jamba::Result<ExitCode> {
     jamba::with_backend!(args.backend, |B, device| check::<B>(&args, &device))
 }
 
-fn check<B: jamba::JambaBackend>(args: &CheckArgs, device: &B::Device) -> jamba::Result<ExitCode> {
+fn check<B: jamba::EngineBackend>(args: &CheckArgs, device: &B::Device) -> jamba::Result<ExitCode> {
     let options = LoadOptions {
         dtype: Some(args.dtype.into()),
         ..Default::default()
@@ -58,13 +55,9 @@ fn check<B: jamba::JambaBackend>(args: &CheckArgs, device: &B::Device) -> jamba:
     }
     let fixture = Fixture::open(&args.dir)?;
     let mut checks = parity_checks(&model, &fixture)?;
-    checks.extend(decode_checks(&model, &fixture)?);
-    let scale = args.tolerance_scale.unwrap_or(
-        match (args.backend, burn::tensor::DType::from(args.dtype)) {
-            (BackendKind::Cuda, burn::tensor::DType::F32) if jamba::ops::tf32_allowed() => 500.0,
-            _ => 1.0,
-        },
-    );
+    let engine = Engine::new(model, EngineOptions::default());
+    checks.extend(decode_checks(&engine, &fixture)?);
+    let scale = args.tolerance_scale;
     if scale != 1.0 {
         println!("value tolerances × {scale} (--tolerance-scale)");
         for c in &mut checks {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use burn::tensor::backend::Backend;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use jamba::generation::{FinishReason, GenerationConfig, SamplingConfig, generate};
+use jamba::generation::{FinishReason, GenerationConfig, SamplingConfig};
 use jamba::tokenizer::{JambaTokenizer, TextStream};
-use jamba::{Jamba, JambaConfig, JambaError, LoadOptions};
+use jamba::{Engine, EngineOptions, Jamba, JambaConfig, JambaError, LoadOptions};
 
 use crate::backends::{BackendKind, DTypeArg};
 use crate::info::human;
@@ -111,7 +111,7 @@ fn load<B: Backend>(
     Ok((model, tokenizer))
 }
 
-fn run_on<B: jamba::JambaBackend>(
+fn run_on<B: jamba::EngineBackend>(
     args: &GenerateArgs,
     device: &B::Device,
 ) -> jamba::Result<ExitCode> {
@@ -139,7 +139,8 @@ fn run_on<B: jamba::JambaBackend>(
     if streaming {
         print!("{}", args.prompt[0]);
     }
-    let out = generate(&model, &prompts, &config, |_, token| {
+    let engine = Engine::new(model, EngineOptions::default());
+    let out = engine.generate(&prompts, &config, |_, token| {
         if streaming && let Ok(Some(piece)) = stream.push(token) {
             print!("{piece}");
             let _ = stdout.flush();

@@ -18,14 +18,14 @@ use std::time::Instant;
 use burn::tensor::activation::softmax;
 use burn::tensor::{DType, Distribution, IndexingUpdateOp, Int, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use jamba::attention::AttentionConfig;
 use jamba::cache::KvCache;
 use jamba::config::MixerKind;
-use jamba::layer::LayerMasks;
-use jamba::moe::{SparseMoe, SparseMoeConfig};
-use jamba::ops::{ConvInput, JambaBackend, causal_conv1d_tensor_ops};
-use jamba::scan::{ScanInput, selective_scan_chunked, selective_scan_reference};
-use jamba::{ForwardOptions, Jamba, LoadOptions};
+use jamba::model::{AttentionConfig, LayerMasks, SparseMoe, SparseMoeConfig};
+use jamba::ops::{
+    ConvInput, JambaBackend, ScanInput, causal_conv1d_tensor_ops, selective_scan_chunked,
+    selective_scan_reference,
+};
+use jamba::{Engine, EngineOptions, ForwardOptions, Jamba, LoadOptions};
 
 #[cfg(feature = "cuda")]
 type B = burn::backend::Cuda;
@@ -140,19 +140,15 @@ fn conv1d(c: &mut Criterion) {
 /// Every expert on every token, weighted by the routing (zero where not selected): the
 /// baseline that dispatch avoids.
 fn moe_dense(moe: &SparseMoe<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
-    let [tokens, _] = x.dims();
+    let tokens = x.dims()[0];
     let probs = softmax(moe.router.forward(x.clone()).cast(DType::F32), 1);
     let (weights, selected) = probs.clone().topk_with_indices(moe.top_k, 1);
     let combine = probs
         .zeros_like()
         .scatter(1, selected, weights, IndexingUpdateOp::Add)
         .cast(x.dtype());
-    let hidden = x.dims()[1];
     (0..moe.num_experts()).fold(x.zeros_like(), |acc, e| {
-        let out = moe
-            .experts
-            .forward(e, x.clone().reshape([1, tokens, hidden]))
-            .reshape([tokens, hidden]);
+        let out = moe.experts.forward(e, x.clone());
         acc + out * combine.clone().slice([0..tokens, e..e + 1])
     })
 }
@@ -213,7 +209,8 @@ fn attention(c: &mut Criterion) {
 }
 
 fn decode_step(c: &mut Criterion) {
-    let model = model();
+    let engine = Engine::new(model(), EngineOptions::default());
+    let model = engine.model();
     let keep = ForwardOptions {
         logits_to_keep: Some(1),
         ..Default::default()
@@ -261,12 +258,15 @@ fn decode_step(c: &mut Criterion) {
                 })
             });
         };
-        run("whole model", &|c| {
+        run("whole model, plain forward", &|c| {
             model
                 .forward(next.clone(), None, Some(c), &keep)
                 .unwrap()
                 .logits
                 .into_data();
+        });
+        run("whole model, engine", &|c| {
+            engine.forward(&[7], 1, None, c, Some(1)).unwrap().into_data();
         });
         run("one attention layer", &|c| {
             model.layers[attention]

@@ -9,7 +9,7 @@ use burn::tensor::{DType, Distribution, Tensor};
 use clap::Args;
 use jamba::JambaBackend;
 use jamba::ops::{ConvInput, causal_conv1d_tensor_ops};
-use jamba::scan::{ScanInput, selective_scan_tensor_ops};
+use jamba::ops::{ScanInput, selective_scan_tensor_ops};
 use serde::Serialize;
 
 use crate::{parse_shape, sync, write_rows};

@@ -1,5 +1,5 @@
 //! `jamba-bench launch`: what the host pays per kernel launch on a CubeCL backend, by how the
-//! kernel takes its buffers (`jamba_kernels::probe`): `Tensor` arguments (shape and strides in
+//! kernel takes its buffers (`crate::probe`): `Tensor` arguments (shape and strides in
 //! the launch's dynamic metadata, which CUDA uploads through the memory pool at every launch)
 //! or `Array` arguments, reusing the output or allocating a fresh one per launch, issued from
 //! the caller's thread or run on CubeCL's device thread (`ComputeClient::exclusive`). A Burn
@@ -18,7 +18,7 @@ use burn::tensor::{Distribution, Tensor, TensorPrimitive};
 use clap::Args;
 use jamba::backends::BackendKind;
 use jamba::burn_cubecl::{CubeBackend, CubeRuntime, tensor::CubeTensor};
-use jamba::kernels::probe::{ProbeArgs, UNITS, probe_launch};
+use crate::probe::{ProbeArgs, UNITS, probe_launch};
 
 #[derive(Args, Clone)]
 pub struct LaunchArgs {

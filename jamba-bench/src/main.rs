@@ -11,12 +11,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Tensor};
 use clap::{Args, Parser, Subcommand};
 use indicatif::ProgressBar;
 use jamba::backends::{BackendKind, parse_dtype};
 use jamba::generation::SplitMix64;
-use jamba::{ForwardOptions, Jamba, JambaConfig, JambaError};
+use jamba::{Engine, EngineBackend, EngineOptions, Jamba, JambaConfig, JambaError};
 use serde::Serialize;
 
 mod kernels;
@@ -27,6 +27,8 @@ mod matmul;
 mod paper;
 #[cfg(feature = "plot")]
 mod plot;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod probe;
 mod profile;
 
 #[derive(Parser)]
@@ -48,8 +50,8 @@ enum Command {
     /// The paper's comparisons: prefill and decode throughput and cache bytes of several
     /// configurations (hybrid, all attention, all Mamba) side by side.
     Paper(paper::PaperArgs),
-    /// Where a decoding step's time goes: each layer's mixer and feed-forward, the head, the
-    /// argmax.
+    /// Where a decoding step's time goes: the engine's step against the model's plain forward,
+    /// each layer's mixer and feed-forward, the head, the argmax.
     Profile(profile::ProfileArgs),
     /// Half-precision products of a prefill's shapes: each cubek strategy against Burn's
     /// autotuned choice, in TFLOP/s.
@@ -196,17 +198,10 @@ pub(crate) fn config_name(path: &std::path::Path) -> String {
         .unwrap_or_default()
 }
 
-fn random_ids<B: Backend>(
-    rng: &mut SplitMix64,
-    batch: usize,
-    len: usize,
-    vocab: usize,
-    device: &B::Device,
-) -> Tensor<B, 2, Int> {
-    let ids: Vec<i64> = (0..batch * len)
+fn random_ids(rng: &mut SplitMix64, n: usize, vocab: usize) -> Vec<i64> {
+    (0..n)
         .map(|_| 3 + (rng.next_u64() % (vocab as u64 - 3)) as i64)
-        .collect();
-    Tensor::from_data(TensorData::new(ids, [batch, len]), device)
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -215,40 +210,35 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Feeds `len` random tokens per row through `cache` (in chunks), returning the last logits.
-pub(crate) fn prefill<B: jamba::JambaBackend>(
-    model: &Jamba<B>,
+pub(crate) fn prefill<B: EngineBackend>(
+    engine: &Engine<B>,
     cache: &mut jamba::JambaCache<B>,
     rng: &mut SplitMix64,
     batch: usize,
     len: usize,
     chunk: Option<usize>,
 ) -> jamba::Result<Tensor<B, 3>> {
-    let device = model.device();
-    let vocab = model.config().vocab_size;
+    let vocab = engine.model().config().vocab_size;
     let chunk = chunk.unwrap_or(len).max(1);
-    let keep = ForwardOptions {
-        logits_to_keep: Some(1),
-        ..Default::default()
-    };
     let mut logits = None;
     let mut done = 0;
     while done < len {
         let n = chunk.min(len - done);
-        let ids = random_ids::<B>(rng, batch, n, vocab, &device);
-        logits = Some(model.forward(ids, None, Some(cache), &keep)?.logits);
+        let ids = random_ids(rng, batch * n, vocab);
+        logits = Some(engine.forward(&ids, batch, None, cache, Some(1))?);
         done += n;
     }
-    Ok(logits.expect("len > 0"))
+    logits.ok_or_else(|| JambaError::Input("a prefill of no tokens".into()))
 }
 
-/// The configuration at `path` and a model of it with random weights (seeded, so runs agree)
-/// in `dtype`; an error if the backend lacks the dtype.
-pub(crate) fn random_model<B: jamba::JambaBackend>(
+/// The configuration at `path` and an engine of a model of it with random weights (seeded, so
+/// runs agree) in `dtype`; an error if the backend lacks the dtype.
+pub(crate) fn random_engine<B: EngineBackend>(
     path: &std::path::Path,
     backend: BackendKind,
     dtype: DType,
     device: &B::Device,
-) -> jamba::Result<(JambaConfig, Jamba<B>)> {
+) -> jamba::Result<(JambaConfig, Engine<B>)> {
     let config = JambaConfig::from_file(path)?;
     if !B::supports_dtype(device, dtype) {
         return Err(JambaError::Input(format!(
@@ -257,36 +247,33 @@ pub(crate) fn random_model<B: jamba::JambaBackend>(
     }
     B::seed(device, 0);
     let model = Jamba::<B>::init(&config, device).cast(dtype);
-    Ok((config, model))
+    Ok((config, Engine::new(model, EngineOptions::default())))
 }
 
-/// One greedy decoding step as generation runs it: `ids` `[batch]` in, the model's argmax per
-/// row back on the host.
-pub(crate) fn greedy_step<B: jamba::JambaBackend>(
-    model: &jamba::Jamba<B>,
+/// The argmax of each row of `[batch, 1, vocab]` logits, on the host.
+pub(crate) fn greedy_ids<B: EngineBackend>(logits: Tensor<B, 3>) -> jamba::Result<Vec<i64>> {
+    let [batch, _, vocab] = logits.dims();
+    B::queue_read_ids(B::argmax_rows(logits.reshape([batch, vocab]))).wait()
+}
+
+/// One greedy decoding step read back before the next (the unpipelined loop): `ids` `[batch]`
+/// in, the chosen ids back on the host.
+pub(crate) fn greedy_step<B: EngineBackend>(
+    engine: &Engine<B>,
     cache: &mut jamba::JambaCache<B>,
     ids: &[i64],
     batch: usize,
 ) -> jamba::Result<Vec<i64>> {
-    let keep = ForwardOptions {
-        logits_to_keep: Some(1),
-        ..Default::default()
-    };
-    let out = model.forward_ids(ids, batch, None, Some(cache), &keep)?;
-    let chosen = jamba::generation::argmax_last(out.logits).into_data();
-    Ok(chosen.convert::<i64>().into_vec().expect("int data"))
+    greedy_ids(engine.forward(ids, batch, None, cache, Some(1))?)
 }
 
 pub(crate) fn sync<B: Backend>(device: &B::Device) -> jamba::Result<()> {
     B::sync(device).map_err(|e| JambaError::Input(format!("device error: {e:?}")))
 }
 
-fn throughput<B: jamba::JambaBackend>(
-    args: &ThroughputArgs,
-    device: &B::Device,
-) -> jamba::Result<()> {
+fn throughput<B: EngineBackend>(args: &ThroughputArgs, device: &B::Device) -> jamba::Result<()> {
     let start = Instant::now();
-    let (config, model) = random_model::<B>(&args.config, args.backend, args.dtype, device)?;
+    let (config, engine) = random_engine::<B>(&args.config, args.backend, args.dtype, device)?;
     sync::<B>(device)?;
     let name = config_name(&args.config);
     eprintln!(
@@ -331,10 +318,10 @@ fn throughput<B: jamba::JambaBackend>(
         let mut cache_bytes = 0;
         let mut error = None;
         for rep in 0..args.warmup + args.reps {
-            let mut cache = model.new_cache(args.prefill_batch);
+            let mut cache = engine.new_cache(args.prefill_batch);
             let t = Instant::now();
             let result = prefill(
-                &model,
+                &engine,
                 &mut cache,
                 &mut rng,
                 args.prefill_batch,
@@ -342,7 +329,7 @@ fn throughput<B: jamba::JambaBackend>(
                 args.prefill_chunk,
             )
             .and_then(|logits| {
-                let _ = jamba::generation::argmax_last(logits).into_data(); // the first token is part of prefill
+                greedy_ids(logits)?; // the first token is part of prefill
                 sync::<B>(device)
             });
             if let Err(e) = result {
@@ -382,52 +369,17 @@ fn throughput<B: jamba::JambaBackend>(
             let mut cache_bytes = 0;
             let mut error = None;
             for rep in 0..args.warmup + args.reps {
-                let mut cache = model.new_cache(batch);
+                let mut cache = engine.new_cache(batch);
                 let result = (|| -> jamba::Result<f64> {
                     let logits = prefill(
-                        &model,
+                        &engine,
                         &mut cache,
                         &mut rng,
                         batch,
                         context,
                         args.prefill_chunk.or(Some(2048)),
                     )?;
-                    if jamba::generation::pipeline_enabled() {
-                        // As greedy generation runs: each step queued from the previous
-                        // step's argmax on the device, then that step's ids read back.
-                        let mut pipe = jamba::generation::GreedyPipeline::new(&model, logits)?;
-                        pipe.next_tokens()?; // the prefill's token, before the clock starts
-                        let t = Instant::now();
-                        for _ in 0..args.decode_steps {
-                            if jamba::ops::exclusive_enabled() {
-                                B::exclusive(device, || pipe.queue_step(&mut cache))?;
-                            } else {
-                                pipe.queue_step(&mut cache)?;
-                            }
-                            if pipe.queued() > 1 {
-                                pipe.next_tokens()?;
-                            }
-                        }
-                        while pipe.queued() > 0 {
-                            pipe.next_tokens()?;
-                        }
-                        sync::<B>(device)?;
-                        return Ok(t.elapsed().as_secs_f64());
-                    }
-                    let next = jamba::generation::argmax_last(logits);
-                    let mut ids: Vec<i64> = next.into_data().convert::<i64>().into_vec().unwrap();
-                    let t = Instant::now();
-                    for _ in 0..args.decode_steps {
-                        // As in generation: the chosen ids come back to the host every step.
-                        let mut step = || greedy_step(&model, &mut cache, &ids, batch);
-                        ids = if jamba::ops::exclusive_enabled() {
-                            B::exclusive(device, step)?
-                        } else {
-                            step()?
-                        };
-                    }
-                    sync::<B>(device)?;
-                    Ok(t.elapsed().as_secs_f64())
+                    decode_steps(&engine, &mut cache, logits, 0, args.decode_steps)
                 })();
                 match result {
                     Ok(secs) if rep >= args.warmup => times.push(secs),
@@ -466,6 +418,38 @@ fn throughput<B: jamba::JambaBackend>(
         serde_json::to_string_pretty(&rows).expect("rows serialise")
     );
     write_rows(args.out.as_deref(), &rows)
+}
+
+/// Seconds for `steps` greedy decoding steps as generation runs them from a prefill's
+/// `logits`: each step queued from the previous step's argmax on the device, its ids read back
+/// behind it ([`jamba::GreedyPipeline`]).
+pub(crate) fn decode_steps<B: EngineBackend>(
+    engine: &Engine<B>,
+    cache: &mut jamba::JambaCache<B>,
+    logits: Tensor<B, 3>,
+    warmup: usize,
+    steps: usize,
+) -> jamba::Result<f64> {
+    let device = engine.model().device();
+    let mut pipe = jamba::GreedyPipeline::new(engine, logits)?;
+    pipe.next_tokens()?; // the prefill's token, before the clock starts
+    for _ in 0..warmup {
+        pipe.queue_step(cache)?;
+        pipe.next_tokens()?;
+    }
+    sync::<B>(&device)?;
+    let t = Instant::now();
+    for _ in 0..steps {
+        pipe.queue_step(cache)?;
+        if pipe.queued() > 1 {
+            pipe.next_tokens()?;
+        }
+    }
+    while pipe.queued() > 0 {
+        pipe.next_tokens()?;
+    }
+    sync::<B>(&device)?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// Writes `rows` to `out` as JSON and, beside it, as CSV (one column per field).

@@ -1,5 +1,5 @@
 //! `jamba-bench matmul`: half-precision products of a prefill's shapes (2-D) with every cubek
-//! strategy `jamba_kernels::matmul::strategy` names, against Burn's own matmul (autotuned when
+//! strategy named below, against Burn's own matmul (autotuned when
 //! built with the `autotune` feature, cubek's default strategy otherwise), in TFLOP/s. (A fixed
 //! strategy is not a model default: launched by hand, cubek compiles a kernel per shape, and the
 //! MoE experts' row counts change at every call.)
@@ -15,7 +15,10 @@ use burn::tensor::{DType, Distribution, Tensor, TensorPrimitive};
 use clap::Args;
 use jamba::backends::{BackendKind, parse_dtype};
 use jamba::burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use jamba::kernels::matmul::{STRATEGIES, matmul_with, strategy};
+use jamba::kernels::matmul::{Strategy, matmul_with};
+use cubek::matmul::routines::{
+    BlueprintStrategy, TileSizeSelection, simple_unit::SimpleUnitSelectionArgs,
+};
 
 #[derive(Args, Clone)]
 pub struct MatmulArgs {
@@ -121,3 +124,94 @@ pub fn run<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     }
     Ok(())
 }
+
+/// cubek's matmul strategies by name, for half-precision products whose kernel is chosen by
+/// measurement (`jamba-bench matmul`) rather than by Burn's autotuner. Each takes f32
+/// accumulation for bf16/f16 outputs.
+fn strategy(name: &str) -> Option<Strategy> {
+    use cubek::matmul::components::tile::TileMatmulKind::{Cmma, Mma};
+    use cubek::matmul::routines::{
+        double_buffering::DoubleBufferingArgs, double_unit::DoubleUnitSelectionArgs,
+        ordered_double_buffering::OrderedSelectionArgs, simple::SimpleArgs,
+    };
+    let simple = |multi_rows, tile_matmul| {
+        BlueprintStrategy::Inferred(SimpleArgs {
+            multi_rows,
+            tile_matmul,
+        })
+    };
+    let ordered = |row_count, tile_matmul| {
+        BlueprintStrategy::Inferred(OrderedSelectionArgs {
+            partition_k: Some(2),
+            row_count: Some(row_count),
+            rows_per_plane: Some(2),
+            tile_matmul,
+        })
+    };
+    let double = |specialized, tile_matmul| {
+        BlueprintStrategy::Inferred(DoubleBufferingArgs {
+            specialized,
+            tile_matmul,
+        })
+    };
+    Some(match name {
+        "simple_cyclic_cmma" => Strategy::SimpleCyclicCmma(simple(false, Cmma)),
+        "simple_cyclic_mma" => Strategy::SimpleCyclicMma(simple(false, Mma)),
+        "simple_cyclic_cmma_multi" => Strategy::SimpleCyclicCmma(simple(true, Cmma)),
+        "simple_cyclic_mma_multi" => Strategy::SimpleCyclicMma(simple(true, Mma)),
+        "ordered_double_cmma_4" => Strategy::OrderedDoubleCmma(ordered(4, Cmma)),
+        "ordered_double_mma_4" => Strategy::OrderedDoubleMma(ordered(4, Mma)),
+        "ordered_double_cmma_8" => Strategy::OrderedDoubleCmma(ordered(8, Cmma)),
+        "ordered_double_mma_8" => Strategy::OrderedDoubleMma(ordered(8, Mma)),
+        "double_cyclic_cmma" => Strategy::DoubleCyclicCmma(double(false, Cmma)),
+        "double_cyclic_mma" => Strategy::DoubleCyclicMma(double(false, Mma)),
+        "double_cyclic_mma_specialized" => Strategy::DoubleCyclicMma(double(true, Mma)),
+        "specialized_cyclic_mma" => {
+            Strategy::SpecializedCyclicMma(BlueprintStrategy::Inferred(().into()))
+        }
+        "simple_tma_mma" => Strategy::SimpleTmaMma(BlueprintStrategy::Inferred(SimpleArgs {
+            multi_rows: false,
+            tile_matmul: Mma,
+        })),
+        "simple_tma_mma_multi" => Strategy::SimpleTmaMma(BlueprintStrategy::Inferred(SimpleArgs {
+            multi_rows: true,
+            tile_matmul: Mma,
+        })),
+        "specialized_tma_mma" => {
+            Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into()))
+        }
+        "simple_unit" => {
+            Strategy::SimpleUnit(BlueprintStrategy::Inferred(SimpleUnitSelectionArgs {
+                tile_size: TileSizeSelection::MaxTileSize,
+            }))
+        }
+        "double_unit" => {
+            Strategy::DoubleUnit(BlueprintStrategy::Inferred(DoubleUnitSelectionArgs {
+                tile_size: TileSizeSelection::MaxTileSize,
+            }))
+        }
+        _ => return None,
+    })
+}
+
+/// Every name [`strategy`] knows.
+const STRATEGIES: [&str; 17] = [
+    "simple_cyclic_cmma",
+    "simple_cyclic_mma",
+    "simple_cyclic_cmma_multi",
+    "simple_cyclic_mma_multi",
+    "ordered_double_cmma_4",
+    "ordered_double_mma_4",
+    "ordered_double_cmma_8",
+    "ordered_double_mma_8",
+    "double_cyclic_cmma",
+    "double_cyclic_mma",
+    "double_cyclic_mma_specialized",
+    "specialized_cyclic_mma",
+    "simple_tma_mma",
+    "simple_tma_mma_multi",
+    "specialized_tma_mma",
+    "simple_unit",
+    "double_unit",
+];
+

@@ -18,17 +18,17 @@ use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::DType;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use jamba::backends::{BackendKind, parse_dtype};
 use jamba::cache::KV_BLOCK;
 use jamba::config::MixerKind;
 use jamba::generation::SplitMix64;
-use jamba::{ForwardOptions, Jamba, JambaBackend, JambaCache, JambaConfig, JambaError};
+use jamba::{Engine, EngineBackend, EngineOptions, Jamba, JambaCache, JambaConfig, JambaError};
 use serde::{Deserialize, Serialize};
 
-use crate::{median, random_ids, sync, write_rows};
+use crate::{median, sync, write_rows};
 
 #[derive(Args, Clone)]
 pub struct PaperArgs {
@@ -181,7 +181,7 @@ fn is_memory_error(e: &str) -> bool {
     e.contains("memory") || e.contains("alloc")
 }
 
-pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Result<()> {
+pub fn run<B: EngineBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Result<()> {
     if !B::supports_dtype(device, args.dtype) {
         return Err(JambaError::Input(format!(
             "{:?} does not support {:?}",
@@ -210,7 +210,10 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
     let mut rows = Vec::new();
     for (name, config) in &configs {
         B::seed(device, 0);
-        let model = Jamba::<B>::init(config, device).cast(args.dtype);
+        let engine = Engine::new(
+            Jamba::<B>::init(config, device).cast(args.dtype),
+            EngineOptions::default(),
+        );
         sync::<B>(device)?;
         let params = config.param_count();
         bar.suspend(|| {
@@ -264,7 +267,7 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                 tokens_per_sec: tokens as f64 / secs,
                 cache_bytes: allocated,
                 cache_used_bytes: used,
-                device_reserved_bytes: B::device_memory_reserved(device),
+                device_reserved_bytes: B::memory_reserved(device),
                 ..row
             };
         let fail = |mut row: PaperRow, e: JambaError| {
@@ -303,17 +306,17 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                 let mut cache_bytes = (0, 0);
                 let result = guarded(|| {
                     for rep in 0..warmup + args.reps.max(1) {
-                        let mut cache = model.new_cache(1);
+                        let mut cache = engine.new_cache(1);
                         let t = Instant::now();
                         let logits = crate::prefill(
-                            &model,
+                            &engine,
                             &mut cache,
                             &mut rng,
                             1,
                             len,
                             Some(args.prefill_chunk),
                         )?;
-                        let _ = jamba::generation::argmax_last(logits).into_data();
+                        crate::greedy_ids(logits)?;
                         sync::<B>(device)?;
                         if rep >= warmup {
                             times.push(t.elapsed().as_secs_f64());
@@ -348,31 +351,21 @@ pub fn run<B: JambaBackend>(args: &PaperArgs, device: &B::Device) -> jamba::Resu
                     let result = guarded(|| {
                         let mut cache =
                             JambaCache::<B>::synthetic(config, batch, context, args.dtype, device);
-                        let vocab = config.vocab_size;
-                        let mut next = random_ids::<B>(&mut rng, batch, 1, vocab, device);
-                        let keep = ForwardOptions {
-                            logits_to_keep: Some(1),
-                            ..Default::default()
-                        };
-                        let step = |next: Tensor<B, 2, Int>, cache: &mut JambaCache<B>| {
-                            let logits = model.forward(next, None, Some(cache), &keep)?.logits;
-                            // As in generation: the chosen ids come back to the host each step.
-                            let ids = jamba::generation::argmax_last(logits)
-                                .reshape([batch, 1])
-                                .into_data();
-                            Ok::<_, JambaError>(Tensor::<B, 2, Int>::from_data(ids, device))
-                        };
-                        for _ in 0..args.decode_warmup {
-                            next = step(next, &mut cache)?;
-                        }
-                        sync::<B>(device)?;
-                        let t = Instant::now();
-                        for _ in 0..args.decode_steps {
-                            next = step(next, &mut cache)?;
-                        }
-                        sync::<B>(device)?;
+                        // As generation runs: each step queued from the previous step's
+                        // argmax on the device, the chosen ids read back behind it.
+                        let ids: Vec<i64> = (0..batch)
+                            .map(|_| 3 + (rng.next_u64() % (config.vocab_size as u64 - 3)) as i64)
+                            .collect();
+                        let logits = engine.forward(&ids, batch, None, &mut cache, Some(1))?;
+                        let secs = crate::decode_steps(
+                            &engine,
+                            &mut cache,
+                            logits,
+                            args.decode_warmup,
+                            args.decode_steps,
+                        )?;
                         Ok((
-                            t.elapsed().as_secs_f64(),
+                            secs,
                             (cache.size_bytes(), cache.used_bytes()),
                         ))
                     });

@@ -294,18 +294,11 @@ fn decode_attention_vec_kernel<F: Float, N: Size>(
     }
 }
 
-/// Whether the attention kernels' vector form runs (`JAMBA_ATTN_VEC=off` turns it off, to
-/// compare).
-fn vec_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::env_on(&ON, "JAMBA_ATTN_VEC")
-}
-
 /// The vector width [`decode_attention`] reads `k` and `v` with, or `None` where it takes the
 /// scalar kernel: the head dimension and every stride but the last (which must be 1) whole
 /// 16-byte vectors, both buffers aligned, and at most [`MAX_KEYS`] keys.
 fn vec_form<R: CubeRuntime>(k: &CubeTensor<R>, v: &CubeTensor<R>) -> Option<usize> {
-    let width = crate::gemv::vec_width(k.dtype).filter(|_| vec_enabled())?;
+    let width = crate::gemv::vec_width(k.dtype)?;
     let dim = k.meta.shape()[3];
     let fits = |t: &CubeTensor<R>| {
         let strides = t.meta.strides();

@@ -6,10 +6,10 @@
 //! large products and leave most of the GPU idle when `rows` is 1. Here the weight is the whole
 //! cost, so the work is cut along both of its dimensions: a unit per (column, slice of `k`)
 //! accumulates every row's partial sum in f32 registers, consecutive units reading consecutive
-//! columns (coalesced). The default form ([`gemv_single`]) keeps all of a column's slices in
-//! one cube and sums them in shared memory: one launch. The split form ([`gemv_split`]) spreads
-//! the slices over many cubes (about 2^18 units in all) and a second launch sums the cubes'
-//! partial sums, adds the bias and rounds to the output dtype.
+//! columns (coalesced), and all of a column's slices meet in one cube's shared memory: one
+//! launch. (A split form, slices spread over many cubes and summed by a second launch, streams
+//! the weight closer to bandwidth but loses to the single launch where a decoding step is
+//! bound by the host issuing launches: `docs/optimisation-history.md`, session 15.)
 
 use burn_cubecl::{CubeRuntime, ops::numeric::empty_device_contiguous_dtype, tensor::CubeTensor};
 use burn_std::DType;
@@ -19,7 +19,7 @@ use cubecl::prelude::*;
 /// The most rows [`gemv`] takes (a decoding step of 16 rows: above 8, Burn's matmul ran
 /// bench-jamba-1b's 1024 × 65,536 head for 16 rows in 1.8 ms on the H200).
 pub const MAX_ROWS: usize = 16;
-/// The shared memory a cube of [`gemv_single`] may use for its partial sums, in f32s.
+/// The shared memory a cube of [`gemv`] may use for its partial sums, in f32s.
 const SHARED_FLOATS: usize = 8192;
 /// Columns per cube (x), slices of `k` per cube (y): 256 units.
 pub(crate) const COLS: usize = 32;
@@ -238,61 +238,6 @@ fn row_inv_rms<F: Float>(
     part
 }
 
-#[cube(launch_unchecked)]
-#[allow(clippy::too_many_arguments)]
-fn gemv_partial_kernel<F: Float>(
-    x: &CubeArg<F>,
-    w: &CubeArg<F>,
-    partial: &mut CubeArg<f32>,
-    k: u32,
-    n: u32,
-    k_per_slice: u32,
-    #[comptime] rows: usize,
-    #[define(F)] _dtype: StorageType,
-) {
-    let (k, n, k_per_slice) = (k as usize, n as usize, k_per_slice as usize);
-    let col = ((CUBE_POS_Z * CUBE_COUNT_X + CUBE_POS_X) * COLS as u32 + UNIT_POS_X) as usize;
-    let active = col < n;
-    // The cube's slices of k are summed in shared memory: the reduction launch then reads one
-    // partial per cube of slices instead of one per slice (64 reads per output for a
-    // 1024 × 4096 weight made it the larger half of the product's time).
-    let shared = plain_column_sum(x, w, col, active, k, k_per_slice, rows, SLICES);
-    if active {
-        let mut r = UNIT_POS_Y as usize;
-        while r < rows {
-            partial[(CUBE_POS_Y as usize * rows + r) * n + col] = row_sum(&shared, r, rows, SLICES);
-            r += SLICES;
-        }
-    }
-}
-
-#[cube(launch_unchecked)]
-fn gemv_reduce_kernel<F: Float>(
-    partial: &CubeArg<f32>,
-    bias: &CubeArg<F>,
-    y: &mut CubeArg<F>,
-    n: u32,
-    slices: u32,
-    #[comptime] rows: usize,
-    #[comptime] has_bias: bool,
-    #[define(F)] _dtype: StorageType,
-) {
-    let (n, slices) = (n as usize, slices as usize);
-    let i = (CUBE_POS_Y * CUBE_COUNT_X * CUBE_DIM_X + ABSOLUTE_POS_X) as usize;
-    if i >= rows * n {
-        terminate!();
-    }
-    let (r, col) = (i / n, i % n);
-    let mut acc = 0.0f32;
-    for s in 0..slices {
-        acc += partial[(s * rows + r) * n + col];
-    }
-    if comptime!(has_bias) {
-        acc += f32::cast_from(bias[col * bias.stride(0)]);
-    }
-    y[r * y.stride(0) + col * y.stride(1)] = F::cast_from(acc);
-}
-
 /// The one-launch form: one cube along y, whose `slices` units per column split all of `k`
 /// between them, so no partial sums leave the cube.
 #[cube(launch_unchecked)]
@@ -399,53 +344,15 @@ pub(crate) fn plan(k: usize, n: usize) -> (usize, usize) {
     (k_per_slice, slices)
 }
 
-/// How [`gemv`] runs a product.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GemvForm {
-    /// One launch: each cube owns its columns and all of `k` ([`gemv_single`]).
-    Single,
-    /// Two launches: partial sums over slices of `k` from many cubes, then their sum
-    /// ([`gemv_split`]).
-    Split,
-}
-
-/// The form [`gemv`] uses: `JAMBA_GEMV=single|split`, by default single. A decoding step on
-/// a GPU is bound by the host issuing launches, not by the device reading weights, so one
-/// launch that streams the weight at a fraction of the bandwidth beats two that stream it at
-/// most of it: on the H200, bf16 decoding at batch 1 went from ~397 to ~514 tokens/s
-/// (bench-jamba-1b, context 512), batch 16 unchanged (`jamba-bench/RESULTS.md`, session 15).
-pub fn gemv_form() -> GemvForm {
-    static FORM: std::sync::OnceLock<GemvForm> = std::sync::OnceLock::new();
-    *FORM.get_or_init(|| match std::env::var("JAMBA_GEMV").as_deref() {
-        Ok("split") => GemvForm::Split,
-        _ => GemvForm::Single,
-    })
-}
-
 /// `x [rows, k] · w [k, n] (+ bias [n])` for `rows <= MAX_ROWS`, f32 accumulation; `x`, `w`
-/// and `bias` share one float dtype, which the result `[rows, n]` has too. Any strides. In
-/// the form [`gemv_form`] names.
+/// and `bias` share one float dtype, which the result `[rows, n]` has too. Any strides. One
+/// launch: a cube per 32 columns with up to 32 units per column (as many as the device allows
+/// in a cube), each summing a slice of `k`, the slices added in shared memory (the vector
+/// form, [`takes_vector_form`], where the operands allow it).
 ///
 /// # Panics
 /// If `rows` exceeds [`MAX_ROWS`] or the shapes disagree (the caller checks).
 pub fn gemv<R: CubeRuntime>(
-    x: CubeTensor<R>,
-    w: CubeTensor<R>,
-    bias: Option<CubeTensor<R>>,
-) -> CubeTensor<R> {
-    match gemv_form() {
-        GemvForm::Single => gemv_single(x, w, bias),
-        GemvForm::Split => gemv_split(x, w, bias),
-    }
-}
-
-/// [`gemv`] in one launch: a cube per 32 columns with up to 32 units per column (as many as
-/// the device allows in a cube), each summing a slice of `k`, the slices added in shared
-/// memory.
-///
-/// # Panics
-/// As [`gemv`].
-pub fn gemv_single<R: CubeRuntime>(
     x: CubeTensor<R>,
     w: CubeTensor<R>,
     bias: Option<CubeTensor<R>>,
@@ -470,9 +377,9 @@ pub struct PreNorm<R: CubeRuntime> {
 }
 
 /// `rms_norm(x (+ update)) · w (+ bias)` in one launch, for `rows <= NORMED_MAX_ROWS`: what
-/// [`crate::norm::add_rms_norm`] then [`gemv_single`] give, without the norm's launch or its
+/// [`crate::norm::add_rms_norm`] then [`gemv`] give, without the norm's launch or its
 /// output. Each cube computes the rows' statistics over all of `k` itself (a few reads of
-/// `k` values from cache per unit), then normalises each input as [`gemv_single`] reads it.
+/// `k` values from cache per unit), then normalises each input as [`gemv`] reads it.
 /// The rounding is the norm kernel's: the sum, the normalised value and its product with the
 /// weight each rounded to the dtype.
 ///
@@ -613,110 +520,6 @@ fn check_shapes<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>) -> (usize,
     (rows, k, n)
 }
 
-/// [`gemv`] in two launches, partial sums over slices of `k` from many cubes and then their
-/// sum: the weight streams at most of the memory bandwidth.
-///
-/// # Panics
-/// As [`gemv`].
-pub fn gemv_split<R: CubeRuntime>(
-    x: CubeTensor<R>,
-    w: CubeTensor<R>,
-    bias: Option<CubeTensor<R>>,
-) -> CubeTensor<R> {
-    let (rows, k, n) = check_shapes(&x, &w);
-    let client = x.client.clone();
-    let dtype = x.dtype;
-    let y =
-        empty_device_contiguous_dtype(client.clone(), x.device.clone(), [rows, n].into(), dtype);
-    if rows == 0 || n == 0 {
-        return y;
-    }
-    if k == 0 {
-        // An empty sum: zeros (plus the bias), without launching the partial kernel.
-        let zeros = burn_cubecl::ops::numeric::zeros_client(
-            client.clone(),
-            x.device.clone(),
-            [1, rows, n].into(),
-            DType::F32,
-        );
-        launch_reduce::<R>(zeros, bias, y.clone(), rows, n, 1, dtype);
-        return y;
-    }
-    let (k_per_slice, slices) = plan(k, n);
-    let partial = empty_device_contiguous_dtype(
-        client.clone(),
-        x.device.clone(),
-        [slices / SLICES, rows, n].into(),
-        DType::F32,
-    );
-    let col_cubes = n.div_ceil(COLS);
-    let count = CubeCount::Static(
-        col_cubes.min(MAX_CUBES_X) as u32,
-        (slices / SLICES) as u32,
-        col_cubes.div_ceil(MAX_CUBES_X) as u32,
-    );
-    // SAFETY: units whose column is past `n` read and write nothing; the others read rows
-    // below `rows` of `x`, `k` indices below `k` (the slice's range is clamped), and the
-    // cube's unit `(lane, s)` writes that column of rows `s, s + SLICES, …` below `rows` of
-    // `partial`, which has a row of partial sums per cube along y. Shared memory holds
-    // `SLICES · COLS · rows` values.
-    unsafe {
-        gemv_partial_kernel::launch_unchecked::<R>(
-            &client,
-            count,
-            CubeDim::new_2d(COLS as u32, SLICES as u32),
-            x.into_tensor_arg(),
-            w.into_tensor_arg(),
-            partial.clone().into_tensor_arg(),
-            k as u32,
-            n as u32,
-            k_per_slice as u32,
-            rows,
-            dtype.into(),
-        );
-    }
-    launch_reduce::<R>(partial, bias, y.clone(), rows, n, slices / SLICES, dtype);
-    y
-}
-
-fn launch_reduce<R: CubeRuntime>(
-    partial: CubeTensor<R>,
-    bias: Option<CubeTensor<R>>,
-    y: CubeTensor<R>,
-    rows: usize,
-    n: usize,
-    slices: usize,
-    dtype: DType,
-) {
-    let client = y.client.clone();
-    let units = 256usize;
-    let cubes = (rows * n).div_ceil(units);
-    let count = CubeCount::Static(
-        cubes.min(MAX_CUBES_X) as u32,
-        cubes.div_ceil(MAX_CUBES_X) as u32,
-        1,
-    );
-    let has_bias = bias.is_some();
-    let bias = bias.unwrap_or_else(|| y.clone());
-    // SAFETY: units past `rows · n` return first; the others read `slices` partials of their
-    // (row, column), which `partial` holds, and write their own element of `y`.
-    unsafe {
-        gemv_reduce_kernel::launch_unchecked::<R>(
-            &client,
-            count,
-            CubeDim::new_1d(units as u32),
-            partial.into_tensor_arg(),
-            bias.into_tensor_arg(),
-            y.into_tensor_arg(),
-            n as u32,
-            slices as u32,
-            rows,
-            has_bias,
-            dtype.into(),
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -758,7 +561,7 @@ const VEC_MAX_UNITS: usize = 512;
 /// Floats of shared memory the vector form may stage its normalised input rows in.
 pub(crate) const VEC_STAGE_FLOATS: usize = 6144;
 
-/// The vector form of [`gemv_single`] and [`gemv_normed`], for `rows <= NORMED_MAX_ROWS`: each
+/// The vector form of [`gemv`] and [`gemv_normed`], for `rows <= NORMED_MAX_ROWS`: each
 /// unit loads `width` consecutive columns of a weight row at once (16 bytes), `unroll` rows of
 /// the weight before it uses any, so that enough loads are in flight to stream the weight.
 /// Unit `(lane, s)` of cube `c` owns column vector `c · lanes + lane` and the `k` indices
@@ -1061,25 +864,13 @@ pub(crate) fn slice_totals(
     sync_cube();
 }
 
-/// Whether the vector forms run where they apply (`JAMBA_GEMV_VEC=off` turns them off, to
-/// compare).
-fn vec_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::env_on(&ON, "JAMBA_GEMV_VEC")
-}
-
-/// The vector forms' weight rows in flight per unit (`JAMBA_GEMV_UNROLL`, 1 to 16, default 4).
-pub(crate) fn vec_unroll() -> usize {
-    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    crate::env_usize(&FORCED, "JAMBA_GEMV_UNROLL")
-        .filter(|u| (1..=16).contains(u))
-        .unwrap_or(4)
-}
+/// The vector forms' weight rows in flight per unit.
+pub(crate) const VEC_UNROLL: usize = 4;
 
 /// The elements of `dtype` in one 16-byte vector, or `None` where the vector forms do not run
-/// (not a float dtype, or turned off).
+/// (not a float dtype).
 pub(crate) fn vec_width(dtype: DType) -> Option<usize> {
-    (vec_enabled() && matches!(dtype, DType::F32 | DType::F16 | DType::BF16))
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
         .then(|| VEC_BYTES / dtype.size())
 }
 
@@ -1094,11 +885,10 @@ pub(crate) fn vec_stage(k: usize) -> usize {
     k.next_multiple_of(1024)
 }
 
-/// Whether [`gemv_single`] / [`gemv_normed`] take the vector form for these operands: at most
+/// Whether [`gemv`] / [`gemv_normed`] take the vector form for these operands: at most
 /// [`NORMED_MAX_ROWS`] rows of a float dtype, the weight's rows contiguous, `n` and the row
 /// stride multiples of the 16-byte vector's width and the weight's start aligned, a contiguous
-/// bias, and (normalised) the rows fitting the shared-memory stage. `JAMBA_GEMV_VEC=off` turns
-/// it off.
+/// bias, and (normalised) the rows fitting the shared-memory stage.
 pub fn takes_vector_form<R: CubeRuntime>(
     x: &CubeTensor<R>,
     norm: Option<&PreNorm<R>>,
@@ -1131,8 +921,7 @@ pub fn takes_vector_form<R: CubeRuntime>(
 /// slices)`. Two lanes (32 contiguous bytes, a memory sector) where the columns are few, for
 /// more cubes, four otherwise; as many slices as the device allows in a cube and the
 /// cross-slice sum's `sum_floats` hold (`lanes · slices · width`), a power of two, no more
-/// than `k` needs, and at most [`VEC_MAX_UNITS`] (`JAMBA_VEC_UNITS`, a power of two,
-/// overrides it, for tuning).
+/// than `k` needs, and at most [`VEC_MAX_UNITS`].
 pub(crate) fn vec_cube<R: CubeRuntime>(
     client: &ComputeClient<R>,
     n_vec: usize,
@@ -1140,13 +929,9 @@ pub(crate) fn vec_cube<R: CubeRuntime>(
     width: usize,
     sum_floats: usize,
 ) -> (usize, usize) {
-    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let cap = crate::env_usize(&FORCED, "JAMBA_VEC_UNITS")
-        .filter(|u| u.is_power_of_two())
-        .unwrap_or(VEC_MAX_UNITS);
     let max_units = (client.properties().hardware.max_units_per_cube as usize)
         .min(sum_floats / width)
-        .min(cap)
+        .min(VEC_MAX_UNITS)
         .max(2);
     let lanes = if n_vec >= 512 { 4 } else { 2 };
     let slices = (1usize << (max_units / lanes).ilog2()).min(k.next_power_of_two());
@@ -1192,7 +977,7 @@ fn launch_vec<R: CubeRuntime>(
         ys.len()
     );
     let width = vec_width(x.dtype).expect("takes_vector_form checked the dtype");
-    let unroll = vec_unroll();
+    let unroll = VEC_UNROLL;
     let (rows, k) = (x.meta.shape()[0], x.meta.shape()[1]);
     let dtype = x.dtype;
     let stage = if norm.is_some() { vec_stage(k) } else { 1 };

@@ -21,13 +21,17 @@
 //!   launch (a few rows) or two instead of about fifteen.
 //! - [`moe::routed_experts`]: a mixture-of-experts feed-forward for a few tokens with the
 //!   router's softmax and top-k on the device (no routing read back to the host);
-//!   [`moe::swiglu`]: a dense SwiGLU MLP of a few rows on the same kernels, four launches;
 //!   [`moe::routed_experts_normed`]: the residual sums, norm and router before the experts
-//!   taken into the routing launch.
+//!   taken into the routing launch; [`moe::route`]: the router's softmax and top-k of many
+//!   tokens (a prefill's grouped experts).
+//! - [`mlp::swiglu`]: a dense SwiGLU MLP of a few rows on the expert kernels;
+//!   [`mlp::swiglu_normed`]: with the residual sums and the norm before it in its first launch.
+//! - [`attention::decode_attention`]: one new query per row over the cached keys and values.
+//! - [`activation::silu_mul`]: the SwiGLU gate `silu(gate) · up` of a prefill in one launch.
+//! - [`matmul::matmul_f32`]: f32 products kept off TF32 tensor cores;
+//!   [`matmul::matmul_tma`]: half-precision products of many rows on cubek's TMA kernel.
 //! - [`argmax::argmax_rows`]: each row's largest value's index (greedy decoding) in two
 //!   launches.
-//! - [`probe`]: what the host pays per launch by how a kernel takes its buffers
-//!   (`jamba-bench launch`).
 //!
 //! The few-row products and expert MLPs have a vector form (16-byte weight loads, one launch
 //! per product; [`gemv::takes_vector_form`], [`moe::takes_vector_form`]). The decoding step's
@@ -35,8 +39,10 @@
 //! costs a CUDA launch ~6 µs of host time.
 //!
 //! The functions take and return Burn's [`CubeTensor`](burn_cubecl::tensor::CubeTensor)s; the
-//! `jamba` crate's `JambaBackend` trait calls them for `CubeBackend` and keeps its tensor-op
-//! path for every other backend. Inputs may be f32, f16 or bf16 (where the runtime has them);
+//! `jamba` crate calls them for `CubeBackend` (the model's `JambaBackend` for the scan and the
+//! convolution, the inference engine's `EngineBackend` for the rest) and keeps its tensor-op
+//! path for every other backend. Each kernel's tests, against an f64 host loop on fresh
+//! seeded inputs, are in `tests/`, a file per kernel. Inputs may be f32, f16 or bf16 (where the runtime has them);
 //! arithmetic is f32.
 
 pub mod activation;
@@ -46,35 +52,14 @@ pub mod conv;
 pub mod gemv;
 pub mod mamba_step;
 pub mod matmul;
+pub mod mlp;
 pub mod moe;
 pub mod norm;
-pub mod probe;
 pub mod scan;
 pub mod scan_bwd;
 pub mod scan_chunked;
 
 use cubecl::prelude::*;
-
-/// A numeric tuning knob from the environment (`JAMBA_SCAN_CHUNKS` and the like), parsed once
-/// per process into `cell`: the scan reads its knobs on every launch, a decoding step launches
-/// it once per Mamba layer.
-pub(crate) fn env_usize(
-    cell: &'static std::sync::OnceLock<Option<usize>>,
-    name: &str,
-) -> Option<usize> {
-    *cell.get_or_init(|| std::env::var(name).ok().and_then(|v| v.parse().ok()))
-}
-
-/// An on/off switch from the environment (`JAMBA_GEMV_VEC=off` and the like), read once per
-/// process into `cell`: on unless `name` is `off`, `0`, `false` or `no`.
-pub(crate) fn env_on(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
-    *cell.get_or_init(|| {
-        !matches!(
-            std::env::var(name).as_deref(),
-            Ok("off" | "0" | "false" | "no")
-        )
-    })
-}
 
 /// Contiguous tensors of the given shapes and dtypes, each its own allocation: a kernel's
 /// outputs and scratch buffers in one call.
@@ -139,7 +124,7 @@ impl<F: CubePrimitive> Strided<F> {
 ///
 /// # Panics
 /// If `t` has more than four dimensions or a stride past `u32`.
-pub(crate) fn strided<R: burn_cubecl::CubeRuntime, F: CubePrimitive>(
+pub fn strided<R: burn_cubecl::CubeRuntime, F: CubePrimitive>(
     t: burn_cubecl::tensor::CubeTensor<R>,
 ) -> StridedLaunch<F, R> {
     let strides = t.meta.strides();

@@ -661,12 +661,6 @@ struct OneForm {
     per_cube: usize,
 }
 
-/// Whether the one-launch form runs (`JAMBA_MAMBA_ONE=off` turns it off, to compare).
-fn one_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::env_on(&ON, "JAMBA_MAMBA_ONE")
-}
-
 /// State indices per unit of the state update, and units per channel.
 fn state_split(n_state: usize) -> (usize, usize) {
     let spu = [4usize, 2]
@@ -690,7 +684,7 @@ fn one_form(
 ) -> Option<OneForm> {
     let outputs = rank + 2 * n_state;
     let width = crate::gemv::vec_width(dtype)?;
-    if !one_enabled() || !(1..=ONE_MAX_BATCH).contains(&batch) || outputs % width != 0 {
+    if !(1..=ONE_MAX_BATCH).contains(&batch) || outputs % width != 0 {
         return None;
     }
     let lanes = outputs / width;

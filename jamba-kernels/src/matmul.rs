@@ -55,96 +55,6 @@ pub fn matmul_f32<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> Cub
     panic!("no f32 matmul kernel accepts this problem: {last_error:?}")
 }
 
-/// cubek's matmul strategies by name, for half-precision products whose kernel is chosen by
-/// measurement (`jamba-bench matmul`) rather than by Burn's autotuner. Each takes f32
-/// accumulation for bf16/f16 outputs.
-pub fn strategy(name: &str) -> Option<Strategy> {
-    use cubek::matmul::components::tile::TileMatmulKind::{Cmma, Mma};
-    use cubek::matmul::routines::{
-        double_buffering::DoubleBufferingArgs, double_unit::DoubleUnitSelectionArgs,
-        ordered_double_buffering::OrderedSelectionArgs, simple::SimpleArgs,
-    };
-    let simple = |multi_rows, tile_matmul| {
-        BlueprintStrategy::Inferred(SimpleArgs {
-            multi_rows,
-            tile_matmul,
-        })
-    };
-    let ordered = |row_count, tile_matmul| {
-        BlueprintStrategy::Inferred(OrderedSelectionArgs {
-            partition_k: Some(2),
-            row_count: Some(row_count),
-            rows_per_plane: Some(2),
-            tile_matmul,
-        })
-    };
-    let double = |specialized, tile_matmul| {
-        BlueprintStrategy::Inferred(DoubleBufferingArgs {
-            specialized,
-            tile_matmul,
-        })
-    };
-    Some(match name {
-        "simple_cyclic_cmma" => Strategy::SimpleCyclicCmma(simple(false, Cmma)),
-        "simple_cyclic_mma" => Strategy::SimpleCyclicMma(simple(false, Mma)),
-        "simple_cyclic_cmma_multi" => Strategy::SimpleCyclicCmma(simple(true, Cmma)),
-        "simple_cyclic_mma_multi" => Strategy::SimpleCyclicMma(simple(true, Mma)),
-        "ordered_double_cmma_4" => Strategy::OrderedDoubleCmma(ordered(4, Cmma)),
-        "ordered_double_mma_4" => Strategy::OrderedDoubleMma(ordered(4, Mma)),
-        "ordered_double_cmma_8" => Strategy::OrderedDoubleCmma(ordered(8, Cmma)),
-        "ordered_double_mma_8" => Strategy::OrderedDoubleMma(ordered(8, Mma)),
-        "double_cyclic_cmma" => Strategy::DoubleCyclicCmma(double(false, Cmma)),
-        "double_cyclic_mma" => Strategy::DoubleCyclicMma(double(false, Mma)),
-        "double_cyclic_mma_specialized" => Strategy::DoubleCyclicMma(double(true, Mma)),
-        "specialized_cyclic_mma" => {
-            Strategy::SpecializedCyclicMma(BlueprintStrategy::Inferred(().into()))
-        }
-        "simple_tma_mma" => Strategy::SimpleTmaMma(BlueprintStrategy::Inferred(SimpleArgs {
-            multi_rows: false,
-            tile_matmul: Mma,
-        })),
-        "simple_tma_mma_multi" => Strategy::SimpleTmaMma(BlueprintStrategy::Inferred(SimpleArgs {
-            multi_rows: true,
-            tile_matmul: Mma,
-        })),
-        "specialized_tma_mma" => {
-            Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into()))
-        }
-        "simple_unit" => {
-            Strategy::SimpleUnit(BlueprintStrategy::Inferred(SimpleUnitSelectionArgs {
-                tile_size: TileSizeSelection::MaxTileSize,
-            }))
-        }
-        "double_unit" => {
-            Strategy::DoubleUnit(BlueprintStrategy::Inferred(DoubleUnitSelectionArgs {
-                tile_size: TileSizeSelection::MaxTileSize,
-            }))
-        }
-        _ => return None,
-    })
-}
-
-/// Every name [`strategy`] knows.
-pub const STRATEGIES: [&str; 17] = [
-    "simple_cyclic_cmma",
-    "simple_cyclic_mma",
-    "simple_cyclic_cmma_multi",
-    "simple_cyclic_mma_multi",
-    "ordered_double_cmma_4",
-    "ordered_double_mma_4",
-    "ordered_double_cmma_8",
-    "ordered_double_mma_8",
-    "double_cyclic_cmma",
-    "double_cyclic_mma",
-    "double_cyclic_mma_specialized",
-    "specialized_cyclic_mma",
-    "simple_tma_mma",
-    "simple_tma_mma_multi",
-    "specialized_tma_mma",
-    "simple_unit",
-    "double_unit",
-];
-
 /// `lhs [.., m, k] · rhs [.., k, n]` with the given cubek strategy, the output in `lhs`'s
 /// dtype (f32 accumulation for half types). An error when the strategy does not take the
 /// problem (shape, layout or the device's features).
@@ -205,5 +115,6 @@ pub fn matmul_tma<R: CubeRuntime>(lhs: CubeTensor<R>, rhs: CubeTensor<R>) -> Opt
     {
         return None;
     }
-    matmul_with(lhs, rhs, &strategy("specialized_tma_mma")?).ok()
+    let strategy = Strategy::SpecializedTmaMma(BlueprintStrategy::Inferred(().into()));
+    matmul_with(lhs, rhs, &strategy).ok()
 }

@@ -579,7 +579,7 @@ pub fn routed_experts_stages<R: CubeRuntime>(
 }
 
 /// The residual connection(s) and the RMSNorm before a layer's feed-forward block, for
-/// [`swiglu_normed`] and [`routed_experts_normed`]: the residual `s = (x + first) + second`,
+/// [`crate::mlp::swiglu_normed`] and [`routed_experts_normed`]: the residual `s = (x + first) + second`,
 /// each sum rounded to the dtype, and the block's input `rms_norm(s)`.
 #[derive(Debug, Clone)]
 pub struct ResidualNorm<R: CubeRuntime> {
@@ -602,7 +602,7 @@ impl<R: CubeRuntime> ResidualNorm<R> {
     /// # Panics
     /// If an update's shape is not that of `x` or the norm's weight is not `[hidden]`; `what`
     /// names the caller.
-    fn check_shapes(&self, what: &str) -> [usize; 2] {
+    pub(crate) fn check_shapes(&self, what: &str) -> [usize; 2] {
         let [rows, hidden] = [self.x.meta.shape()[0], self.x.meta.shape()[1]];
         for t in self.first.iter().chain([&self.second]) {
             assert_eq!(t.meta.shape(), self.x.meta.shape(), "{what}: updates");
@@ -751,7 +751,7 @@ pub fn routed_experts_normed<R: CubeRuntime>(
 /// per row of `x` and bare `[in, out]` weights (`indices` is not read). Returns the gate/up
 /// partial sums, the SiLU gate's output and the down partial sums (the vector form,
 /// [`takes_vector_form`], keeps no partial sums).
-fn expert_mlp<R: CubeRuntime>(
+pub(crate) fn expert_mlp<R: CubeRuntime>(
     x: CubeTensor<R>,
     [gate, up, down]: [CubeTensor<R>; 3],
     indices: CubeTensor<R>,
@@ -912,127 +912,6 @@ fn launch_partial<R: CubeRuntime>(
             dtype.into(),
         );
     }
-}
-
-/// A dense SwiGLU MLP of a few rows, `down(silu(x · gate) · (x · up))` for `x` `[rows, hidden]`
-/// and bias-free weights in Burn's `[in, out]` layout (`gate`, `up` `[hidden, inner]`, `down`
-/// `[inner, hidden]`): the routed kernels with one slot per row and no router, four launches
-/// (two in the vector form, for up to four rows) where the separate operations take thirteen
-/// (three products of two launches each, Burn's SiLU as six element-wise launches, and the
-/// product of the gate and up). Rounding as
-/// [`routed_experts`]: each product rounded, SiLU of the rounded gate rounded, their product
-/// rounded. Every tensor shares one float dtype, which the result has. Any strides.
-///
-/// # Panics
-/// If `rows` exceeds [`MAX_SLOTS`] or the shapes disagree (the caller checks).
-pub fn swiglu<R: CubeRuntime>(
-    x: CubeTensor<R>,
-    gate: CubeTensor<R>,
-    up: CubeTensor<R>,
-    down: CubeTensor<R>,
-) -> CubeTensor<R> {
-    let [rows, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
-    let inner = gate.meta.shape()[1];
-    assert!(
-        rows <= MAX_SLOTS,
-        "swiglu: {rows} rows (at most {MAX_SLOTS})"
-    );
-    for (name, t, shape) in [
-        ("gate", &gate, [hidden, inner]),
-        ("up", &up, [hidden, inner]),
-        ("down", &down, [inner, hidden]),
-    ] {
-        assert_eq!(t.meta.shape().as_slice(), shape, "swiglu: {name}");
-    }
-    let (client, device, dtype) = (x.client.clone(), x.device.clone(), x.dtype);
-    let empty = |shape: Vec<usize>, dtype: DType| {
-        empty_device_contiguous_dtype(client.clone(), device.clone(), shape.into(), dtype)
-    };
-    if rows == 0 || hidden == 0 {
-        return empty(vec![rows, hidden], dtype);
-    }
-    if inner == 0 {
-        return burn_cubecl::ops::numeric::zeros_client(
-            client,
-            device,
-            [rows, hidden].into(),
-            dtype,
-        );
-    }
-    let y = empty(vec![rows, hidden], dtype);
-    // The dense kernels read no `indices`: any buffer stands in.
-    let stand_in = x.clone();
-    expert_mlp::<R>(x, [gate, up, down], stand_in, None, y.clone(), 1);
-    y
-}
-
-/// Whether [`swiglu_normed`] takes these operands: [`takes_vector_form`]'s dense MLP of at
-/// most four rows, whose normalised rows fit the gate/up launch's shared memory (`hidden` up
-/// to 6,144 for one row, 1,024 for four: Jamba-v0.1's 4,096 takes one row).
-pub fn takes_normed_mlp<R: CubeRuntime>(
-    x: &CubeTensor<R>,
-    weights: [&CubeTensor<R>; 3],
-    y: &CubeTensor<R>,
-) -> bool {
-    let [rows, hidden] = [x.meta.shape()[0], x.meta.shape()[1]];
-    takes_vector_form(x, weights, y, true)
-        && rows * crate::gemv::vec_stage(hidden) <= crate::gemv::VEC_STAGE_FLOATS
-}
-
-/// A dense SwiGLU MLP with the residual connection(s) and the RMSNorm before it
-/// ([`ResidualNorm`]) folded into its gate/up launch: two launches where the norm and
-/// [`swiglu`] take three. Every cube of the gate/up launch recomputes the rows' statistics
-/// (a pass over `3 · hidden` values per row, against its `2 · hidden · columns` weights); cube
-/// 0 writes the residual. Rounding as the separate operations: each sum, the normalised value
-/// and its product with the norm's weight (as `add2_rms_norm`), then as [`swiglu`]. Returns
-/// `(residual, mlp output)`, each `[rows, hidden]`, or `None`, having launched nothing, where
-/// [`takes_normed_mlp`] refuses the operands (the caller runs the norm and [`swiglu`]).
-///
-/// # Panics
-/// If the shapes disagree (the caller checks).
-pub fn swiglu_normed<R: CubeRuntime>(
-    input: ResidualNorm<R>,
-    gate: CubeTensor<R>,
-    up: CubeTensor<R>,
-    down: CubeTensor<R>,
-) -> Option<(CubeTensor<R>, CubeTensor<R>)> {
-    let [rows, hidden] = input.check_shapes("swiglu_normed");
-    let inner = gate.meta.shape()[1];
-    for (name, t, shape) in [
-        ("gate", &gate, [hidden, inner]),
-        ("up", &up, [hidden, inner]),
-        ("down", &down, [inner, hidden]),
-    ] {
-        assert_eq!(t.meta.shape().as_slice(), shape, "swiglu_normed: {name}");
-    }
-    let (client, device, dtype) = (
-        input.x.client.clone(),
-        input.x.device.clone(),
-        input.x.dtype,
-    );
-    let [y, residual]: [CubeTensor<R>; 2] = crate::empty_many(
-        &client,
-        &device,
-        &[(&[rows, hidden], dtype), (&[rows, hidden], dtype)],
-    )
-    .try_into()
-    .expect("two tensors");
-    if !takes_normed_mlp(&input.x, [&gate, &up, &down], &y) {
-        return None;
-    }
-    let x = input.x.clone();
-    // The dense kernels read no `indices`: any buffer stands in.
-    let stand_in = x.clone();
-    expert_mlp_vec::<R>(
-        x,
-        [gate, up, down],
-        stand_in,
-        None,
-        y.clone(),
-        1,
-        Some((input, residual.clone())),
-    );
-    Some((residual, y))
 }
 
 /// The gate and up products of the vector form of the expert MLPs and their SiLU gate, in one
@@ -1400,7 +1279,7 @@ pub fn takes_vector_form<R: CubeRuntime>(
 
 /// [`expert_mlp`] in the vector form ([`takes_vector_form`] checked by the caller): the gate,
 /// up and SiLU gate in one launch, the down products and the sum in another. Returns `act`.
-fn expert_mlp_vec<R: CubeRuntime>(
+pub(crate) fn expert_mlp_vec<R: CubeRuntime>(
     x: CubeTensor<R>,
     [gate, up, down]: [CubeTensor<R>; 3],
     indices: CubeTensor<R>,
@@ -1415,7 +1294,7 @@ fn expert_mlp_vec<R: CubeRuntime>(
     let slots = tokens * top_k;
     let (client, dtype) = (x.client.clone(), x.dtype);
     let width = crate::gemv::vec_width(dtype).expect("takes_vector_form checked the dtype");
-    let unroll = crate::gemv::vec_unroll();
+    let unroll = crate::gemv::VEC_UNROLL;
     let act = empty_device_contiguous_dtype(
         client.clone(),
         x.device.clone(),

@@ -23,108 +23,11 @@ use burn_cubecl::{
     CubeRuntime, kernel::into_contiguous, ops::numeric::empty_device_contiguous_dtype,
     tensor::CubeTensor,
 };
-use burn_std::DType;
 use cubecl::prelude::*;
 use cubecl::{ir::FastMath, prelude::Tensor as CubeArg};
 
 /// The largest `d_state` the kernel takes (its tile must fit in shared memory).
 pub const MAX_STATE: usize = 256;
-
-#[cube(launch_unchecked)]
-fn scan_parameters_kernel<W: Float>(
-    a_log: &CubeArg<W>,
-    d: &CubeArg<W>,
-    bias: &CubeArg<W>,
-    a: &mut Array<f32>,
-    d_out: &mut Array<f32>,
-    bias_out: &mut Array<f32>,
-    channels: u32,
-    state: u32,
-    #[comptime] has_bias: bool,
-    #[define(W)] _dtype: StorageType,
-) {
-    let (channels, state) = (channels as usize, state as usize);
-    let pos = ABSOLUTE_POS;
-    let matrix = channels * state;
-    if pos < matrix {
-        let (c, n) = (pos / state, pos % state);
-        a[pos] = -f32::exp(f32::cast_from(
-            a_log[c * a_log.stride(0) + n * a_log.stride(1)],
-        ));
-    } else if pos < matrix + channels {
-        let c = pos - matrix;
-        d_out[c] = f32::cast_from(d[c * d.stride(0)]);
-    } else if pos < matrix + 2 * channels {
-        let c = pos - matrix - channels;
-        if comptime!(has_bias) {
-            bias_out[c] = f32::cast_from(bias[c * bias.stride(0)]);
-        } else {
-            bias_out[c] = 0.0;
-        }
-    }
-}
-
-/// A Mamba layer's scan parameters in f32 from the layer's own (any float dtype, any strides,
-/// all one dtype): `A = −exp(A_log)` `[channels, state]`, the skip `D` `[channels]` and the
-/// Δ bias `[channels]` (zeros for none). One launch, where `A` alone took three (cast, `exp`,
-/// negation) and each cast of `D` and the bias another.
-///
-/// # Panics
-/// If the shapes or dtypes disagree (the caller checks).
-pub fn scan_parameters<R: CubeRuntime>(
-    a_log: CubeTensor<R>,
-    d: CubeTensor<R>,
-    bias: Option<CubeTensor<R>>,
-) -> [CubeTensor<R>; 3] {
-    let [channels, state] = [a_log.meta.shape()[0], a_log.meta.shape()[1]];
-    assert_eq!(d.meta.shape()[0], channels, "scan_parameters: D");
-    let dtype = a_log.dtype;
-    assert!(
-        d.dtype == dtype
-            && bias
-                .as_ref()
-                .is_none_or(|b| b.dtype == dtype && b.meta.shape()[0] == channels),
-        "scan_parameters: A_log, D and the bias share a dtype and a width"
-    );
-    let (client, device) = (a_log.client.clone(), a_log.device.clone());
-    let [a, d_out, bias_out]: [CubeTensor<R>; 3] = crate::empty_many(
-        &client,
-        &device,
-        &[
-            (&[channels, state], DType::F32),
-            (&[channels], DType::F32),
-            (&[channels], DType::F32),
-        ],
-    )
-    .try_into()
-    .expect("three tensors");
-    let total = channels * (state + 2);
-    if total > 0 {
-        let has_bias = bias.is_some();
-        let bias = bias.unwrap_or_else(|| d.clone());
-        let cube_dim = CubeDim::new_1d(256);
-        // SAFETY: units past `total` write nothing; the others write one element of the
-        // output they index, reading inside the inputs' shapes.
-        unsafe {
-            scan_parameters_kernel::launch_unchecked::<R>(
-                &client,
-                cubecl::calculate_cube_count_elemwise(&client, total, cube_dim),
-                cube_dim,
-                a_log.into_tensor_arg(),
-                d.into_tensor_arg(),
-                bias.into_tensor_arg(),
-                a.clone().into_array_arg(),
-                d_out.clone().into_array_arg(),
-                bias_out.clone().into_array_arg(),
-                channels as u32,
-                state as u32,
-                has_bias,
-                dtype.into(),
-            );
-        }
-    }
-    [a, d_out, bias_out]
-}
 
 /// Inputs of [`selective_scan_fwd`], all on one device.
 ///
@@ -188,18 +91,12 @@ impl ScanGeometry {
     /// leaves 128K units. Measured on the H200 (RESULTS.md): the kernel is throughput-bound
     /// from about 128K units, where 4 states per unit do the same work in about half the time;
     /// below it, fewer units per state hide latency worse and lose. Shared memory stays under
-    /// 16 KiB (WebGPU's guaranteed minimum). `JAMBA_SCAN_STATES_PER_UNIT` overrides the choice
-    /// (for tuning).
+    /// 16 KiB (WebGPU's guaranteed minimum).
     pub fn new(batch: usize, channels: usize, state: usize) -> Self {
-        static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-        let forced = crate::env_usize(&FORCED, "JAMBA_SCAN_STATES_PER_UNIT")
-            .filter(|&g| g >= 1 && state % g == 0);
-        let states_per_unit = forced.unwrap_or_else(|| {
-            [4usize, 2]
-                .into_iter()
-                .find(|&g| state % g == 0 && batch * channels * state / g >= 131_072)
-                .unwrap_or(1)
-        });
+        let states_per_unit = [4usize, 2]
+            .into_iter()
+            .find(|&g| state % g == 0 && batch * channels * state / g >= 131_072)
+            .unwrap_or(1);
         Self::with_states_per_unit(state, states_per_unit)
     }
 
@@ -237,7 +134,6 @@ pub enum ScanPlan {
 impl ScanPlan {
     /// The plan for a problem: the chunked kernel where the state fits its registers (Jamba's
     /// 16 does), with [`crate::scan_chunked::default_chunks`]; the tiled one otherwise.
-    /// `JAMBA_SCAN_KERNEL=tiled` forces the tiled kernel (for comparison).
     ///
     /// ```
     /// use jamba_kernels::scan::ScanPlan;
@@ -245,10 +141,7 @@ impl ScanPlan {
     /// assert!(matches!(ScanPlan::new(1, 64, 100, 64), ScanPlan::Tiled(_)));
     /// ```
     pub fn new(batch: usize, channels: usize, seq: usize, state: usize) -> Self {
-        static TILED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let tiled =
-            *TILED.get_or_init(|| std::env::var("JAMBA_SCAN_KERNEL").is_ok_and(|v| v == "tiled"));
-        if !tiled && crate::scan_chunked::supports_state(state) {
+        if crate::scan_chunked::supports_state(state) {
             ScanPlan::Chunked {
                 chunks: crate::scan_chunked::default_chunks(batch, channels, seq),
             }
@@ -643,18 +536,14 @@ fn scan_step_vec_kernel<F: Float, N: Size>(
 
 /// The vector width and vectors per unit of the vectorised decoding step, when the state,
 /// `A` and the new state allow it: the state size a multiple of 4, each tensor's last stride 1
-/// and its other strides multiples of 4. `JAMBA_STEP_VECTORS_PER_UNIT` overrides the default
-/// of 1 (0 turns the vector kernel off; for tuning).
+/// and its other strides multiples of 4; one vector per unit.
 fn step_vectors<R: CubeRuntime>(
     state: usize,
     tensors: [&CubeTensor<R>; 3],
 ) -> Option<(usize, usize)> {
-    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     const WIDTH: usize = 4;
-    let per_unit = crate::env_usize(&FORCED, "JAMBA_STEP_VECTORS_PER_UNIT").unwrap_or(1);
+    let per_unit = 1;
     let fits = state % WIDTH == 0
-        && per_unit >= 1
-        && (state / WIDTH) % per_unit == 0
         && tensors.iter().all(|t| {
             let strides = t.meta.strides();
             let last = strides.len() - 1;
@@ -664,18 +553,12 @@ fn step_vectors<R: CubeRuntime>(
 }
 
 /// State indices per unit of the decoding step: 4 where they divide the state size (16 bytes of
-/// state in flight per unit), else 2, else 1. `JAMBA_STEP_STATES_PER_UNIT` overrides it (for
-/// tuning; ignored unless it divides the state size).
+/// state in flight per unit), else 2, else 1.
 pub fn step_states_per_unit(state: usize) -> usize {
-    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    crate::env_usize(&FORCED, "JAMBA_STEP_STATES_PER_UNIT")
-        .filter(|&s| s >= 1 && state % s == 0)
-        .unwrap_or_else(|| {
-            [4usize, 2]
-                .into_iter()
-                .find(|&s| state % s == 0)
-                .unwrap_or(1)
-        })
+    [4usize, 2]
+        .into_iter()
+        .find(|&s| state % s == 0)
+        .unwrap_or(1)
 }
 
 /// Whether [`selective_scan_fwd`] takes a state of this size.
@@ -780,13 +663,9 @@ pub(crate) fn launch_fwd<R: CubeRuntime>(
     );
     if seq == 1 && checkpoints.is_none() && plan_in.is_none() {
         if let Some((width, per_unit)) = step_vectors(state, [&a, &input.state, &state_out]) {
-            static UNITS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-            // Units per cube (`JAMBA_STEP_CUBE_UNITS`, for tuning): 128 by default, 32 channels
-            // of 4 units (ncu, b 64, d 2048, N 16: 9.63 µs, against 10.11 with 256 and 10.14
-            // with 512).
-            let units = crate::env_usize(&UNITS, "JAMBA_STEP_CUBE_UNITS")
-                .filter(|u| (32..=1024).contains(u))
-                .unwrap_or(128);
+            // 128 units per cube, 32 channels of 4 units (ncu, b 64, d 2048, N 16: 9.63 µs,
+            // against 10.11 with 256 and 10.14 with 512).
+            let units = 128;
             let groups = state / (width * per_unit);
             let per_cube = (units / groups).max(1);
             let cube_dim = CubeDim::new_2d(groups as u32, per_cube as u32);

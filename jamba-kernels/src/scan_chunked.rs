@@ -33,55 +33,27 @@ use burn_cubecl::{
 use cubecl::prelude::*;
 use cubecl::{ir::FastMath, prelude::Tensor as CubeArg};
 
-use std::sync::OnceLock;
-
-use crate::env_usize;
 use crate::scan::{ScanTensors, silu_f32, softplus_f32};
 
 /// The largest `d_state` of the chunked kernel (a unit keeps `2·d_state` floats in registers).
 pub const MAX_CHUNKED_STATE: usize = 16;
 
-/// Channels (units) per cube; `JAMBA_SCAN_CUBE` overrides it (a multiple of 32 up to 512, for
-/// tuning; above 128 the shared memory exceeds WebGPU's guaranteed 16 KiB).
-fn channels_per_cube() -> usize {
-    static CUBE: OnceLock<Option<usize>> = OnceLock::new();
-    env_usize(&CUBE, "JAMBA_SCAN_CUBE")
-        .filter(|&v| v % 32 == 0 && (32..=512).contains(&v))
-        .unwrap_or(128)
-}
+/// Channels (units) per cube (above 128 the shared memory exceeds WebGPU's guaranteed 16 KiB).
+const CHANNELS_PER_CUBE: usize = 128;
 
-/// Steps of `B` and `C` staged per barrier pair; `JAMBA_SCAN_BC_TILE` overrides it (1 to 128,
-/// for tuning).
-fn bc_tile() -> usize {
-    static TILE: OnceLock<Option<usize>> = OnceLock::new();
-    env_usize(&TILE, "JAMBA_SCAN_BC_TILE")
-        .filter(|v| (1..=128).contains(v))
-        .unwrap_or(32)
-}
+/// Steps of `B` and `C` staged per barrier pair.
+const BC_TILE: usize = 32;
 
 /// Steps whose Δ, u and z loads are issued together, a group ahead of their use (4: 3-8% faster
-/// than 1 on the H200, 8 slower); `JAMBA_SCAN_GROUP` overrides it (1, 2, 4 or 8, for tuning).
-fn step_group() -> usize {
-    static GROUP: OnceLock<Option<usize>> = OnceLock::new();
-    env_usize(&GROUP, "JAMBA_SCAN_GROUP")
-        .filter(|v| [1, 2, 4, 8].contains(v))
-        .unwrap_or(4)
-}
+/// than 1 on the H200, 8 slower).
+const STEP_GROUP: usize = 4;
 
-/// How the decay `e^(Δ·A)` is computed: `0` as `e^v` (CUDA's `__expf`: a multiply by log₂e,
-/// then `ex2.approx`); `1` as `2^(Δ·A·log₂e)` (`__powf(2, v)`: one multiply fewer per state and
-/// step, 4-5% faster on the H200); `2`, on CUDA only, as `2^v` through the flush-to-zero
-/// `ex2.approx.ftz.f32`, with softplus' and the gate's `exp` and `log` flush-to-zero too (see
-/// [`declare_ftz_intrinsics`]: 11-15% faster than `1` on the H200). The default is `2` on CUDA
-/// and `1` elsewhere; `JAMBA_SCAN_EXP2` overrides it (for comparison).
-fn exp_form(cuda: bool) -> u32 {
-    static EXP2: OnceLock<Option<usize>> = OnceLock::new();
-    let form = env_usize(&EXP2, "JAMBA_SCAN_EXP2").unwrap_or(if cuda { 2 } else { 1 });
-    match form {
-        0 => 0,
-        2 if cuda => 2,
-        _ => 1,
-    }
+/// Whether the decay `e^(Δ·A)` and softplus' and the gate's `exp` and `log` use CUDA's
+/// flush-to-zero instructions ([`declare_ftz_intrinsics`]: 11-15% faster on the H200). The decay
+/// is computed as `2^(Δ·A·log₂e)` everywhere (`__powf(2, v)`: one multiply fewer per state and
+/// step than `e^v`, 4-5% faster on the H200).
+fn flush_to_zero(cuda: bool) -> bool {
+    cuda
 }
 
 /// The shortest chunk the default plan makes: shorter ones spend more on the carries than they
@@ -102,7 +74,7 @@ const MAX_CHUNK: usize = 256;
 
 /// How many chunks to cut a `[batch, seq, channels]` problem into: enough for about
 /// `TARGET_UNITS` units and none longer than `MAX_CHUNK` steps, but none shorter than
-/// `MIN_CHUNK`. `JAMBA_SCAN_CHUNKS` forces a count (for tuning).
+/// `MIN_CHUNK`.
 ///
 /// ```
 /// use jamba_kernels::scan_chunked::default_chunks;
@@ -111,10 +83,6 @@ const MAX_CHUNK: usize = 256;
 /// assert_eq!(default_chunks(4, 2048, 1024), 16);
 /// ```
 pub fn default_chunks(batch: usize, channels: usize, seq: usize) -> usize {
-    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
-    if let Some(k) = env_usize(&FORCED, "JAMBA_SCAN_CHUNKS").filter(|&k| k >= 1) {
-        return k;
-    }
     let rows = (batch * channels).max(1);
     TARGET_UNITS
         .div_ceil(rows)
@@ -164,13 +132,12 @@ fn scan_chunk_kernel<F: Float, N: Size>(
     #[comptime] direct_bc: bool,
     #[comptime] width: usize,
     #[comptime] group: usize,
-    #[comptime] exp_form: u32,
+    #[comptime] ftz: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    if comptime!(exp_form == 2) {
+    if comptime!(ftz) {
         declare_ftz_intrinsics();
     }
-    let exp2 = comptime!(exp_form != 0);
     let vectors = comptime!(n_state / width);
     let seq = seq as usize;
     let channels = channels as usize;
@@ -222,7 +189,7 @@ fn scan_chunk_kernel<F: Float, N: Size>(
     #[unroll]
     for n in 0..n_state {
         let v = s_rows[tid * row_stride + n];
-        a_n[n] = if comptime!(exp2) { v * LOG2_E } else { v };
+        a_n[n] = v * LOG2_E;
     }
     sync_cube();
     let from_h0 = k == 0;
@@ -403,7 +370,7 @@ fn scan_chunk_kernel<F: Float, N: Size>(
                         #[unroll]
                         for l in 0..width {
                             let n = q * width + l;
-                            let hn = hardware_exp(x * a_n[n], exp2) * h[n] + xu * bv[l];
+                            let hn = hardware_exp(x * a_n[n]) * h[n] + xu * bv[l];
                             h[n] = hn;
                             if comptime!(!ends_only) {
                                 part += hn * cv[l];
@@ -463,18 +430,13 @@ fn scan_chunk_kernel<F: Float, N: Size>(
     }
 }
 
-/// `e^v`, or `2^v` when `exp2` (its argument then scaled by `log₂ e` beforehand), with the
-/// reduced-precision intrinsics. CUDA's `__expf(v)` is `ex2.approx(v · log₂ e)`, a multiply
-/// more per (channel, state, step) than a bare power of two; `__powf(2, v)`, what CubeCL emits
-/// here, compiles to the same SASS as `exp2f(v)` (`run-h200.sh scan-sass`) and made the scan
-/// 4-5% faster on the H200. On WGSL it is `pow(2, v)`.
+/// `2^v` (its argument scaled by `log₂ e` beforehand) with the reduced-precision intrinsics.
+/// CUDA's `__expf(v)` is `ex2.approx(v · log₂ e)`, a multiply more per (channel, state, step)
+/// than a bare power of two; `__powf(2, v)`, what CubeCL emits here, compiles to the same SASS
+/// as `exp2f(v)` and made the scan 4-5% faster on the H200. On WGSL it is `pow(2, v)`.
 #[cube]
-fn hardware_exp(v: f32, #[comptime] exp2: bool) -> f32 {
-    if comptime!(exp2) {
-        f32::powf(f32::new(2.0), v)
-    } else {
-        v.exp()
-    }
+fn hardware_exp(v: f32) -> f32 {
+    f32::powf(f32::new(2.0), v)
 }
 
 /// Makes the kernel's `__powf(2, v)`, `__expf` and `__logf` calls CUDA's flush-to-zero
@@ -636,13 +598,13 @@ pub(crate) fn launch<R: CubeRuntime>(
         into_contiguous(input.d),
         into_contiguous(input.delta_bias),
     );
-    let cb = channels_per_cube();
-    let group = step_group();
+    let cb = CHANNELS_PER_CUBE;
+    let group = STEP_GROUP;
     // Whole groups per tile: a group's prefetch runs into the next tile's first steps.
-    let tile = bc_tile().next_multiple_of(group);
+    let tile = BC_TILE.next_multiple_of(group);
     // B and C staged as vectors of 4 (or 2, or 1) states: one shared-memory load each.
     let width = [4, 2, 1].into_iter().find(|w| state % w == 0).unwrap_or(1);
-    let exp_form = exp_form(R::name(&client) == "cuda");
+    let ftz = flush_to_zero(R::name(&client) == "cuda");
     let cubes_x = channels.div_ceil(cb) as u32;
     let cube_dim = CubeDim::new_1d(cb as u32);
     let entries = chunks - 1;
@@ -717,7 +679,7 @@ pub(crate) fn launch<R: CubeRuntime>(
                 seq == 1,
                 width,
                 group,
-                exp_form,
+                ftz,
                 dtype.into(),
             );
         }

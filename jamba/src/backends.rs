@@ -1,8 +1,11 @@
-//! The backends this build was compiled with, for programs that pick one at run time.
+//! Backend aliases, and the backends this build was compiled with for programs that pick one
+//! at run time.
 //!
 //! Library code stays generic over `B: Backend`; front ends (the `jamba` command, the
 //! benchmarks) name a [`BackendKind`] and call [`with_backend!`](crate::with_backend) to
-//! instantiate their generic function for it.
+//! instantiate their generic function for it. [`Wgpu`] and [`Cuda`] are Burn's `CubeBackend`
+//! itself, on which the inference engine runs its kernels; Burn's own `burn::backend::Wgpu` and
+//! `Cuda` (with Burn's `fusion` feature, `Fusion<CubeBackend<…>>`) run the model too.
 
 use std::str::FromStr;
 
@@ -67,6 +70,14 @@ pub type Cpu = burn::backend::Flex;
 #[cfg(all(feature = "ndarray", not(feature = "flex")))]
 pub type Cpu = burn::backend::NdArray<f32>;
 
+/// wgpu (WGSL) as Burn's `CubeBackend`, with f32 floats.
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn_cubecl::CubeBackend<burn_cubecl::cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// CUDA as Burn's `CubeBackend`, with f32 floats.
+#[cfg(feature = "cuda")]
+pub type Cuda = burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
 /// Runs `$body` with the type `$b` bound to the backend `$kind` names and `$device` to its
 /// default device; evaluates to a `jamba::Result` error if that backend was not compiled in.
 ///
@@ -91,13 +102,13 @@ macro_rules! with_backend {
             }
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => {
-                type $b = burn::backend::Wgpu;
+                type $b = $crate::backends::Wgpu;
                 let $device = Default::default();
                 $body
             }
             #[cfg(feature = "cuda")]
             BackendKind::Cuda => {
-                type $b = burn::backend::Cuda;
+                type $b = $crate::backends::Cuda;
                 let $device = Default::default();
                 $body
             }

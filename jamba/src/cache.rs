@@ -112,6 +112,39 @@ pub enum LayerCache<B: Backend> {
     Mamba(MambaState<B>),
 }
 
+impl<B: Backend> LayerCache<B> {
+    /// The kind of layer this cache belongs to.
+    pub fn mixer_kind(&self) -> MixerKind {
+        match self {
+            Self::Attention(_) => MixerKind::Attention,
+            Self::Mamba(_) => MixerKind::Mamba,
+        }
+    }
+
+    /// An attention layer's keys and values.
+    ///
+    /// # Panics
+    /// If this is a Mamba layer's cache: forward passes check a cache's layer plan against the
+    /// model's before any layer reads it.
+    pub(crate) fn kv(&mut self) -> &mut KvCache<B> {
+        match self {
+            Self::Attention(kv) => kv,
+            Self::Mamba(_) => unreachable!("a cache checked against the model's layer plan"),
+        }
+    }
+
+    /// A Mamba layer's state.
+    ///
+    /// # Panics
+    /// If this is an attention layer's cache (see [`kv`](Self::kv)).
+    pub(crate) fn mamba(&mut self) -> &mut MambaState<B> {
+        match self {
+            Self::Mamba(state) => state,
+            Self::Attention(_) => unreachable!("a cache checked against the model's layer plan"),
+        }
+    }
+}
+
 /// The inference cache of a whole model, for a batch of sequences that advance together.
 ///
 /// ```
@@ -242,6 +275,11 @@ impl<B: Backend> JambaCache<B> {
         self.batch
     }
 
+    /// The kinds of the layers this cache was built for, in order.
+    pub fn mixer_kinds(&self) -> Vec<MixerKind> {
+        self.layers.iter().map(LayerCache::mixer_kind).collect()
+    }
+
     /// Bytes held on the device now: allocated key/value capacity plus the Mamba states.
     pub fn size_bytes(&self) -> u64 {
         let layers: u64 = self
@@ -311,16 +349,16 @@ impl<B: Backend> JambaCache<B> {
         &mut self,
         new: usize,
         padding: Option<Tensor<B, 2, Bool>>,
-        device: &B::Device,
     ) -> Option<Tensor<B, 2, Bool>> {
         let (batch, old) = (self.batch, self.seq_len);
         self.seq_len += new;
-        if padding.is_none() && self.padding.is_none() {
-            return None;
-        }
+        let device = padding
+            .as_ref()
+            .or(self.padding.as_ref())
+            .map(|p| p.device())?;
         // Never materialise a zero-width tensor: CUDA's pitched layout gives `[batch, 0]` a zero
         // row stride, which cubecl rejects at upload (`UnsupportedStrides`, reported later).
-        let fill = |n: usize| Tensor::<B, 2, Int>::zeros([batch, n], device).equal_elem(1);
+        let fill = |n: usize| Tensor::<B, 2, Int>::zeros([batch, n], &device).equal_elem(1);
         let current = padding.unwrap_or_else(|| fill(new));
         let previous = self.padding.take().or_else(|| (old > 0).then(|| fill(old)));
         let all = match previous {

@@ -1,14 +1,14 @@
 //! Text generation over the hybrid cache: batched left-padded prefill (optionally in chunks),
-//! then one decode step per token, with greedy, temperature, top-k and top-p sampling.
+//! then one decoding step per token, with greedy, temperature, top-k and top-p sampling, through
+//! the inference [`Engine`].
 
-use crate::ops::{JambaBackend, exclusive_enabled};
 use std::time::Instant;
 
-use burn::tensor::{DType, Int, Tensor, backend::Backend};
+use burn::tensor::{DType, Tensor, backend::Backend};
 
-use crate::cache::JambaCache;
+use crate::engine::{Engine, EngineBackend, GreedyPipeline};
 use crate::error::{JambaError, Result};
-use crate::model::{ForwardOptions, Jamba};
+use crate::model::Jamba;
 
 /// How the next token is chosen from the logits.
 #[derive(Debug, Clone, PartialEq)]
@@ -214,142 +214,6 @@ pub fn argmax(values: &[f32]) -> u32 {
     best as u32
 }
 
-/// The index of the largest logit along the last dimension, on the device: `[batch, seq, vocab]`
-/// to `[batch, seq, 1]`, the first index on ties, like `Tensor::argmax(2)`.
-///
-/// The backend's own kernel where it has one ([`JambaBackend::argmax_rows`]); otherwise in two
-/// stages over blocks of about `√vocab` (argmax inside each block, then over the blocks'
-/// maxima) when the vocabulary is large: Burn's CubeCL reduction gives each output row one unit,
-/// so a single-stage argmax over 65,536 logits walks them one after another (1.5 ms on the H200,
-/// more than the rest of a decoding step's device time); two stages of 256 take microseconds.
-///
-/// ```
-/// use burn::tensor::{Int, Tensor};
-/// use jamba::backends::Cpu;
-/// let device = Default::default();
-/// let logits = Tensor::<Cpu, 1, Int>::arange(0..8192, &device).float().reshape([1, 1, 8192]);
-/// let best = jamba::generation::argmax_last(logits);
-/// assert_eq!(best.into_scalar(), 8191);
-/// ```
-pub fn argmax_last<B: JambaBackend>(logits: Tensor<B, 3>) -> Tensor<B, 3, Int> {
-    let [batch, seq, vocab] = logits.dims();
-    if let Some(best) = B::argmax_rows(logits.clone().reshape([batch * seq, vocab])) {
-        return best.reshape([batch, seq, 1]);
-    }
-    let block = (vocab >= 4096)
-        .then(|| {
-            let root = (vocab as f64).sqrt() as usize;
-            (root / 2..=root * 2).find(|&c| c >= 32 && vocab % c == 0)
-        })
-        .flatten();
-    let Some(block) = block else {
-        return logits.argmax(2);
-    };
-    let rows = batch * seq;
-    let blocks = vocab / block;
-    let x = logits.reshape([rows, blocks, block]);
-    let within = x.clone().argmax(2); // [rows, blocks, 1]
-    let maxima = x.gather(2, within.clone()).reshape([rows, blocks]);
-    let best_block = maxima.argmax(1); // [rows, 1]: the first block holding the maximum
-    let offset = within.reshape([rows, blocks]).gather(1, best_block.clone());
-    (best_block * block as i64 + offset).reshape([batch, seq, 1])
-}
-
-/// Greedy decoding one step ahead of the host. Each step runs on the previous step's argmax
-/// while it is still on the device, and the ids' copy to the host is queued behind it
-/// ([`JambaBackend::queue_read_ids`]), so the host can issue step `t + 1` before it waits for
-/// step `t`'s tokens: the device does not sit idle while the tokens cross to the host and the
-/// next step's first launches are issued. Tokens come out in order, one row each per step.
-///
-/// A caller that stops on a token it has just read (an end-of-sequence id) has already queued
-/// one more step: its cache holds one position more than the tokens it kept.
-/// `JAMBA_PIPELINE=off` makes [`generate`] read every step's tokens before issuing the next.
-///
-/// ```
-/// use jamba::backends::Cpu;
-/// use jamba::generation::GreedyPipeline;
-/// use jamba::{ForwardOptions, Jamba, JambaConfig};
-/// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 2,
-///     "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64,
-///     "attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 4}"#).unwrap();
-/// let model = Jamba::<Cpu>::init(&config, &Default::default());
-/// let mut cache = model.new_cache(1);
-/// let prefill = model.forward_ids(&[5, 6, 7], 1, None, Some(&mut cache), &Default::default());
-/// let mut pipe = GreedyPipeline::new(&model, prefill.unwrap().logits).unwrap();
-/// pipe.queue_step(&mut cache).unwrap(); // step 1, from the prefill's token still on the device
-/// let first = pipe.next_tokens().unwrap(); // the prefill's token
-/// let second = pipe.next_tokens().unwrap(); // step 1's
-/// assert_eq!((first.len(), second.len(), cache.seq_len()), (1, 1, 4));
-/// ```
-pub struct GreedyPipeline<'m, B: JambaBackend> {
-    model: &'m Jamba<B>,
-    /// The newest chosen ids, `[batch, 1]`, on the device.
-    newest: Tensor<B, 2, Int>,
-    /// Reads of chosen ids in flight, oldest first.
-    queued: std::collections::VecDeque<crate::ops::QueuedIds>,
-}
-
-impl<'m, B: JambaBackend> GreedyPipeline<'m, B> {
-    /// Starts from a prefill's logits `[batch, seq, vocab]`: the argmax of the last position is
-    /// taken on the device and its read queued. Errors on logits without a row, a position or
-    /// a vocabulary entry.
-    pub fn new(model: &'m Jamba<B>, logits: Tensor<B, 3>) -> Result<Self> {
-        let [batch, seq, vocab] = logits.dims();
-        if batch == 0 || seq == 0 || vocab == 0 {
-            return Err(JambaError::Input(format!(
-                "greedy decoding needs logits with a row, a position and a vocabulary; got \
-                 [{batch}, {seq}, {vocab}]"
-            )));
-        }
-        let last = logits.slice([0..batch, seq - 1..seq, 0..vocab]);
-        let newest = argmax_last(last).reshape([batch, 1]);
-        let queued = [B::queue_read_ids(newest.clone().reshape([batch]))].into();
-        Ok(Self {
-            model,
-            newest,
-            queued,
-        })
-    }
-
-    /// Queues one decoding step on the device from the newest chosen ids (not yet read) through
-    /// `cache`, takes its argmax on the device and queues that read.
-    pub fn queue_step(&mut self, cache: &mut JambaCache<B>) -> Result<()> {
-        let keep_last = ForwardOptions {
-            logits_to_keep: Some(1),
-            ..Default::default()
-        };
-        let out = self
-            .model
-            .forward_chosen(self.newest.clone(), Some(cache), &keep_last)?;
-        let batch = self.newest.dims()[0];
-        self.newest = argmax_last(out.logits).reshape([batch, 1]);
-        self.queued
-            .push_back(B::queue_read_ids(self.newest.clone().reshape([batch])));
-        Ok(())
-    }
-
-    /// The oldest chosen tokens not yet taken, one per row; waits for their read.
-    pub fn next_tokens(&mut self) -> Result<Vec<u32>> {
-        let read = self
-            .queued
-            .pop_front()
-            .ok_or_else(|| JambaError::Input("no decoding step is queued".into()))?;
-        Ok(read.wait()?.into_iter().map(|t| t as u32).collect())
-    }
-
-    /// How many steps' tokens are queued and not yet taken.
-    pub fn queued(&self) -> usize {
-        self.queued.len()
-    }
-}
-
-/// Whether greedy [`generate`] queues each step before reading the previous step's tokens
-/// ([`GreedyPipeline`]; on by default, `JAMBA_PIPELINE=off` reads first, for comparisons).
-pub fn pipeline_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| crate::ops::env_switch("JAMBA_PIPELINE", true))
-}
-
 /// Left-pads prompts of different lengths into `[batch, longest]` ids and a 1/0 mask.
 pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<i64>, Vec<i64>, usize) {
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
@@ -372,21 +236,22 @@ pub fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<i64>, Vec<i64>, usize) {
 /// ```
 /// use jamba::backends::Cpu;
 /// use jamba::generation::{GenerationConfig, generate};
-/// use jamba::{Jamba, JambaConfig};
+/// use jamba::{Engine, Jamba, JambaConfig};
 /// let config = JambaConfig::from_json_str(r#"{"hidden_size": 32, "num_hidden_layers": 2,
 ///     "num_attention_heads": 4, "intermediate_size": 48, "vocab_size": 64,
 ///     "attn_layer_period": 2, "attn_layer_offset": 1, "num_experts": 4}"#).unwrap();
-/// let model = Jamba::<Cpu>::init(&config, &Default::default());
+/// let engine = Engine::new(Jamba::<Cpu>::init(&config, &Default::default()), Default::default());
 /// let config = GenerationConfig { max_new_tokens: 4, ..Default::default() };
-/// let out = generate(&model, &[vec![5, 6, 7], vec![8]], &config, |_, _| {}).unwrap();
+/// let out = generate(&engine, &[vec![5, 6, 7], vec![8]], &config, |_, _| {}).unwrap();
 /// assert_eq!(out.tokens[1].len(), 4);
 /// ```
-pub fn generate<B: JambaBackend>(
-    model: &Jamba<B>,
+pub fn generate<B: EngineBackend>(
+    engine: &Engine<B>,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
     mut on_token: impl FnMut(usize, u32),
 ) -> Result<GenerationOutput> {
+    let model = engine.model();
     let vocab = model.config().vocab_size;
     let max_context = config
         .max_context
@@ -410,16 +275,11 @@ pub fn generate<B: JambaBackend>(
             )));
         }
     }
-    let device = model.device();
     let batch = prompts.len();
     let (ids, mask, longest) = left_pad(prompts, config.pad_token_id);
     let padded = mask.iter().any(|&m| m == 0);
-    let mut cache = model.new_cache(batch);
+    let mut cache = engine.new_cache(batch);
     let mut stats = GenerationStats::default();
-    let keep_last = ForwardOptions {
-        logits_to_keep: Some(1),
-        ..Default::default()
-    };
 
     let start = Instant::now();
     let chunk = config.prefill_chunk.unwrap_or(longest).max(1);
@@ -432,25 +292,15 @@ pub fn generate<B: JambaBackend>(
                 .collect()
         };
         let mask = padded.then(|| cols(&mask));
-        logits = Some(
-            model
-                .forward_ids(
-                    &cols(&ids),
-                    batch,
-                    mask.as_deref(),
-                    Some(&mut cache),
-                    &keep_last,
-                )?
-                .logits,
-        );
+        logits = Some(engine.forward(&cols(&ids), batch, mask.as_deref(), &mut cache, Some(1))?);
         stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
     }
     let mut rng = SplitMix64::new(config.sampling.seed);
     let logits = logits.expect("prompts are non-empty");
     // Greedy decoding queues each step before reading the previous one's tokens; the
     // prefill's token is read at once, so that `prefill_secs` covers the prefill.
-    let mut pipe = (config.sampling.is_greedy() && pipeline_enabled())
-        .then(|| GreedyPipeline::new(model, logits.clone()))
+    let mut pipe = (config.sampling.is_greedy() && engine.options().greedy_pipeline)
+        .then(|| GreedyPipeline::new(engine, logits.clone()))
         .transpose()?;
     let mut next = match pipe.as_mut() {
         Some(pipe) => pipe.next_tokens()?,
@@ -472,11 +322,7 @@ pub fn generate<B: JambaBackend>(
                     && prompts[r].len() + tokens[r].len() + 1 < max_context
             });
             if ahead {
-                if exclusive_enabled() {
-                    B::exclusive(&device, || pipe.queue_step(&mut cache))?;
-                } else {
-                    pipe.queue_step(&mut cache)?;
-                }
+                pipe.queue_step(&mut cache)?;
                 stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
             }
         }
@@ -518,15 +364,8 @@ pub fn generate<B: JambaBackend>(
                 }
             })
             .collect();
-        let mut decode_step = || -> Result<Vec<u32>> {
-            let out = model.forward_ids(&step, batch, None, Some(&mut cache), &keep_last)?;
-            pick(out.logits, &config.sampling, &mut rng)
-        };
-        next = if exclusive_enabled() {
-            B::exclusive(&device, decode_step)?
-        } else {
-            decode_step()?
-        };
+        let logits = engine.forward(&step, batch, None, &mut cache, Some(1))?;
+        next = pick(logits, &config.sampling, &mut rng)?;
         stats.decode_tokens += running;
         stats.peak_cache_bytes = stats.peak_cache_bytes.max(cache.size_bytes());
     }
@@ -546,7 +385,7 @@ pub fn generate<B: JambaBackend>(
 
 /// The next token of every row from `[batch, 1, vocab]` logits: argmax on the device for greedy
 /// decoding (one integer per row crosses to the host), the full row on the host otherwise.
-fn pick<B: JambaBackend>(
+fn pick<B: EngineBackend>(
     logits: Tensor<B, 3>,
     sampling: &SamplingConfig,
     rng: &mut SplitMix64,
@@ -554,8 +393,7 @@ fn pick<B: JambaBackend>(
     let [batch, _, vocab] = logits.dims();
     let logits = logits.reshape([batch, vocab]);
     if sampling.is_greedy() {
-        let ids = argmax_last(logits.reshape([batch, 1, vocab])).reshape([batch]);
-        let ids = B::queue_read_ids(ids).wait()?;
+        let ids = B::queue_read_ids(B::argmax_rows(logits)).wait()?;
         return Ok(ids.into_iter().map(|t| t as u32).collect());
     }
     let values: Vec<f32> = logits

@@ -13,15 +13,12 @@ use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata, TensorView};
 
-use crate::attention::Attention;
 use crate::config::{FeedForwardKind, JambaConfig, MixerKind};
 use crate::error::{JambaError, Result};
-use crate::layer::{DecoderLayer, FeedForward, Mixer};
-use crate::mamba::MambaMixer;
-use crate::mlp::Mlp;
-use crate::model::Jamba;
-use crate::moe::{Experts, SparseMoe};
-use crate::norm::RmsNorm;
+use crate::model::{
+    Attention, DecoderLayer, Experts, FeedForward, Jamba, MambaMixer, Mixer, Mlp, RmsNorm,
+    SparseMoe,
+};
 
 /// A progress report: `loaded` of `total` tensors are on the device.
 pub type ProgressFn = Arc<dyn Fn(usize, usize) + Send + Sync>;
@@ -78,7 +75,7 @@ impl WeightFile {
 }
 
 /// The tensors of a checkpoint folder, across its shards, taken one by one as the model is built.
-pub struct WeightStore {
+pub(crate) struct WeightStore {
     dir: PathBuf,
     files: Vec<WeightFile>,
     /// Key → index of the file holding it.
@@ -163,11 +160,6 @@ impl WeightStore {
     /// Number of tensors in the checkpoint.
     pub fn len(&self) -> usize {
         self.location.len() + self.taken
-    }
-
-    /// Whether the checkpoint holds no tensor.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn dtype(&self) -> DType {
@@ -387,7 +379,7 @@ impl<B: Backend> Jamba<B> {
     }
 
     /// Builds the model for `config` from an opened [`WeightStore`].
-    pub fn from_weights(
+    pub(crate) fn from_weights(
         config: &JambaConfig,
         mut w: WeightStore,
         device: &B::Device,
@@ -631,7 +623,7 @@ impl<B: Backend> Jamba<B> {
                 FeedForward::Moe(moe) => {
                     put_linear(&mut put, &format!("{ff}.router"), &moe.router);
                     for e in 0..moe.num_experts() {
-                        let (gate, up, down) = moe.experts.weights(e);
+                        let [gate, up, down] = moe.experts.weights(e);
                         for (name, weight) in
                             [("gate_proj", gate), ("up_proj", up), ("down_proj", down)]
                         {

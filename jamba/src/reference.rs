@@ -1,11 +1,11 @@
 //! The reference-fixture format and the parity checks run against it.
 //!
 //! A fixture is a checkpoint folder plus `expected.safetensors` (what transformers computed in
-//! float64) and `fixture.json` (see `shared/fixtures/README.md`). [`parity_checks`] runs a model
-//! over the fixture's inputs and compares every output; the `jamba check` command and the test
-//! suite both print or assert its rows.
+//! float64) and `fixture.json` (see `shared/fixtures/README.md`). [`parity_checks`] runs the
+//! model's plain forward over the fixture's inputs and compares every output;
+//! [`decode_checks`] runs the inference engine's cached prefill, decoding and generation. The
+//! `jamba check` command and the test suite both print or assert their rows.
 
-use crate::ops::JambaBackend;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -13,8 +13,10 @@ use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use safetensors::tensor::Dtype;
 use serde::Deserialize;
 
+use crate::engine::{Engine, EngineBackend};
 use crate::error::{JambaError, Result};
 use crate::model::{ForwardOptions, Jamba};
+use crate::ops::JambaBackend;
 
 /// A tensor read back to the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -520,23 +522,18 @@ fn padded_checks<B: JambaBackend>(
     Ok(checks)
 }
 
-/// Runs the prompts through the cache `chunk` tokens at a time, then feeds `continuation`
-/// one token per step; returns the logits of the last prompt position and of every step,
-/// `[batch · (steps + 1) · vocab]`.
-fn cached_logits<B: JambaBackend>(
-    model: &Jamba<B>,
+/// Runs the prompts through the engine's cache `chunk` tokens at a time, then feeds
+/// `continuation` one token per step; returns the logits of the last prompt position and of
+/// every step, `[batch · (steps + 1) · vocab]`.
+fn cached_logits<B: EngineBackend>(
+    engine: &Engine<B>,
     prompt: &HostTensor,
     continuation: &[Vec<i64>],
     chunk: usize,
 ) -> Result<Vec<f32>> {
-    let device = model.device();
     let (batch, seq) = (prompt.shape[0], prompt.shape[1]);
     let ids = prompt.i64();
-    let mut cache = model.new_cache(batch);
-    let keep = ForwardOptions {
-        logits_to_keep: Some(1),
-        ..Default::default()
-    };
+    let mut cache = engine.new_cache(batch);
     let mut last = None;
     for begin in (0..seq).step_by(chunk.max(1)) {
         let end = (begin + chunk.max(1)).min(seq);
@@ -544,11 +541,35 @@ fn cached_logits<B: JambaBackend>(
             .chunks_exact(seq)
             .flat_map(|r| r[begin..end].to_vec())
             .collect();
-        let t =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(cols, [batch, end - begin]), &device);
-        last = Some(model.forward(t, None, Some(&mut cache), &keep)?.logits);
+        last = Some(engine.forward(&cols, batch, None, &mut cache, Some(1))?);
     }
     let mut steps = vec![last.expect("non-empty prompt")];
+    for j in 0..continuation.first().map_or(0, Vec::len) {
+        let col: Vec<i64> = continuation.iter().map(|r| r[j]).collect();
+        steps.push(engine.forward(&col, batch, None, &mut cache, Some(1))?);
+    }
+    Ok(to_vec(Tensor::cat(steps, 1)))
+}
+
+/// The model's plain forward with its cache: the prompts at once, then `continuation` one
+/// token per step; the layout of [`cached_logits`].
+fn model_cached_logits<B: JambaBackend>(
+    model: &Jamba<B>,
+    prompt: &HostTensor,
+    continuation: &[Vec<i64>],
+) -> Result<Vec<f32>> {
+    let device = model.device();
+    let batch = prompt.shape[0];
+    let mut cache = model.new_cache(batch);
+    let keep = ForwardOptions {
+        logits_to_keep: Some(1),
+        ..Default::default()
+    };
+    let mut steps = vec![
+        model
+            .forward(prompt.to_int::<B, 2>(&device), None, Some(&mut cache), &keep)?
+            .logits,
+    ];
     for j in 0..continuation.first().map_or(0, Vec::len) {
         let col: Vec<i64> = continuation.iter().map(|r| r[j]).collect();
         let t = Tensor::<B, 2, Int>::from_data(TensorData::new(col, [batch, 1]), &device);
@@ -557,11 +578,13 @@ fn cached_logits<B: JambaBackend>(
     Ok(to_vec(Tensor::cat(steps, 1)))
 }
 
-/// Inference checks: prefill-then-decode logits against `full_logits` (single pass and chunked
-/// prefill with chunks of 1, 3 and 7 tokens), greedy decoding against `generated`, and batched
-/// left-padded greedy decoding against `padded_generated` and against each prompt alone.
-pub fn decode_checks<B: JambaBackend>(model: &Jamba<B>, fixture: &Fixture) -> Result<Vec<Check>> {
+/// Inference checks: the engine's prefill-then-decode logits against `full_logits` (single
+/// pass and chunked prefill with chunks of 1, 3 and 7 tokens) and against the model's plain
+/// cached forward, greedy decoding against `generated`, and batched left-padded greedy decoding
+/// against `padded_generated` and against each prompt alone.
+pub fn decode_checks<B: EngineBackend>(engine: &Engine<B>, fixture: &Fixture) -> Result<Vec<Check>> {
     use crate::generation::{GenerationConfig, generate};
+    let model = engine.model();
     let tol = fixture.tolerance(model.dtype());
     let vocab = model.config().vocab_size;
     let prompt = fixture.get("input_ids")?;
@@ -580,14 +603,30 @@ pub fn decode_checks<B: JambaBackend>(model: &Jamba<B>, fixture: &Fixture) -> Re
         .flat_map(|b| full_v[(b * total + seq - 1) * vocab..(b * total + total) * vocab].to_vec())
         .collect();
     let mut checks = Vec::new();
+    let plain = model_cached_logits(model, prompt, &continuation)?;
+    checks.push(Check::values(
+        "model: cached decode vs full_logits",
+        &plain,
+        &reference,
+        tol,
+    ));
     for chunk in [seq, 1, 3, 7] {
-        let ours = cached_logits(model, prompt, &continuation, chunk)?;
-        let name = if chunk == seq {
-            "cached decode vs full_logits".to_string()
+        let ours = cached_logits(engine, prompt, &continuation, chunk)?;
+        if chunk == seq {
+            checks.push(Check::values(
+                "engine: cached decode vs full_logits",
+                &ours,
+                &reference,
+                tol,
+            ));
+            checks.push(
+                Check::values("engine vs model (cached decode)", &ours, &plain, tol)
+                    .with_note("the engine against the model's plain forward"),
+            );
         } else {
-            format!("  prefill in chunks of {chunk}")
-        };
-        checks.push(Check::values(name, &ours, &reference, tol));
+            let name = format!("  prefill in chunks of {chunk}");
+            checks.push(Check::values(name, &ours, &reference, tol));
+        }
     }
 
     let greedy = GenerationConfig {
@@ -599,7 +638,7 @@ pub fn decode_checks<B: JambaBackend>(model: &Jamba<B>, fixture: &Fixture) -> Re
         .chunks_exact(seq)
         .map(|r| r.iter().map(|&t| t as u32).collect())
         .collect();
-    let out = generate(model, &prompts, &greedy, |_, _| {})?;
+    let out = generate(engine, &prompts, &greedy, |_, _| {})?;
     let ours: Vec<i64> = out.tokens.iter().flatten().map(|&t| t as i64).collect();
     checks.push(Check::tokens(
         "greedy decode vs generated",
@@ -608,7 +647,7 @@ pub fn decode_checks<B: JambaBackend>(model: &Jamba<B>, fixture: &Fixture) -> Re
     ));
 
     if let Some(padded) = PaddedBatch::from_fixture(fixture)? {
-        let out = generate(model, &padded.prompts, &greedy, |_, _| {})?;
+        let out = generate(engine, &padded.prompts, &greedy, |_, _| {})?;
         let reference = fixture.get("padded_generated")?.i64();
         let width = reference.len() / padded.rows();
         for (r, tokens) in out.tokens.iter().enumerate() {
@@ -623,7 +662,7 @@ pub fn decode_checks<B: JambaBackend>(model: &Jamba<B>, fixture: &Fixture) -> Re
             if model.config().mamba_proj_bias {
                 continue; // see `padded_checks`
             }
-            let alone = generate(model, &padded.prompts[r..r + 1], &greedy, |_, _| {})?;
+            let alone = generate(engine, &padded.prompts[r..r + 1], &greedy, |_, _| {})?;
             let alone: Vec<i64> = alone.tokens[0].iter().map(|&t| t as i64).collect();
             let mut check = Check::tokens(format!("padded greedy row {r} = alone"), &ours, &alone);
             if padded.poisoned[r] {
