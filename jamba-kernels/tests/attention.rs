@@ -1,6 +1,8 @@
 //! One-query attention over cached keys and values (a decoding step's attention) against an
 //! f64 loop.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
+// The half-precision tests run on CUDA alone.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 mod common;
 

@@ -2,6 +2,8 @@
 //! with the norm folded in, and several such projections of one input in one launch, against
 //! f64 loops or, in half precision, the separate kernels whose roundings they reproduce.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
+// The half-precision tests run on CUDA alone.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! f32 products kept off TF32 tensor cores, and cubek's TMA kernel for half-precision products
 //! of many rows, against f64 products of the same (rounded) operands.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
+// The half-precision tests run on CUDA alone.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The RMSNorm kernels (alone, after one residual addition, after two) against an f64 loop.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
+// The half-precision tests run on CUDA alone.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The selective scan's forward kernels (tiled and chunked, and the one-step update) against an
 //! f64 loop of the recurrence, with output buffers poisoned with NaN first.
 #![cfg(any(feature = "wgpu", feature = "cuda"))]
+// The half-precision tests run on CUDA alone.
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
 
 mod common;
 

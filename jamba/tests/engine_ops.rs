@@ -15,6 +15,9 @@ use jamba::cache::MambaState;
 use jamba::engine::ScanParams;
 use jamba::generation::SplitMix64;
 use jamba::model::{FeedForward, Mixer};
+use jamba::engine::ops::{
+    AttentionOps, DeviceOps, FeedForwardOps, LinearOps, MambaOps, NormOps,
+};
 use jamba::ops::{ConvInput, JambaBackend};
 use jamba::reference::{rel_err, to_vec};
 use jamba::{EngineBackend, Jamba, LoadOptions};
